@@ -1,0 +1,3 @@
+from forged.daemon import main
+
+raise SystemExit(main())
