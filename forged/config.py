@@ -306,6 +306,11 @@ def default_repo_name(path: Path) -> str:
     return (name or "repo")[:64]
 
 
+def from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a Config from :func:`to_dict` output (the worker gets its config this way)."""
+    return _build(Config, data, "", lambda kp: "")
+
+
 def load(path: Path, check_paths: bool = True) -> Config:
     """Load a config file; a missing file means all defaults."""
     if not path.exists():

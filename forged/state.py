@@ -38,6 +38,7 @@ MIGRATIONS: list[str] = [
         id INTEGER PRIMARY KEY,
         repo_id INTEGER NOT NULL REFERENCES repos(id) ON DELETE CASCADE,
         stage TEXT NOT NULL,                          -- due, mining, training, judging, ...
+        resume_stage TEXT,                            -- the stage a paused/failed cycle goes back to
         forced INTEGER NOT NULL DEFAULT 0,
         base_commit TEXT,
         head_commit TEXT,

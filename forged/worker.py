@@ -1,0 +1,124 @@
+"""``forged worker STAGE --cycle-dir DIR``: one heavy stage in a subprocess.
+
+The daemon starts it, reads its JSON lines from stdout (``{"event": "progress", …}``,
+one ``{"event": "result", …}`` at the end) and can stop it with SIGTERM, which sets a
+stop event the stage checks: training checkpoints and exits (exit code 3). The worker
+dies with the daemon (``PR_SET_PDEATHSIG`` on Linux) so a ``kill -9`` of the daemon
+never leaves two trainers behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from forged import config
+
+EXIT_OK, EXIT_FAILED, EXIT_STOPPED = 0, 1, 3
+STAGES = ("mine", "train", "judge")
+
+
+def emit(event: str, **data: Any) -> None:
+    sys.stdout.write(json.dumps({"event": event, "ts": time.time(), **data}, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def _die_with_parent() -> None:
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL("libc.so.6", use_errno=True)
+            PR_SET_PDEATHSIG = 1  # noqa: N806 (name from <sys/prctl.h>)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        except OSError:
+            pass
+
+
+def run_stage(stage: str, cycle_dir: Path, job: dict[str, Any], stop: threading.Event) -> dict[str, Any]:
+    cfg = config.from_dict(job["config"])
+    progress = lambda d: emit("progress", **d)  # noqa: E731
+    if stage == "mine":
+        from forged.mine import mine_repo
+
+        report = mine_repo(
+            Path(job["repo_path"]), cycle_dir / "dataset", cfg.mine, Path(job["cache_dir"]),
+            commit=job["head_commit"], changed_since=job.get("base_commit"), progress=progress,
+        )
+        return {"manifest": report.to_dict()}
+    if stage == "train":
+        from forged.train import train
+
+        warm = Path(job["warm_start"]) if job.get("warm_start") else None
+        result = train(cycle_dir / "dataset", cycle_dir / "train", cfg.train, warm_start=warm,
+                       resume=True, progress=progress, stop=stop)
+        return {"train": result.to_dict(), "stopped": bool(result.stopped)}
+    if stage == "judge":
+        from forged.export import export_adapter
+        from forged.fidelity import check_fidelity
+        from forged.judge import judge
+        from forged.train import resolve_base
+
+        adapter = cycle_dir / "train" / "adapter"
+        live = Path(job["live_adapter"]) if job.get("live_adapter") else None
+        verdict = judge(cycle_dir / "dataset", cfg.train, cfg.judge, adapter, live, progress=progress)
+        out: dict[str, Any] = {"judge": verdict.to_dict(), "passed": verdict.passed}
+        if not verdict.passed:
+            return out
+        base = resolve_base(cfg.train.base_model)
+        if base.kind != "gguf":
+            out.update(passed=False, export_error=f"export needs a GGUF base; {cfg.train.base_model} is {base.kind}")
+            return out
+        exported = export_adapter(adapter, Path(base.path), cycle_dir / "export" / "adapter.gguf")
+        progress({"stage": "export", "path": str(exported.path)})
+        texts = _heldout_texts(cycle_dir / "dataset" / "valid.jsonl", limit=8)
+        fid = check_fidelity(adapter, exported.path, Path(base.path), cfg.train, texts,
+                             min_corr=cfg.judge.fidelity_min_corr)
+        out.update(export=exported.to_dict(), fidelity=fid.to_dict(), base_gguf=str(base.path),
+                   passed=bool(fid.passed))
+        return out
+    raise ValueError(f"unknown stage {stage!r} (stages: {', '.join(STAGES)})")
+
+
+def _heldout_texts(path: Path, limit: int) -> list[str]:
+    texts: list[str] = []
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            rec = json.loads(line)
+            if "text" in rec:
+                texts.append(rec["text"][:2000])
+            if len(texts) >= limit:
+                break
+    return texts
+
+
+def main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="forged worker")
+    ap.add_argument("stage", choices=STAGES)
+    ap.add_argument("--cycle-dir", required=True, type=Path)
+    args = ap.parse_args(argv)
+    _die_with_parent()
+    try:
+        os.nice(10)  # background work: the user's foreground apps come first
+    except OSError:
+        pass
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    job = json.loads((args.cycle_dir / "job.json").read_text())
+    emit("started", stage=args.stage, pid=os.getpid())
+    try:
+        result = run_stage(args.stage, args.cycle_dir, job, stop)
+    except Exception as e:
+        emit("error", message=f"{type(e).__name__}: {e}", traceback=traceback.format_exc(limit=8))
+        return EXIT_FAILED
+    (args.cycle_dir / f"{args.stage}.result.json").write_text(json.dumps(result, indent=1, default=str))
+    emit("result", **result)
+    return EXIT_STOPPED if result.get("stopped") else EXIT_OK
