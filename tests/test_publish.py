@@ -1,0 +1,262 @@
+"""Publishing to Ollama (a real HTTP double on disk) through the real ollama client."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+import ollama
+import pytest
+from ollama_double import OllamaDouble, bundled_base, make_lora_adapter
+
+from forged import publish
+from forged.publish import OllamaUnavailable, Publisher, PublishError
+
+HAS_LLAMA = importlib.util.find_spec("llama_cpp") is not None
+needs_llama = pytest.mark.skipif(not HAS_LLAMA, reason="llama-cpp-python is not installed")
+
+
+@pytest.fixture(scope="module")
+def double(tmp_path_factory: pytest.TempPathFactory):
+    with OllamaDouble(tmp_path_factory.mktemp("ollama")) as od:
+        yield od
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    d = tmp_path_factory.mktemp("adapters")
+    return [make_lora_adapter(d / f"adapter-{i}.gguf", seed=i) for i in range(3)]
+
+
+@pytest.fixture(scope="module")
+def pub(double: OllamaDouble) -> Publisher:
+    p = Publisher(double.url, timeout=30)
+    yield p
+    p.close()
+
+
+@pytest.fixture(scope="module")
+def base_tag(pub: Publisher) -> str:
+    return pub.ensure_base(bundled_base(), "smollm2-135m")
+
+
+@pytest.fixture
+def double_ok(double: OllamaDouble):
+    """Each test leaves the double's switches as it found them."""
+    yield double
+    double.down = False
+    double.fail_create = double.corrupt_uploads = double.fail_load = 0
+
+
+def _create(pub: Publisher, repo: str, version: int, base_tag: str, adapter: Path) -> publish.Published:
+    return pub.create_version(
+        repo, version, base_tag, adapter,
+        template=publish.base_chat_template(bundled_base()), system=publish.system_prompt(repo),
+        temperature=0.2,
+    )
+
+
+def _digest(double: OllamaDouble, name: str) -> str | None:
+    return next((m["digest"] for m in double.tags()["models"] if m["name"] == name), None)
+
+
+def _blob_posts(double: OllamaDouble) -> int:
+    return sum(1 for m, p in double.requests if m == "POST" and p.startswith("/api/blobs/"))
+
+
+def test_base_is_published_once_in_ollama_layout(pub: Publisher, double: OllamaDouble, base_tag: str) -> None:
+    assert base_tag == "forged/base-smollm2-135m:latest"
+    posts = _blob_posts(double)
+    assert pub.ensure_base(bundled_base(), "smollm2-135m") == base_tag
+    assert _blob_posts(double) == posts  # second call uploads nothing
+    manifest = json.loads((double.store / "manifests/registry.ollama.ai/forged/base-smollm2-135m/latest").read_text())
+    kinds = {x["mediaType"] for x in manifest["layers"]}
+    assert {"application/vnd.ollama.image.model", "application/vnd.ollama.image.template",
+            "application/vnd.ollama.image.params"} <= kinds
+    model = next(x for x in manifest["layers"] if x["mediaType"].endswith(".model"))
+    assert (double.store / "blobs" / model["digest"].replace(":", "-")).stat().st_size == bundled_base().stat().st_size
+
+
+def test_create_version_is_idempotent_and_uploads_only_missing(
+    pub: Publisher, double: OllamaDouble, base_tag: str, adapters: list[Path]
+) -> None:
+    first = _create(pub, "idem", 1, base_tag, adapters[0])
+    assert first.created and first.tag == "forged/idem:v1" and first.digest
+    posts = _blob_posts(double)
+    again = _create(pub, "idem", 1, base_tag, adapters[0])
+    assert not again.created and again.digest == first.digest
+    assert _blob_posts(double) == posts
+    # The same adapter under another version reuses the blob already in Ollama.
+    _create(pub, "idem", 2, base_tag, adapters[0])
+    assert _blob_posts(double) == posts
+    info = ollama.Client(double.url).show("forged/idem:v1")
+    assert "ADAPTER" in (info.modelfile or "") and "idem repository" in (info.modelfile or "")
+    assert re.search(r"^temperature\s+0.2$", info.parameters or "", re.M)
+    assert not pub.exists("forged/idem:latest")  # creating never touches :latest
+    assert first.to_dict()["tag"] == "forged/idem:v1"
+
+
+def test_promote_rollback_and_prune(pub: Publisher, double: OllamaDouble, base_tag: str, adapters: list[Path]) -> None:
+    for v in (1, 2, 3):
+        _create(pub, "pr", v, base_tag, adapters[v - 1])
+    pub.promote("pr", 1)
+    assert pub.live_version("pr") == 1
+    pub.promote("pr", 2, previous=1)
+    assert pub.live_version("pr") == 2
+    assert _digest(double, "forged/pr:latest") == _digest(double, "forged/pr:v2")
+    # The new model stays loaded: Ollama keys runners by base file, so unloading the
+    # previous tag by name would have unloaded the new one.
+    loaded = ollama.Client(double.url).ps().models
+    assert [m.digest for m in loaded] == [_digest(double, "forged/pr:v2")]
+
+    pub.rollback("pr", 1)
+    assert pub.live_version("pr") == 1
+    with pytest.raises(PublishError, match=r"forged/pr:v9 is not in Ollama \(versions there: v1, v2, v3\)"):
+        pub.rollback("pr", 9)
+    assert pub.live_version("pr") == 1
+
+    assert pub.versions("pr") == [1, 2, 3]
+    keep = publish.keep_list(pub.versions("pr"), 1, pub.live_version("pr"))
+    assert keep == [1, 3]
+    assert pub.prune("pr", keep) == ["forged/pr:v2"]
+    assert pub.versions("pr") == [1, 3]
+    assert pub.prune("pr", []) == ["forged/pr:v3"]  # never the live one
+    assert pub.versions("pr") == [1] and pub.live_version("pr") == 1
+
+
+def test_ollama_down_during_publish_then_back(
+    pub: Publisher, double_ok: OllamaDouble, base_tag: str, adapters: list[Path]
+) -> None:
+    double = double_ok
+    _create(pub, "down", 1, base_tag, adapters[0])
+    pub.promote("down", 1)
+    double.down = True
+    with pytest.raises(OllamaUnavailable, match="unreachable"):
+        _create(pub, "down", 2, base_tag, adapters[1])
+    with pytest.raises(OllamaUnavailable):
+        pub.promote("down", 2, previous=1)
+    double.down = False
+    assert pub.live_version("down") == 1 and pub.versions("down") == [1]
+    _create(pub, "down", 2, base_tag, adapters[1])
+    pub.promote("down", 2, previous=1)
+    assert pub.live_version("down") == 2
+
+
+def test_create_500_leaves_no_tag_and_retry_completes(
+    pub: Publisher, double_ok: OllamaDouble, base_tag: str, adapters: list[Path]
+) -> None:
+    double = double_ok
+    _create(pub, "boom", 1, base_tag, adapters[0])
+    pub.promote("boom", 1)
+    double.fail_create = 1
+    with pytest.raises(OllamaUnavailable, match="HTTP 500"):
+        _create(pub, "boom", 2, base_tag, adapters[1])
+    assert pub.versions("boom") == [1] and pub.live_version("boom") == 1
+    made = _create(pub, "boom", 2, base_tag, adapters[1])
+    assert made.created
+    pub.promote("boom", 2, previous=1)
+    assert pub.live_version("boom") == 2
+
+
+def test_digest_mismatch_is_retried_then_reported(
+    pub: Publisher, double_ok: OllamaDouble, base_tag: str, adapters: list[Path], tmp_path: Path
+) -> None:
+    double = double_ok
+    fresh = make_lora_adapter(tmp_path / "fresh.gguf", seed=42)
+    # One corrupted transfer: upload() re-sends once and succeeds.
+    double.corrupt_uploads = 1
+    assert _create(pub, "dm", 1, base_tag, fresh).created
+    # Corrupted every time: a retryable error, nothing stored, no tag.
+    other = make_lora_adapter(tmp_path / "other.gguf", seed=43)
+    double.corrupt_uploads = 2
+    with pytest.raises(OllamaUnavailable, match="digest mismatch"):
+        _create(pub, "dm", 2, base_tag, other)
+    assert pub.versions("dm") == [1]
+    assert len(list((double.store / "blobs").glob("sha256-*"))) == len(set((double.store / "blobs").glob("sha256-*")))
+    assert not any(p.name.startswith(".") for p in (double.store / "blobs").iterdir())
+    assert _create(pub, "dm", 2, base_tag, other).created
+
+
+def test_double_rejects_bad_digest_with_400(double: OllamaDouble, tmp_path: Path) -> None:
+    f = tmp_path / "blob.bin"
+    f.write_bytes(b"hello")
+    client = ollama.Client(double.url)
+    digest = client.create_blob(f)
+    assert (double.store / "blobs" / digest.replace(":", "-")).read_bytes() == b"hello"
+    r = client._client.post(f"/api/blobs/sha256:{'0' * 64}", content=b"not it")
+    assert r.status_code == 400 and "digest mismatch" in r.json()["error"]
+    assert not (double.store / "blobs" / f"sha256-{'0' * 64}").exists()
+
+
+def test_model_that_fails_to_load_never_becomes_latest(
+    pub: Publisher, double_ok: OllamaDouble, base_tag: str, adapters: list[Path]
+) -> None:
+    double = double_ok
+    _create(pub, "ld", 1, base_tag, adapters[0])
+    _create(pub, "ld", 2, base_tag, adapters[1])
+    pub.promote("ld", 1)
+    double.fail_load = 1
+    with pytest.raises(OllamaUnavailable, match="load forged/ld:v2"):
+        pub.promote("ld", 2, previous=1)
+    assert pub.live_version("ld") == 1
+    pub.promote("ld", 2, previous=1)
+    assert pub.live_version("ld") == 2
+
+
+def test_bad_input_is_one_clear_line(pub: Publisher, base_tag: str, adapters: list[Path], tmp_path: Path) -> None:
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"not a gguf at all")
+    cases = [
+        (lambda: _create(pub, "Bad Name", 1, base_tag, adapters[0]), "not usable in an Ollama tag"),
+        (lambda: _create(pub, "ok", 0, base_tag, adapters[0]), "positive integer"),
+        (lambda: _create(pub, "ok", 1, base_tag, tmp_path / "missing.gguf"), "no such file"),
+        (lambda: _create(pub, "ok", 1, base_tag, junk), "not a GGUF file"),
+        (lambda: _create(pub, "ok", 1, base_tag, bundled_base()), "expected a GGUF adapter"),
+        (lambda: _create(pub, "ok", 1, "forged/base-nope:latest", adapters[0]), "ensure_base"),
+        (lambda: pub.promote("ok", 3), "not in Ollama"),
+    ]
+    for fn, msg in cases:
+        with pytest.raises(PublishError, match=msg) as e:
+            fn()
+        assert "\n" not in str(e.value)
+
+
+def test_unreachable_host_is_typed() -> None:
+    p = Publisher("http://127.0.0.1:9", timeout=2)  # discard port: nothing listens
+    with pytest.raises(OllamaUnavailable):
+        p.versions("x")
+    assert not hasattr(p, "nonexistent")
+
+
+def test_manual_commands_and_helpers(adapters: list[Path]) -> None:
+    text = publish.manual_commands("myrepo", 4, bundled_base(), adapters[0])
+    assert "ollama create forged/myrepo:v4 -f Modelfile.forged-myrepo-v4" in text
+    assert "ollama cp forged/myrepo:v4 forged/myrepo:latest" in text
+    assert f"FROM {bundled_base().resolve()}" in text and f"ADAPTER {adapters[0].resolve()}" in text
+    assert 'PARAMETER stop "<|im_end|>"' in text and "{{ .Content }}" in text
+    assert publish.base_chat_template(adapters[0]) is None  # no chat template in an adapter
+    assert publish.tag_for("r", 3) == "forged/r:v3"
+    delays = [publish.backoff_seconds(a) for a in range(1, 12)]
+    assert 24 <= delays[0] <= 36 and max(delays) <= 1800 * 1.2
+
+
+@needs_llama
+def test_latest_serves_base_plus_adapter(
+    pub: Publisher, double: OllamaDouble, base_tag: str, adapters: list[Path]
+) -> None:
+    _create(pub, "serve", 1, base_tag, adapters[0])
+    _create(pub, "serve", 2, base_tag, adapters[1])
+    pub.promote("serve", 1)
+    client = ollama.Client(double.url)
+    opts = {"temperature": 0, "num_predict": 12, "seed": 1}
+    msgs = [{"role": "user", "content": "Write a Python function that adds two numbers."}]
+    base = client.chat(model=base_tag, messages=msgs, options=opts).message.content
+    v1 = client.chat(model="forged/serve:latest", messages=msgs, options=opts).message.content
+    assert base and v1 and v1 != base
+    pub.promote("serve", 2, previous=1)
+    v2 = client.generate(model="forged/serve:latest", prompt=msgs[0]["content"], options=opts).response
+    assert v2 and v2 != v1
+    pub.rollback("serve", 1)
+    assert client.chat(model="forged/serve:latest", messages=msgs, options=opts).message.content == v1
