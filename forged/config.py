@@ -141,6 +141,8 @@ class TrainConfig:
     checkpoint_every: int = field(default=20, metadata=_check(_positive))
     replay_ratio: float = field(default=0.3, metadata=_check(_fraction))
     full_retrain_every: int = field(default=5, metadata=_check(_positive))
+    eval_every: int = field(default=0, metadata=_check(_non_negative))  # held-out loss every N steps; 0 = start/end only
+    threads: int = field(default=0, metadata=_check(_non_negative))  # CPU threads for training; 0 = all cores
 
 
 @dataclass
@@ -163,6 +165,7 @@ class PublishConfig:
     approval_timeout_seconds: float = field(default=300.0, metadata=_check(_positive))
     temperature: float = field(default=0.2, metadata=_check(_non_negative))
     export: str = field(default="adapter", metadata=_check(_one_of("adapter", "fused")))
+    keep_alive: str = "30m"  # Ollama keep_alive for the warm-up load of a new :latest
 
 
 @dataclass
@@ -172,6 +175,7 @@ class GatesConfig:
     power: bool = True
     memory: bool = True
     memory_headroom_mb: int = field(default=1024, metadata=_check(_non_negative))
+    max_memory_pressure: float = field(default=10.0, metadata=_check(_non_negative))  # Linux PSI some avg10, %
     thermal: bool = True
     disk: bool = True
     min_free_disk_gb: float = field(default=2.0, metadata=_check(_non_negative))
