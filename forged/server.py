@@ -103,7 +103,10 @@ class _RequestHandler(BaseHTTPRequestHandler):
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         # http.server's own parse errors (bad request line, too-long headers) come here:
-        # answer in JSON like every other error.
+        # answer in JSON like every other error. An unknown method is the client's
+        # mistake (405), not a server limitation (http.server says 501).
+        if code == HTTPStatus.NOT_IMPLEMENTED:
+            code, message = 405, f"method {self.command!r} not allowed"
         self._error(code, message or HTTPStatus(code).phrase)
 
     def _stream(self, items: Iterator[Any]) -> None:
