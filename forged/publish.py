@@ -34,7 +34,7 @@ import httpx
 import ollama
 
 NAMESPACE = "forged"
-WARM_KEEP_ALIVE = "30m"  # how long Ollama keeps a freshly promoted model loaded
+WARM_KEEP_ALIVE = "30m"  # default: how long Ollama keeps a freshly promoted model loaded
 _REPO_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")  # same rule as config.TAG_SAFE
 _VERSION_TAG = re.compile(r"^v([0-9]+)$")
 
@@ -190,6 +190,16 @@ def backoff_seconds(attempt: int, *, base: float = 30.0, cap: float = 1800.0) ->
     return delay * random.uniform(0.8, 1.2)
 
 
+def _keep_alive_value(value: str | float) -> str | float:
+    """Ollama parses a keep_alive string as a Go duration ("30m", "1h"), which rejects a
+    bare "-1"; numbers mean seconds and negative means "never unload". Send numbers as
+    numbers."""
+    if isinstance(value, str) and re.fullmatch(r"\s*-?\d+(\.\d+)?\s*", value):
+        number = float(value)
+        return int(number) if number.is_integer() else number
+    return value
+
+
 def tag_for(repo: str, version: int | str) -> str:
     """``forged/<repo>:v<N>`` (or ``:latest`` when version is "latest")."""
     suffix = version if isinstance(version, str) else f"v{version}"
@@ -227,8 +237,9 @@ def _check_gguf(path: Path, want_type: str) -> None:
 class Publisher:
     """Ollama operations for one Ollama server, through the official Python client."""
 
-    def __init__(self, host: str, *, timeout: float = 60.0) -> None:
+    def __init__(self, host: str, *, timeout: float = 60.0, keep_alive: str = WARM_KEEP_ALIVE) -> None:
         self.host = host
+        self.keep_alive = _keep_alive_value(keep_alive)  # [publish] keep_alive
         self._client = ollama.Client(host=host, timeout=timeout)
         # sha256 of local files by (path, size, mtime_ns): hashing the ~100 MB base takes
         # about a second, and ensure_base/create_version run on every retry.
@@ -416,7 +427,7 @@ class Publisher:
     # -- going live --
 
     def _load(self, tag: str) -> None:
-        self._call(f"load {tag}", lambda: self._client.generate(model=tag, keep_alive=WARM_KEEP_ALIVE))
+        self._call(f"load {tag}", lambda: self._client.generate(model=tag, keep_alive=self.keep_alive))
 
     def _unload(self, tag: str) -> None:
         self._call(f"unload {tag}", lambda: self._client.generate(model=tag, keep_alive=0))

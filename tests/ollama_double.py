@@ -95,16 +95,22 @@ def gguf_kv(path: Path) -> dict[str, Any]:
 
 
 def parse_keep_alive(v: Any) -> float | None:
-    """Seconds, or None for 'forever' (negative); Ollama's default is 5m."""
+    """Seconds, or None for 'forever' (negative). Like Ollama: numbers are seconds,
+    strings are Go durations (a unit is required except for "0"); default 5m."""
     if v is None:
         return 300.0
-    if isinstance(v, int | float):
+    if isinstance(v, int | float) and not isinstance(v, bool):
         return None if v < 0 else float(v)
-    m = re.fullmatch(r"(-?\d+(?:\.\d+)?)(ms|s|m|h)?", str(v).strip())
-    if not m:
-        raise ApiError(400, f"invalid keep_alive {v!r}")
-    n = float(m.group(1))
-    return None if n < 0 else n * {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}[m.group(2)]
+    text = str(v).strip()
+    units = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+    parts = re.findall(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)", text.lstrip("-+"))
+    if text.lstrip("-+") == "0":
+        return 0.0
+    if not parts or "".join(n + u for n, u in parts) != text.lstrip("-+"):
+        raise ApiError(400, f'time: missing unit in duration "{text}"' if text.lstrip("-+").replace(".", "").isdigit()
+                       else f'time: invalid duration "{text}"')
+    seconds = sum(float(n) * units[u] for n, u in parts)
+    return None if text.startswith("-") else seconds
 
 
 class OllamaDouble:

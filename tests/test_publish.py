@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+from datetime import datetime
 from pathlib import Path
 
 import ollama
@@ -260,3 +261,13 @@ def test_latest_serves_base_plus_adapter(
     assert v2 and v2 != v1
     pub.rollback("serve", 1)
     assert client.chat(model="forged/serve:latest", messages=msgs, options=opts).message.content == v1
+
+
+def test_keep_alive_forever_is_sent_as_a_number(double: OllamaDouble, base_tag: str, adapters: list[Path]) -> None:
+    # Ollama reads a keep_alive string as a Go duration and rejects a bare "-1".
+    p = Publisher(double.url, keep_alive="-1")
+    _create(p, "ka", 1, base_tag, adapters[0])
+    p.promote("ka", 1)
+    (loaded,) = [m for m in ollama.Client(double.url).ps().models if m.model == "forged/ka:v1"]
+    assert loaded.expires_at is not None and loaded.expires_at.year >= datetime.now().year + 5  # "forever"
+    p.close()
