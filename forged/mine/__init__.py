@@ -1,0 +1,68 @@
+"""The incremental miner: a repo at a commit → a versioned JSONL dataset.
+
+Importing this package is cheap (no tree-sitter, no numpy): the daemon may import it
+for the types; the work runs inside the worker subprocess through :func:`mine_repo`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from forged.config import MineConfig
+
+KINDS = ("continuation", "fim", "doc_to_code", "code_to_doc", "raft", "commit_diff")
+
+
+@dataclass
+class MineReport:
+    """What one mine produced; ``manifest.json`` is :meth:`to_dict`."""
+
+    repo: str
+    commit: str
+    changed_since: str | None
+    chunker_version: str
+    budget_tokens: int
+    budget_nws_bytes: int
+    files_total: int = 0  # tracked files at the commit
+    files_mined: int = 0  # files that produced chunks
+    files_parsed: int = 0  # parsed this run (cache misses)
+    files_cached: int = 0  # served from the blob cache
+    files_changed: int = 0  # changed since `changed_since` (all mined files when None)
+    skipped: dict[str, int] = field(default_factory=dict)  # reason → files
+    redactions: dict[str, int] = field(default_factory=dict)  # secret kind → replacements
+    chunks: int = 0
+    symbols: int = 0
+    commits: int = 0
+    examples: dict[str, int] = field(default_factory=dict)  # split → count
+    by_kind: dict[str, dict[str, int]] = field(default_factory=dict)  # split → kind → count
+    by_lang: dict[str, dict[str, int]] = field(default_factory=dict)  # split → lang → count
+    chars: dict[str, int] = field(default_factory=dict)  # split → characters of text
+    tokens_est: dict[str, int] = field(default_factory=dict)  # split → estimated tokens
+    duplicates_removed: int = 0
+    heldout_files: int = 0
+    durations: dict[str, float] = field(default_factory=dict)  # stage → seconds
+    out_dir: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def mine_repo(repo: Path, out_dir: Path, cfg: MineConfig, cache_dir: Path, *, commit: str = "HEAD",
+              changed_since: str | None = None,
+              progress: Callable[[dict], None] | None = None) -> MineReport:
+    """Mine ``repo`` at ``commit`` into ``out_dir`` (train.jsonl, valid.jsonl, manifest.json).
+
+    Only blobs missing from the cache under ``cache_dir`` are parsed. Raises
+    :class:`forged.mine.gitio.GitError` (a one-line message) for a bad repo or commit.
+    """
+    from forged.mine.dataset import run
+
+    return run(Path(repo), Path(out_dir), cfg, Path(cache_dir), commit=commit,
+               changed_since=changed_since, progress=progress)
+
+
+__all__ = ["KINDS", "MineReport", "mine_repo"]

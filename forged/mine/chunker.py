@@ -1,0 +1,690 @@
+"""cAST-style chunking with tree-sitter, plus the per-file symbol facts the examples need.
+
+Budget unit: **non-whitespace bytes** of a chunk's source text (the unit cAST and
+astchunk use). It is tokenizer-free, so a chunk's size does not change when the base
+model changes, and it ignores indentation, which costs few tokens in BPE vocabularies.
+``chunk_tokens`` from the config is turned into it with :data:`NWS_PER_TOKEN`.
+
+Algorithm (per file): a node that fits the budget is one atom; a node over it is split
+into its children recursively; sibling atoms are merged greedily back up to the budget;
+an over-budget node without children is split by lines (and an over-budget line by
+bytes). Chunk boundaries are then made contiguous over the whole file, so the chunks of
+a file concatenate back to the file byte for byte: nothing is ever dropped.
+
+Everything here runs in the worker subprocess; tree_sitter is imported lazily.
+"""
+
+from __future__ import annotations
+
+import re
+from bisect import bisect_left, bisect_right
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+# Bump when chunk boundaries, symbol facts or redaction change: the cache is keyed by it.
+CHUNKER_VERSION = "forged-cast-3"
+
+# chunk_tokens × this = budget in non-whitespace bytes. Measured with the SmolLM2
+# tokenizer on Python (click, httpx): ~3.1 non-whitespace bytes per token.
+NWS_PER_TOKEN = 3.0
+
+_WS = np.zeros(256, dtype=np.int32)
+_WS[[9, 10, 11, 12, 13, 32]] = 1
+
+COMMENT_TYPES = frozenset({"comment", "line_comment", "block_comment"})
+
+# Definition node type → kind, per language.
+DEF_TYPES: dict[str, dict[str, str]] = {
+    "python": {"function_definition": "function", "class_definition": "class"},
+    "javascript": {
+        "function_declaration": "function", "generator_function_declaration": "function",
+        "class_declaration": "class", "method_definition": "method",
+    },
+    "typescript": {
+        "function_declaration": "function", "generator_function_declaration": "function",
+        "class_declaration": "class", "abstract_class_declaration": "class",
+        "method_definition": "method", "interface_declaration": "interface",
+        "enum_declaration": "enum", "type_alias_declaration": "type", "internal_module": "module",
+        "abstract_method_signature": "method",
+    },
+    "go": {"function_declaration": "function", "method_declaration": "method", "type_spec": "type"},
+    "rust": {
+        "function_item": "function", "impl_item": "impl", "struct_item": "struct",
+        "enum_item": "enum", "trait_item": "trait", "mod_item": "module",
+        "function_signature_item": "function",
+    },
+    "java": {
+        "class_declaration": "class", "interface_declaration": "interface",
+        "enum_declaration": "enum", "record_declaration": "record",
+        "method_declaration": "method", "constructor_declaration": "constructor",
+    },
+}
+DEF_TYPES["tsx"] = DEF_TYPES["typescript"]
+
+# Where each language's functions keep their return type.
+RETURN_FIELD = {"python": "return_type", "typescript": "return_type", "tsx": "return_type",
+                "go": "result", "rust": "return_type", "java": "type"}
+CALL_QUERY = {
+    "python": "(call function: [(identifier) @callee (attribute attribute: (identifier) @callee)])",
+    "javascript": "(call_expression function: [(identifier) @callee (member_expression property: (property_identifier) @callee)])",
+    "go": "(call_expression function: [(identifier) @callee (selector_expression field: (field_identifier) @callee)])",
+    "rust": "(call_expression function: [(identifier) @callee (field_expression field: (field_identifier) @callee) (scoped_identifier name: (identifier) @callee)])",
+    "java": "(method_invocation name: (identifier) @callee)",
+}
+CALL_QUERY["typescript"] = CALL_QUERY["tsx"] = CALL_QUERY["javascript"]
+RAISE_QUERY = {
+    "python": "(raise_statement) @raise",
+    "javascript": "(throw_statement) @raise",
+    "java": "(throw_statement) @raise",
+}
+RAISE_QUERY["typescript"] = RAISE_QUERY["tsx"] = RAISE_QUERY["javascript"]
+COMMENT_PREFIX = {"python": "#", "markdown": None, "rst": None}
+
+_parsers: dict[str, Any] = {}
+_queries: dict[tuple[str, str], Any] = {}
+
+
+def _language(lang: str) -> Any:
+    import tree_sitter as ts
+
+    if lang == "python":
+        import tree_sitter_python as m
+
+        return ts.Language(m.language())
+    if lang == "javascript":
+        import tree_sitter_javascript as m
+
+        return ts.Language(m.language())
+    if lang in ("typescript", "tsx"):
+        import tree_sitter_typescript as m
+
+        return ts.Language(m.language_tsx() if lang == "tsx" else m.language_typescript())
+    if lang == "go":
+        import tree_sitter_go as m
+
+        return ts.Language(m.language())
+    if lang == "rust":
+        import tree_sitter_rust as m
+
+        return ts.Language(m.language())
+    if lang == "java":
+        import tree_sitter_java as m
+
+        return ts.Language(m.language())
+    raise ValueError(f"no tree-sitter grammar for language {lang!r}")
+
+
+def parser_for(lang: str) -> Any:
+    """A cached tree-sitter parser for a language name of :mod:`forged.filters`."""
+    if lang not in _parsers:
+        import tree_sitter as ts
+
+        _parsers[lang] = ts.Parser(_language(lang))
+    return _parsers[lang]
+
+
+def _query(lang: str, src: str) -> Any:
+    key = (lang, src)
+    if key not in _queries:
+        import tree_sitter as ts
+
+        _queries[key] = ts.QueryCursor(ts.Query(_language(lang), src))
+    return _queries[key]
+
+
+@dataclass
+class Chunk:
+    """A contiguous slice of one file, at most the budget, with what it needs to stand alone."""
+
+    path: str
+    lang: str
+    symbol: str  # enclosing symbol path, e.g. "Client.send"; "" at module level
+    start_line: int  # 1-based, inclusive
+    end_line: int
+    text: str  # the exact (redacted) source slice
+    context: list[str] = field(default_factory=list)  # signatures of enclosing defs not in text
+    blob: str = ""
+
+    def render(self) -> str:
+        """Path header, enclosing signatures, then the code: readable on its own."""
+        pre = COMMENT_PREFIX.get(self.lang, "//")
+        pre = "#" if self.lang == "python" else pre
+        lines = [f"{pre} path: {self.path}" if pre else f"<!-- path: {self.path} -->"]
+        for sig in self.context:
+            lines.append(f"{pre} in: {sig}" if pre else f"<!-- in: {sig} -->")
+        return "\n".join(lines) + "\n" + self.text.strip("\n").rstrip() + "\n"
+
+
+@dataclass
+class Symbol:
+    """A definition with the exact facts symbol questions are asked about."""
+
+    name: str
+    qualname: str
+    kind: str
+    line: int
+    end_line: int
+    signature: str  # the definition's first line, verbatim
+    returns: str = ""  # declared return type, verbatim
+    raises: list[str] = field(default_factory=list)  # exception types raised/thrown directly
+    doc: str = ""  # docstring or leading comment, without comment markers
+    code: str = ""  # the definition's text without its docstring (only when doc and small)
+
+
+@dataclass
+class Call:
+    caller: str  # qualname of the enclosing definition
+    callee: str  # bare name called
+    line: int
+
+
+@dataclass
+class FileAnalysis:
+    chunks: list[Chunk]
+    symbols: list[Symbol]
+    calls: list[Call]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"chunks": [asdict(c) for c in self.chunks],
+                "symbols": [asdict(s) for s in self.symbols],
+                "calls": [asdict(c) for c in self.calls]}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FileAnalysis:
+        return cls([Chunk(**c) for c in d["chunks"]], [Symbol(**s) for s in d["symbols"]],
+                   [Call(**c) for c in d["calls"]])
+
+
+def budget_bytes(chunk_tokens: int) -> int:
+    return max(16, int(chunk_tokens * NWS_PER_TOKEN))
+
+
+# ---------------------------------------------------------------------------- spans
+
+
+class _Text:
+    """A file as bytes with O(1) non-whitespace counts and line lookups."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        arr = np.frombuffer(data, dtype=np.uint8)
+        self.cum = np.concatenate(([0], np.cumsum(1 - _WS[arr], dtype=np.int64)))
+        self.newlines = np.flatnonzero(arr == 10).tolist()
+
+    def nws(self, s: int, e: int) -> int:
+        return int(self.cum[e] - self.cum[s])
+
+    def line_of(self, b: int) -> int:
+        """1-based line of byte offset b."""
+        return bisect_left(self.newlines, b) + 1
+
+    def line_start(self, b: int) -> int:
+        i = bisect_left(self.newlines, b)
+        return self.newlines[i - 1] + 1 if i else 0
+
+    def split_lines(self, s: int, e: int, budget: int) -> list[int]:
+        """Cut points strictly inside (s, e) so each piece fits: at newlines, else inside a line."""
+        cuts: list[int] = []
+        start = s
+        i = bisect_right(self.newlines, s - 1)
+        nl = self.newlines
+        while self.nws(start, e) > budget:
+            # Furthest line end that keeps [start, cut) within budget.
+            best = -1
+            while i < len(nl) and nl[i] < e and self.nws(start, nl[i] + 1) <= budget:
+                best = nl[i] + 1
+                i += 1
+            if best > start:
+                cut = best
+            else:  # one line alone is over budget: cut it by bytes at a UTF-8 boundary
+                lo, hi = start, e
+                while hi - lo > 1:  # largest cut with nws(start, cut) <= budget
+                    mid = (lo + hi) // 2
+                    if self.nws(start, mid) <= budget:
+                        lo = mid
+                    else:
+                        hi = mid
+                cut = lo
+                while cut > start and (self.data[cut] & 0xC0) == 0x80:
+                    cut -= 1
+                if cut <= start:  # pathological; never loop forever
+                    cut = start + 1
+                    while cut < e and (self.data[cut] & 0xC0) == 0x80:
+                        cut += 1
+            cuts.append(cut)
+            start = cut
+            i = bisect_right(self.newlines, start - 1)
+        return cuts
+
+
+@dataclass
+class _Piece:
+    start: int
+    end: int
+    scope: tuple[tuple[str, str, int], ...]  # (name, signature, def start byte) from outside in
+    defs: tuple[str, ...]  # names of whole definitions inside
+    comment: bool = False
+
+
+def _common(a: tuple, b: tuple) -> tuple:
+    n = 0
+    while n < len(a) and n < len(b) and a[n] == b[n]:
+        n += 1
+    return a[:n]
+
+
+# ------------------------------------------------------------------ definitions
+
+
+def _unwrap(node: Any, lang: str) -> Any:
+    """The definition node a statement stands for (decorators, export, const f = () => …)."""
+    t = node.type
+    if t == "decorated_definition":
+        return node.child_by_field_name("definition") or node
+    if t == "export_statement":
+        d = node.child_by_field_name("declaration")
+        return _unwrap(d, lang) if d is not None else node
+    if t in ("lexical_declaration", "variable_declaration"):
+        decls = [c for c in node.named_children if c.type == "variable_declarator"]
+        if len(decls) == 1:
+            v = decls[0].child_by_field_name("value")
+            if v is not None and v.type in ("arrow_function", "function_expression", "function", "class"):
+                return decls[0]
+    if t == "type_declaration" and lang == "go":
+        specs = [c for c in node.named_children if c.type == "type_spec"]
+        if len(specs) == 1:
+            return specs[0]
+    return node
+
+
+_WRAPPERS = frozenset({"decorated_definition", "export_statement", "lexical_declaration",
+                       "variable_declaration", "type_declaration"})
+
+
+def _def_kind(node: Any, lang: str) -> str | None:
+    if node.type == "variable_declarator":
+        return "function"
+    return DEF_TYPES.get(lang, {}).get(node.type)
+
+
+def _def_name(node: Any, lang: str, data: bytes) -> str:
+    if node.type == "impl_item":
+        n = node.child_by_field_name("type")
+    else:
+        n = node.child_by_field_name("name")
+    if n is None:
+        return ""
+    name = data[n.start_byte:n.end_byte].decode("utf-8", "replace")
+    if node.type == "method_declaration" and lang == "go":
+        recv = node.child_by_field_name("receiver")
+        if recv is not None:
+            m = re.search(rb"([A-Za-z_]\w*)(\[[^\]]*\])?\s*\)\s*$", data[recv.start_byte:recv.end_byte])
+            if m:
+                name = m.group(1).decode() + "." + name
+    return name
+
+
+def _signature(node: Any, data: bytes) -> str:
+    """The definition's header: from its start to its body, first line only, verbatim."""
+    body = node.child_by_field_name("body")
+    end = body.start_byte if body is not None and body.start_byte > node.start_byte else node.end_byte
+    head = data[node.start_byte:end].decode("utf-8", "replace")
+    first = head.split("\n", 1)[0].rstrip()
+    return first[:200]
+
+
+# --------------------------------------------------------------------- chunking
+
+
+class _Chunker:
+    def __init__(self, text: _Text, lang: str, budget: int) -> None:
+        self.t = text
+        self.lang = lang
+        self.budget = budget
+
+    def split(self, node: Any, scope: tuple) -> list[_Piece]:
+        """Pieces of an over-budget node: its children recursively, greedily merged."""
+        children = node.children
+        if not children:
+            cuts = self.t.split_lines(node.start_byte, node.end_byte, self.budget)
+            bounds = [node.start_byte, *cuts, node.end_byte]
+            return [_Piece(a, b, scope, ()) for a, b in zip(bounds, bounds[1:], strict=False)]
+        atoms: list[_Piece] = []
+        for child in children:
+            if child.end_byte <= child.start_byte:
+                continue  # zero-width (MISSING) nodes carry no text
+            size = self.t.nws(child.start_byte, child.end_byte)
+            d = _unwrap(child, self.lang) if child.type in _WRAPPERS else child
+            kind = _def_kind(d, self.lang)
+            name = _def_name(d, self.lang, self.t.data) if kind else ""
+            if size <= self.budget:
+                atoms.append(_Piece(child.start_byte, child.end_byte, scope,
+                                    (name,) if name else (), child.type in COMMENT_TYPES))
+            else:
+                inner = scope + ((name, _signature(d, self.t.data), child.start_byte),) if name else scope
+                atoms.extend(self.split(child, inner))
+        return self.merge(atoms)
+
+    def merge(self, atoms: list[_Piece]) -> list[_Piece]:
+        fits = self.budget
+        # Glue comment runs onto the atom they precede (the doc above a function) when that
+        # fits, so greedy merging cannot leave a function's comment with the previous chunk.
+        glued: list[_Piece] = []
+        for a in atoms:
+            g = glued[-1] if glued else None
+            if g is not None and g.comment and self.t.nws(g.start, a.end) <= fits:
+                glued[-1] = _Piece(g.start, a.end, _common(g.scope, a.scope), g.defs + a.defs,
+                                   a.comment)
+            else:
+                glued.append(a)
+        out: list[_Piece] = []
+        cur: _Piece | None = None
+        for a in glued:
+            if cur is not None and self.t.nws(cur.start, a.end) <= fits:
+                cur = _Piece(cur.start, a.end, _common(cur.scope, a.scope), cur.defs + a.defs,
+                             cur.comment and a.comment)
+                continue
+            if cur is not None:
+                out.append(cur)
+            cur = a
+        if cur is not None:
+            out.append(cur)
+        return out
+
+
+def _finish(t: _Text, pieces: list[_Piece], budget: int, path: str, lang: str,
+            scope_symbol: bool = True) -> list[Chunk]:
+    """Make piece boundaries contiguous over the file, enforce the budget, build chunks."""
+    n = len(t.data)
+    starts: list[int] = []
+    for p in pieces:
+        s = p.start
+        ls = t.line_start(s)
+        # Start at the beginning of the line when only indentation precedes the piece.
+        if t.nws(ls, s) == 0 and (not starts or ls > starts[-1]):
+            s = ls
+        if starts and s <= starts[-1]:
+            s = p.start
+        starts.append(s)
+    if starts:
+        starts[0] = 0
+    bounds: list[tuple[int, int, _Piece | None]] = []
+    for i, p in enumerate(pieces):
+        e = starts[i + 1] if i + 1 < len(pieces) else n
+        bounds.append((starts[i], e, p))
+    if not bounds and n:
+        bounds = [(0, n, None)]
+    chunks: list[Chunk] = []
+    for s, e, p in bounds:
+        # Gaps between siblings are whitespace in every grammar we ship, but enforce the
+        # budget anyway: a span over it is cut by lines.
+        cuts = t.split_lines(s, e, budget) if t.nws(s, e) > budget else []
+        edges = [s, *cuts, e]
+        for a, b in zip(edges, edges[1:], strict=False):
+            if t.nws(a, b) == 0 and chunks:
+                # Whitespace only: append to the previous chunk so nothing is lost.
+                prev = chunks[-1]
+                prev.text += t.data[a:b].decode("utf-8")
+                continue
+            scope = p.scope if p is not None else ()
+            names = [x[0] for x in scope]
+            if scope_symbol and p is not None and len(p.defs) == 1 and not cuts:
+                names.append(p.defs[0])
+            context = [sig for (_n, sig, ds) in scope if ds < a]
+            text = t.data[a:b].decode("utf-8")
+            first = a + (len(text.encode()) - len(text.lstrip().encode()))
+            last = b - (len(text.encode()) - len(text.rstrip().encode()))
+            chunks.append(Chunk(path, lang, ".".join(names), t.line_of(first), t.line_of(max(first, last - 1)),
+                                text, context))
+    return chunks
+
+
+def chunk_code(path: str, lang: str, data: bytes, budget: int) -> tuple[list[Chunk], Any]:
+    """Chunks of one source file (and its syntax tree, for the symbol pass)."""
+    t = _Text(data)
+    tree = parser_for(lang).parse(data)
+    root = tree.root_node
+    if t.nws(0, len(data)) <= budget:
+        d = None
+        named = [c for c in root.named_children if c.type not in COMMENT_TYPES]
+        if len(named) == 1:
+            d = _unwrap(named[0], lang)
+        name = _def_name(d, lang, data) if d is not None and _def_kind(d, lang) else ""
+        pieces = [_Piece(0, len(data), (), (name,) if name else ())]
+    else:
+        pieces = _Chunker(t, lang, budget).split(root, ())
+    return _finish(t, pieces, budget, path, lang), tree
+
+
+# ------------------------------------------------------------------------- docs
+
+_MD_HEADING = re.compile(rb"^(#{1,6})[ \t]+(.+?)[ \t#]*$")
+_RST_ADORN = re.compile(rb"^([=\-~^\"'`#*+<>:._])\1{2,}[ \t]*$")
+
+
+def _doc_sections(data: bytes, lang: str) -> list[tuple[int, str]]:
+    """(byte offset, heading) of each section start."""
+    lines = data.split(b"\n")
+    offs, pos = [], 0
+    for ln in lines:
+        offs.append(pos)
+        pos += len(ln) + 1
+    out: list[tuple[int, str]] = []
+    fence = None
+    for i, ln in enumerate(lines):
+        s = ln.strip()
+        if lang == "markdown":
+            if s.startswith((b"```", b"~~~")):
+                fence = None if fence and s.startswith(fence) else (fence or s[:3])
+                continue
+            if fence:
+                continue
+            m = _MD_HEADING.match(ln.rstrip(b"\r"))
+            if m:
+                out.append((offs[i], m.group(2).decode("utf-8", "replace")))
+        else:  # reST: a title line underlined (and maybe overlined) by one repeated mark
+            if (i + 1 < len(lines) and s and not _RST_ADORN.match(ln.rstrip())
+                    and _RST_ADORN.match(lines[i + 1].rstrip())
+                    and len(lines[i + 1].rstrip()) >= len(ln.rstrip())):
+                start = i - 1 if i > 0 and _RST_ADORN.match(lines[i - 1].rstrip()) else i
+                out.append((offs[start], s.decode("utf-8", "replace")))
+    return out
+
+
+def chunk_doc(path: str, lang: str, data: bytes, budget: int) -> list[Chunk]:
+    """Markdown/reST: sections by heading, merged up to the budget; big ones by paragraph."""
+    t = _Text(data)
+    heads = _doc_sections(data, lang)
+    starts = [0] + [o for o, _ in heads if o > 0]
+    titles = {o: h for o, h in heads}
+    bounds = list(zip(starts, [*starts[1:], len(data)], strict=False))
+    atoms: list[_Piece] = []
+    for s, e in bounds:
+        sym = ((titles.get(s, ""), "", s),) if titles.get(s) else ()
+        if t.nws(s, e) <= budget:
+            atoms.append(_Piece(s, e, sym, ()))
+            continue
+        # Paragraphs (blank-line separated), then lines.
+        paras = [m.end() for m in re.finditer(rb"\n[ \t]*\n", data[s:e])]
+        edges = [s] + [s + p for p in paras if s + p < e] + [e]
+        for a, b in zip(edges, edges[1:], strict=False):
+            cuts = t.split_lines(a, b, budget)
+            ed = [a, *cuts, b]
+            atoms.extend(_Piece(x, y, sym, ()) for x, y in zip(ed, ed[1:], strict=False))
+    merged: list[_Piece] = []
+    for a in atoms:
+        if merged and t.nws(merged[-1].start, a.end) <= budget:
+            m = merged[-1]
+            merged[-1] = _Piece(m.start, a.end, m.scope or a.scope, ())
+        else:
+            merged.append(a)
+    chunks = _finish(t, merged, budget, path, lang)
+    for c in chunks:
+        c.context = []
+    return chunks
+
+
+# ---------------------------------------------------------------------- symbols
+
+
+def _docstring(node: Any, lang: str, data: bytes) -> tuple[str, tuple[int, int] | None]:
+    """(doc text, byte span of the docstring statement inside the node) — or ("", None)."""
+    if lang == "python":
+        body = node.child_by_field_name("body")
+        if body is not None and body.named_children:
+            first = body.named_children[0]
+            if first.type == "expression_statement" and first.named_children and \
+                    first.named_children[0].type == "string":
+                raw = data[first.start_byte:first.end_byte].decode("utf-8", "replace")
+                m = re.match(r'^[rRbBuU]*("""|\'\'\'|"|\')(.*)\1$', raw, re.S)
+                if m:
+                    return _clean_doc(m.group(2)), (first.start_byte, first.end_byte)
+        return "", None
+    # Other languages: the comment block right above the definition (or its wrapper).
+    anchor = node
+    while anchor.parent is not None and anchor.parent.type in (
+            "export_statement", "lexical_declaration", "variable_declaration", "type_declaration"):
+        anchor = anchor.parent
+    lines: list[str] = []
+    prev = anchor.prev_sibling
+    row = anchor.start_point[0]
+    while prev is not None and prev.type in COMMENT_TYPES and prev.end_point[0] >= row - 1:
+        lines.insert(0, data[prev.start_byte:prev.end_byte].decode("utf-8", "replace"))
+        row = prev.start_point[0]
+        prev = prev.prev_sibling
+    if not lines:
+        return "", None
+    text = "\n".join(lines)
+    text = re.sub(r"^\s*(/\*\*?|\*/|\*|///?|//!)\s?", "", text, flags=re.M)
+    text = re.sub(r"\*/\s*$", "", text)
+    return _clean_doc(text), None
+
+
+def _clean_doc(s: str) -> str:
+    import inspect
+
+    return inspect.cleandoc(s).strip()
+
+
+def _exception_name(node: Any, data: bytes) -> str:
+    """`raise X(...)`, `raise X`, `throw new X(...)` → X."""
+    kids = [c for c in node.named_children if c.type not in COMMENT_TYPES]
+    if not kids:
+        return ""
+    e = kids[0]
+    if e.type in ("call", "new_expression", "object_creation_expression"):
+        f = e.child_by_field_name("function") or e.child_by_field_name("constructor") or \
+            e.child_by_field_name("type")
+        e = f if f is not None else e
+    txt = data[e.start_byte:e.end_byte].decode("utf-8", "replace")
+    # Only a plain (dotted) type name is an exact answer; `raise exc` of a variable is not.
+    if not re.fullmatch(r"[A-Za-z_][\w.]*", txt):
+        return ""
+    return txt if txt.rsplit(".", 1)[-1][:1].isupper() else ""
+
+
+def _def_query(lang: str) -> str:
+    """One query for definitions, raise/throw statements and calls: a single tree pass."""
+    pats = [f"({t}) @def" for t in DEF_TYPES.get(lang, {})]
+    if lang in ("javascript", "typescript", "tsx"):
+        pats.append("(variable_declarator name: (identifier) value: [(arrow_function) "
+                    "(function_expression)]) @def")
+    pats += [RAISE_QUERY.get(lang, ""), CALL_QUERY.get(lang, "")]
+    return "\n".join(pats)
+
+
+def _innermost(spans: list[tuple[int, int]], positions: list[int]) -> list[int]:
+    """For each position, the index of the innermost span holding it, or -1.
+
+    Spans are properly nested (syntax nodes) and sorted by start; one sweep with a stack.
+    """
+    order = sorted(range(len(positions)), key=positions.__getitem__)
+    out = [-1] * len(positions)
+    stack: list[int] = []
+    j = 0
+    for k in order:
+        p = positions[k]
+        while j < len(spans) and spans[j][0] <= p:
+            while stack and spans[stack[-1]][1] <= spans[j][0]:
+                stack.pop()
+            stack.append(j)
+            j += 1
+        while stack and spans[stack[-1]][1] <= p:
+            stack.pop()
+        out[k] = stack[-1] if stack else -1
+    return out
+
+
+def symbols_of(tree: Any, lang: str, data: bytes, budget: int) -> tuple[list[Symbol], list[Call]]:
+    """Definitions with their signature, return type, raised exceptions and doc; and calls."""
+    root = tree.root_node
+    caps = _query(lang, _def_query(lang)).captures(root)
+    nodes = sorted(caps.get("def", []),
+                   key=lambda n: (n.start_byte, -n.end_byte))
+    spans = [(n.start_byte, n.end_byte) for n in nodes]
+    names = [_def_name(n, lang, data) for n in nodes]
+    quals: list[str] = []
+    stack: list[int] = []
+    for i, (s, _e) in enumerate(spans):
+        while stack and spans[stack[-1]][1] <= s:
+            stack.pop()
+        outer = quals[stack[-1]] if stack else ""
+        quals.append(f"{outer}.{names[i]}" if outer and names[i] else names[i] or outer)
+        stack.append(i)
+    symbols: list[Symbol | None] = []
+    rf = RETURN_FIELD.get(lang)
+    for node, name, qual in zip(nodes, names, quals, strict=True):
+        if not name:
+            symbols.append(None)
+            continue
+        kind = _def_kind(node, lang) or ""
+        returns = ""
+        if rf and kind in ("function", "method"):
+            r = node.child_by_field_name(rf)
+            if r is not None:
+                returns = data[r.start_byte:r.end_byte].decode("utf-8", "replace").lstrip(":").strip()
+                if lang == "rust":
+                    returns = returns.removeprefix("->").strip()
+                if "\n" in returns or len(returns) > 60:
+                    returns = ""
+        doc, span = _docstring(node, lang, data)
+        code = ""
+        if doc:
+            s, e = node.start_byte, node.end_byte
+            raw = data[s:e] if span is None else data[s:span[0]] + data[span[1]:e]
+            code = raw.decode("utf-8", "replace")
+            # Python: drop the blank line left where the docstring was.
+            code = re.sub(r"\n[ \t]*\n", "\n", code, count=1) if span is not None else code
+            if len(raw.translate(None, b" \t\n\r\x0b\x0c")) > 2 * budget:
+                code = ""
+        sig = data[node.start_byte:node.end_byte].split(b"\n", 1)[0].decode("utf-8", "replace").rstrip()
+        symbols.append(Symbol(name=name.rsplit(".", 1)[-1], qualname=qual, kind=kind,
+                              line=node.start_point[0] + 1, end_line=node.end_point[0] + 1,
+                              signature=sig[:200], returns=returns, doc=doc[:2000], code=code))
+    if lang in RAISE_QUERY and nodes:
+        raised = caps.get("raise", [])
+        for node, i in zip(raised, _innermost(spans, [n.start_byte for n in raised]), strict=True):
+            sym = symbols[i] if i >= 0 else None
+            exc = _exception_name(node, data) if sym is not None else ""
+            if sym is not None and exc and exc not in sym.raises:
+                sym.raises.append(exc)
+    calls: list[Call] = []
+    if lang in CALL_QUERY and nodes:
+        callees = caps.get("callee", [])
+        where = _innermost(spans, [c.start_byte for c in callees])
+        for callee, i in zip(callees, where, strict=True):
+            if i >= 0 and quals[i]:
+                calls.append(Call(quals[i], data[callee.start_byte:callee.end_byte].decode(
+                    "utf-8", "replace"), callee.start_point[0] + 1))
+    return [s for s in symbols if s is not None], calls
+
+
+def analyze(path: str, lang: str, data: bytes, budget: int) -> FileAnalysis:
+    """Chunks, symbols and calls of one (already redacted) UTF-8 file."""
+    if lang in ("markdown", "rst"):
+        return FileAnalysis(chunk_doc(path, lang, data, budget), [], [])
+    chunks, tree = chunk_code(path, lang, data, budget)
+    symbols, calls = symbols_of(tree, lang, data, budget)
+    return FileAnalysis(chunks, symbols, calls)

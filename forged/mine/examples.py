@@ -1,0 +1,344 @@
+"""Training examples from mined files, without a teacher model.
+
+Every generator is deterministic: randomness comes from an RNG seeded by the config seed
+and the example's own identity (blob sha, chunk index, symbol), so an unchanged file
+yields the same examples in every cycle.
+
+Weights (``[mine.kinds]``): 0 turns a kind off; otherwise a weight w gives each eligible
+unit (chunk, documented function, symbol question, commit) floor(w) examples plus one more
+with probability frac(w). Kinds whose examples would be identical copies (continuation,
+doc↔code, commit→diff) give at most one per unit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from forged.mine.chunker import Chunk, FileAnalysis, Symbol
+
+FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE = "<fim_prefix>", "<fim_suffix>", "<fim_middle>"
+BEGIN_QUOTE, END_QUOTE, ANSWER = "##begin_quote##", "##end_quote##", "<ANSWER>:"
+RAFT_SYSTEM = (
+    "Answer the question using the documents. Quote the lines you rely on between "
+    f"{BEGIN_QUOTE} and {END_QUOTE}, then give the exact answer after {ANSWER}"
+)
+CODE_LANGS = frozenset({"python", "javascript", "typescript", "tsx", "go", "rust", "java"})
+
+
+@dataclass
+class MinedFile:
+    path: str
+    lang: str
+    blob: str
+    analysis: FileAnalysis
+    changed: bool
+    split: str  # "train" | "valid"
+
+
+@dataclass
+class Example:
+    record: dict[str, Any]  # the mlx-lm record, without meta
+    kind: str
+    path: str | None
+    lang: str | None
+    changed: bool
+    split: str
+    extra: dict[str, Any] | None = None  # more meta (raft: answer, oracle)
+
+    def to_json(self) -> dict[str, Any]:
+        meta = {"kind": self.kind, "path": self.path, "lang": self.lang, "changed": self.changed}
+        if self.extra:
+            meta.update(self.extra)
+        return {**self.record, "meta": meta}
+
+
+def rng_for(seed: int, *parts: object) -> random.Random:
+    h = hashlib.sha1(repr((seed, *parts)).encode()).digest()
+    return random.Random(int.from_bytes(h[:8], "big"))
+
+
+def count(weight: float, rng: random.Random, cap: int | None = None) -> int:
+    n = int(weight) + (1 if rng.random() < weight - int(weight) else 0)
+    return min(n, cap) if cap is not None else n
+
+
+def _ex(f: MinedFile, kind: str, record: dict[str, Any], extra: dict[str, Any] | None = None) -> Example:
+    return Example(record, kind, f.path, f.lang, f.changed, f.split, extra)
+
+
+# ------------------------------------------------------------- per-file kinds
+
+
+def continuation(f: MinedFile, weight: float, seed: int) -> Iterator[Example]:
+    """Chunks as plain text after a path header."""
+    for i, c in enumerate(f.analysis.chunks):
+        if c.text.strip() and count(weight, rng_for(seed, "cont", f.blob, i), cap=1):
+            yield _ex(f, "continuation", {"text": c.render()})
+
+
+def _header(c: Chunk) -> str:
+    r = c.render()
+    return r[: len(r) - len(c.text.strip("\n").rstrip() + "\n")]
+
+
+def fim(f: MinedFile, weight: float, seed: int) -> Iterator[Example]:
+    """Hide a span of a chunk (lines of a function body when it has one); answer it."""
+    if f.lang not in CODE_LANGS:
+        return
+    for i, c in enumerate(f.analysis.chunks):
+        rng = rng_for(seed, "fim", f.blob, i)
+        text = c.text.strip("\n").rstrip() + "\n"
+        lines = text.splitlines(keepends=True)
+        if len(lines) < 3:
+            continue
+        n = count(weight, rng)
+        seen: set[tuple[int, int]] = set()
+        for _ in range(n):
+            # Prefer a body: skip the first line (usually a signature) when we can.
+            lo = 1 if len(lines) > 3 else 0
+            a = rng.randrange(lo, len(lines) - 1)
+            b = min(len(lines), a + rng.randint(1, max(1, min(8, len(lines) // 3))))
+            if rng.random() < 0.3:  # sometimes a span inside one line (an expression tail)
+                line = lines[a]
+                body = line.rstrip("\n")
+                indent = len(body) - len(body.lstrip())
+                if len(body) - indent >= 8:
+                    cut = rng.randrange(indent + 1, len(body) - 2)
+                    pre = "".join(lines[:a]) + body[:cut]
+                    mid = body[cut:]
+                    suf = line[len(body):] + "".join(lines[a + 1:])
+                    if (a, -cut) not in seen and mid.strip():
+                        seen.add((a, -cut))
+                        yield _fim_ex(f, c, pre, mid, suf)
+                    continue
+            if (a, b) in seen:
+                continue
+            seen.add((a, b))
+            mid = "".join(lines[a:b])
+            if not mid.strip():
+                continue
+            yield _fim_ex(f, c, "".join(lines[:a]), mid, "".join(lines[b:]))
+
+
+def _fim_ex(f: MinedFile, c: Chunk, pre: str, mid: str, suf: str) -> Example:
+    prompt = f"{FIM_PREFIX}{_header(c)}{pre}{FIM_SUFFIX}{suf}{FIM_MIDDLE}"
+    return _ex(f, "fim", {"prompt": prompt, "completion": mid})
+
+
+def _documented(f: MinedFile) -> Iterator[Symbol]:
+    for s in f.analysis.symbols:
+        if s.doc and s.code and len(s.doc) >= 12 and s.kind in (
+                "function", "method", "class", "constructor"):
+            yield s
+
+
+def doc_to_code(f: MinedFile, weight: float, seed: int) -> Iterator[Example]:
+    for s in _documented(f):
+        if count(weight, rng_for(seed, "d2c", f.blob, s.qualname, s.line), cap=1):
+            user = f"In `{f.path}`, write the {s.kind} `{s.qualname}` documented as:\n\n{s.doc}"
+            yield _ex(f, "doc_to_code", {"messages": [
+                {"role": "user", "content": user},
+                {"role": "assistant", "content": s.code.strip("\n")}]})
+
+
+def code_to_doc(f: MinedFile, weight: float, seed: int) -> Iterator[Example]:
+    for s in _documented(f):
+        if count(weight, rng_for(seed, "c2d", f.blob, s.qualname, s.line), cap=1):
+            user = (f"Write the documentation for the {s.kind} `{s.qualname}` in `{f.path}`:\n\n"
+                    f"```{f.lang}\n{s.code.strip(chr(10))}\n```")
+            yield _ex(f, "code_to_doc", {"messages": [
+                {"role": "user", "content": user},
+                {"role": "assistant", "content": s.doc}]})
+
+
+# ----------------------------------------------------------------------- RAFT
+
+_TOKEN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|\d+")
+_SUBWORD = re.compile(r"[A-Z]+(?=[A-Z][a-z])|[A-Z]?[a-z]+|[A-Z]+|\d+")
+
+
+def code_tokens(text: str) -> list[str]:
+    """BM25 tokens for code: identifiers, plus their snake/camel parts."""
+    out: list[str] = []
+    for t in _TOKEN.findall(text):
+        low = t.lower()
+        out.append(low)
+        parts = [p.lower() for p in _SUBWORD.findall(t)]
+        if len(parts) > 1:
+            out.extend(parts)
+    return out
+
+
+@dataclass
+class _Question:
+    file: MinedFile
+    chunk_index: int
+    question: str
+    quote: str
+    answer: str
+    reason: str
+    key: str
+
+
+def _chunk_at(f: MinedFile, line: int) -> int:
+    for i, c in enumerate(f.analysis.chunks):
+        if c.start_line <= line <= c.end_line:
+            return i
+    return -1
+
+
+def _line_with(text: str, needle: str) -> str:
+    for ln in text.splitlines():
+        if needle in ln and ln.strip():
+            return ln.strip()
+    return ""
+
+
+def _questions(files: list[MinedFile]) -> list[_Question]:
+    defs: dict[str, list[tuple[MinedFile, Symbol]]] = defaultdict(list)
+    by_name: dict[str, list[tuple[MinedFile, Symbol]]] = defaultdict(list)
+    for f in files:
+        for s in f.analysis.symbols:
+            defs[s.qualname].append((f, s))
+            by_name[s.name].append((f, s))
+    qs: list[_Question] = []
+    for qual, hits in defs.items():
+        if len(hits) != 1 or len(qual) < 3 or qual.rsplit(".", 1)[-1].startswith("__"):
+            continue
+        f, s = hits[0]
+        ci = _chunk_at(f, s.line)
+        if ci < 0:
+            continue
+        text = f.analysis.chunks[ci].text
+        sig = s.signature.strip()
+        if sig and sig in text:
+            qs.append(_Question(f, ci, f"Where is `{qual}` defined?", sig, f.path,
+                                f"The definition of `{qual}` is in the document for `{f.path}`",
+                                f"where:{qual}"))
+            if s.returns:
+                line = _line_with(text[text.index(sig):], s.returns)
+                if line:
+                    qs.append(_Question(f, ci, f"What does `{qual}` return?", line, s.returns,
+                                        f"The signature of `{qual}` declares its return type",
+                                        f"returns:{qual}"))
+        if len(s.raises) == 1:
+            exc = s.raises[0]
+            for cj in range(ci, len(f.analysis.chunks)):
+                c = f.analysis.chunks[cj]
+                if c.start_line > s.end_line:
+                    break
+                line = next((ln.strip() for ln in c.text.splitlines()
+                             if re.search(rf"\b(raise|throw)\b.*\b{re.escape(exc)}\b", ln)), "")
+                if line:
+                    qs.append(_Question(f, cj, f"What exception does `{qual}` raise?", line, exc,
+                                        f"`{qual}` raises it directly", f"raises:{qual}"))
+                    break
+    # Callers: only when the callee name is defined once and has exactly one caller.
+    callers: dict[str, set[tuple[str, str]]] = defaultdict(set)
+    sites: dict[tuple[str, str, str], tuple[MinedFile, int]] = {}
+    for f in files:
+        for call in f.analysis.calls:
+            if call.callee in by_name and call.caller.rsplit(".", 1)[-1] != call.callee:
+                callers[call.callee].add((f.path, call.caller))
+                sites.setdefault((call.callee, f.path, call.caller), (f, call.line))
+    for name, who in callers.items():
+        if len(who) != 1 or len(by_name[name]) != 1 or len(name) < 3 or name.startswith("__"):
+            continue
+        path, caller = next(iter(who))
+        f, line = sites[(name, path, caller)]
+        ci = _chunk_at(f, line)
+        if ci < 0:
+            continue
+        quote = _line_with(f.analysis.chunks[ci].text, name + "(")
+        if quote:
+            qs.append(_Question(f, ci, f"Which function calls `{name}`?", quote, caller,
+                                f"The call to `{name}` is inside `{caller}`", f"calls:{name}"))
+    return qs
+
+
+def raft(files: list[MinedFile], weight: float, k: int, p_oracle: float, seed: int) -> list[Example]:
+    """Symbol questions in RAFT form, with BM25 hard-negative distractors."""
+    qs = _questions(files)
+    if not qs:
+        return []
+    import bm25s
+
+    corpus: list[tuple[MinedFile, int]] = [
+        (f, i) for f in files for i in range(len(f.analysis.chunks))]
+    index = {(id(f), i): n for n, (f, i) in enumerate(corpus)}
+    rendered = [f.analysis.chunks[i].render() for f, i in corpus]
+    retriever = bm25s.BM25()
+    retriever.index([code_tokens(t) or ["_"] for t in rendered], show_progress=False)
+    depth = min(len(corpus), k * 4 + 8)
+    jobs: list[tuple[_Question, int]] = []
+    for q in qs:
+        n = count(weight, rng_for(seed, "raft", q.file.blob, q.key))
+        jobs.extend((q, j) for j in range(n))
+    if not jobs:
+        return []
+    queries = [code_tokens(q.question) or ["_"] for q, _ in jobs]
+    hits, _ = retriever.retrieve(queries, k=depth, show_progress=False, n_threads=1)
+    out: list[Example] = []
+    for (q, j), row in zip(jobs, hits, strict=True):
+        rng = rng_for(seed, "raft-doc", q.file.blob, q.key, j)
+        oracle_n = index[(id(q.file), q.chunk_index)]
+        distractors: list[int] = []
+        # Hard negatives first; when they run out (tiny or repetitive repos), random chunks.
+        order = row.tolist()
+        if len(corpus) > len(order):
+            order += rng.sample(range(len(corpus)), min(len(corpus), 4 * (k + 1) + 16))
+        for n in order:
+            if n in distractors:
+                continue
+            f, _i = corpus[n]
+            # Held-out code never enters a training example; no distractor holds the answer.
+            if n == oracle_n or (q.file.split == "train" and f.split != "train"):
+                continue
+            if q.quote in rendered[n]:
+                continue
+            distractors.append(n)
+            if len(distractors) == k + 1:
+                break
+        keep = rng.random() < p_oracle
+        docs = distractors[:k] + [oracle_n] if keep else distractors[: k + 1]
+        rng.shuffle(docs)
+        body = "\n".join(f"<DOCUMENT>{rendered[n]}</DOCUMENT>" for n in docs)
+        answer = (f"{q.reason}: {BEGIN_QUOTE}{q.quote}{END_QUOTE}\n"
+                  f"{ANSWER} {q.answer}")
+        msgs = [{"role": "system", "content": RAFT_SYSTEM},
+                {"role": "user", "content": f"{body}\n\nQuestion: {q.question}"},
+                {"role": "assistant", "content": answer}]
+        out.append(_ex(q.file, "raft", {"messages": msgs}, {"answer": q.answer, "oracle": keep}))
+    return out
+
+
+# ------------------------------------------------------------------- commits
+
+def commit_examples(commits: Iterable[dict[str, Any]], weight: float, seed: int) -> Iterator[Example]:
+    """Commit message as the instruction, the diff as the answer.
+
+    ``commits``: dicts {sha, message, changed, parts: [(split, lang, path, diff)]}. A commit
+    touching train and held-out files gives one example per side, so held-out code never
+    reaches a training example.
+    """
+    for c in commits:
+        if not count(weight, rng_for(seed, "commit", c["sha"]), cap=1):
+            continue
+        by_split: dict[str, list[tuple[str, str, str]]] = defaultdict(list)
+        for split, lang, path, diff in c["parts"]:
+            by_split[split].append((lang, path, diff))
+        for split, parts in sorted(by_split.items()):
+            paths = [p for _, p, _ in parts]
+            user = (f"Make this change ({', '.join(f'`{p}`' for p in paths)}):\n\n"
+                    f"{c['message'].strip()}")
+            diff = "".join(d for _, _, d in parts)
+            yield Example({"messages": [{"role": "user", "content": user},
+                                        {"role": "assistant", "content": diff}]},
+                          "commit_diff", paths[0] if len(paths) == 1 else None, parts[0][0],
+                          c["changed"], split)

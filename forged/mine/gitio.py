@@ -1,0 +1,127 @@
+"""Reading a repository at a commit through git plumbing (never the working tree)."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class GitError(RuntimeError):
+    """A git command failed; the message names the command and git's own complaint."""
+
+
+def git(repo: Path, *args: str, input: bytes | None = None) -> bytes:
+    try:
+        p = subprocess.run(["git", "-C", str(repo), *args], input=input, capture_output=True,
+                           check=False)
+    except FileNotFoundError:
+        raise GitError("git is not installed or not on PATH") from None
+    if p.returncode != 0:
+        err = p.stderr.decode("utf-8", "replace").strip().splitlines()
+        raise GitError(f"git {' '.join(args[:3])} failed in {repo}: {err[-1] if err else p.returncode}")
+    return p.stdout
+
+
+def resolve(repo: Path, rev: str) -> str:
+    """Full sha of a commit-ish; a clear error when it is not a git repo or no such commit."""
+    if not Path(repo).is_dir():
+        raise GitError(f"{repo}: not a directory")
+    try:
+        return git(repo, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}").decode().strip()
+    except GitError:
+        git(repo, "rev-parse", "--git-dir")  # raises "not a git repository" when so
+        raise GitError(f"{repo}: no commit {rev!r}") from None
+
+
+@dataclass(frozen=True)
+class Entry:
+    path: str
+    blob: str
+    size: int
+
+
+def ls_tree(repo: Path, sha: str) -> list[Entry]:
+    """Tracked regular files at a commit (symlinks and submodules left out)."""
+    out = git(repo, "ls-tree", "-r", "-l", "-z", "--full-tree", sha)
+    entries = []
+    for rec in out.split(b"\0"):
+        if not rec:
+            continue
+        meta, path = rec.split(b"\t", 1)
+        mode, typ, obj, size = meta.split()
+        if typ != b"blob" or mode == b"120000":
+            continue
+        entries.append(Entry(path.decode("utf-8", "surrogateescape"), obj.decode(), int(size)))
+    return entries
+
+
+def cat_blobs(repo: Path, shas: Iterable[str]) -> Iterator[tuple[str, bytes]]:
+    """Blob contents through one `git cat-file --batch` process."""
+    shas = list(shas)
+    if not shas:
+        return
+    p = subprocess.Popen(["git", "-C", str(repo), "cat-file", "--batch"], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    assert p.stdin is not None and p.stdout is not None
+
+    def feed() -> None:  # a thread, so a full stdout pipe cannot deadlock us
+        try:
+            p.stdin.write("".join(s + "\n" for s in shas).encode())
+            p.stdin.close()
+        except BrokenPipeError:
+            pass
+
+    t = threading.Thread(target=feed, daemon=True)
+    t.start()
+    try:
+        for sha in shas:
+            header = p.stdout.readline().split()
+            if len(header) < 3:
+                raise GitError(f"git cat-file: object {sha} missing")
+            size = int(header[2])
+            data = p.stdout.read(size)
+            p.stdout.read(1)
+            yield sha, data
+    finally:
+        p.stdout.close()
+        p.wait()
+        t.join()
+
+
+def changed_paths(repo: Path, since: str, sha: str) -> set[str]:
+    out = git(repo, "diff", "--name-only", "--no-renames", "-z", since, sha)
+    return {p.decode("utf-8", "surrogateescape") for p in out.split(b"\0") if p}
+
+
+def rev_list(repo: Path, sha: str, n: int, since: str | None = None) -> list[str]:
+    """Non-merge commits reachable from sha, newest first (only since..sha when given)."""
+    if n <= 0:
+        return []
+    rng = f"{since}..{sha}" if since else sha
+    out = git(repo, "rev-list", "--no-merges", f"--max-count={n}", rng)
+    return out.decode().split()
+
+
+def commit_patches(repo: Path, shas: list[str]) -> Iterator[tuple[str, str, list[tuple[str, str]]]]:
+    """(sha, message, [(path, diff text of that file)]) for each commit, in one git call."""
+    if not shas:
+        return
+    out = git(repo, "show", "--no-color", "--no-ext-diff", "--no-renames", "--unified=3",
+              "--format=%x00%x01%H%x00%B%x00", *shas)
+    for block in out.split(b"\0\x01")[1:]:
+        sha, msg, patch = block.split(b"\0", 2)
+        files: list[tuple[str, str]] = []
+        for part in patch.split(b"\ndiff --git ")[0:]:
+            part = part.lstrip(b"\n")
+            if not part:
+                continue
+            if not part.startswith(b"diff --git "):
+                part = b"diff --git " + part
+            head = part.split(b"\n", 1)[0]
+            # "diff --git a/x b/x": take the b/ side.
+            path = head.rsplit(b" b/", 1)[-1].decode("utf-8", "surrogateescape")
+            files.append((path, part.decode("utf-8", "replace").rstrip("\n") + "\n"))
+        yield sha.decode(), msg.decode("utf-8", "replace"), files
