@@ -30,6 +30,7 @@ import json
 import os
 import re
 import socket
+import struct
 import tempfile
 import threading
 import time
@@ -47,6 +48,9 @@ MT_PARAMS = "application/vnd.ollama.image.params"
 MT_CONFIG = "application/vnd.docker.container.image.v1+json"
 MT_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DIGEST_RE = re.compile(r"^sha256[:-]([0-9a-f]{64})$")
+
+# general.file_type → the name Ollama reports as quantization_level (the common ones).
+FILE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 15: "Q4_K_M", 17: "Q5_K_M", 18: "Q6_K", 32: "BF16"}
 
 # Ollama's template/chatml.gotmpl: the one Go template this double can render.
 CHATML_GOTMPL = (
@@ -81,16 +85,53 @@ def display_name(ns: str, model: str, tag: str) -> str:
 
 
 def gguf_kv(path: Path) -> dict[str, Any]:
-    """Scalar metadata of a GGUF file (via the gguf package; tests may import it)."""
-    from gguf import GGUFReader
+    """Scalar and string metadata of a GGUF file; arrays (the vocabulary) are skipped.
 
-    reader = GGUFReader(str(path))
+    Written out here rather than with gguf.GGUFReader, which takes ~10 s on this box to
+    build numpy views of SmolLM2's 100k vocabulary entries.
+    """
+    scalar = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+    data = path.read_bytes() if path.stat().st_size < 1 << 20 else None
+    with open(path, "rb") as f:
+        buf = data if data is not None else f.read(64 << 20)  # the header is well within this
+    if buf[:4] != b"GGUF":
+        raise ApiError(400, "supplied file was not in GGUF format")
+    pos = 24
+    (n_kv,) = struct.unpack_from("<Q", buf, 16)
+
+    def string() -> str:
+        nonlocal pos
+        (n,) = struct.unpack_from("<Q", buf, pos)
+        pos += 8 + n
+        return buf[pos - n:pos].decode("utf-8", "replace")
+
+    def value(t: int) -> Any:
+        nonlocal pos
+        if t in scalar:
+            (v,) = struct.unpack_from("<" + scalar[t], buf, pos)
+            pos += struct.calcsize(scalar[t])
+            return v
+        if t == 8:
+            return string()
+        if t == 9:
+            item_t, count = struct.unpack_from("<IQ", buf, pos)
+            pos += 12
+            if item_t in scalar:
+                pos += struct.calcsize(scalar[item_t]) * count
+            else:
+                for _ in range(count):
+                    value(item_t)
+            return None
+        raise ApiError(400, f"unknown GGUF value type {t}")
+
     out: dict[str, Any] = {}
-    for key, f in reader.fields.items():
-        if key.startswith("tokenizer.ggml.") and key.endswith(("tokens", "token_type", "merges")):
-            continue
-        with contextlib.suppress(Exception):
-            out[key] = f.contents()
+    for _ in range(n_kv):
+        key = string()
+        (t,) = struct.unpack_from("<I", buf, pos)
+        pos += 4
+        v = value(t)
+        if v is not None:
+            out[key] = v
     return out
 
 
@@ -334,7 +375,7 @@ class OllamaDouble:
             "model_family": kv.get("general.architecture", ""),
             "model_families": [kv.get("general.architecture", "")],
             "model_type": kv.get("general.size_label", ""),
-            "file_type": str(kv.get("general.file_type", "")),
+            "file_type": FILE_TYPES.get(kv.get("general.file_type", -1), "unknown"),
             "rootfs": {"type": "layers", "diff_ids": [x["digest"] for x in layers]},
         }, sort_keys=True).encode())
         manifest = {"schemaVersion": 2, "mediaType": MT_MANIFEST,
@@ -369,7 +410,7 @@ class OllamaDouble:
         arch = kv.get("general.architecture", "")
         return {"parent_model": "", "format": "gguf", "family": arch, "families": [arch],
                 "parameter_size": kv.get("general.size_label", ""),
-                "quantization_level": str(kv.get("general.file_type", ""))}
+                "quantization_level": FILE_TYPES.get(kv.get("general.file_type", -1), "unknown")}
 
     def tags(self) -> dict[str, Any]:
         models = []
@@ -536,6 +577,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         super().setup()
+        # Go's net/http (Ollama) sets TCP_NODELAY; without it headers and body go out in
+        # two segments and Nagle + delayed ACK add ~40 ms to every request.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         with self.od._lock:
             self.od._conns.add(self.connection)
 
