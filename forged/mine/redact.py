@@ -55,6 +55,11 @@ _STRONG: list[_Sub] = [
         r"private_?key|client_?secret|auth_?key|credentials?)[\w.\-]*[\"']?\s*(?::=|=>|[:=])\s*"
         r"[bfru]?([\"'])([^\"'\s]{6,})\1"), 2, ()),
 ]
+# Unquoted values after a keyword (docs, env-style lines): only when they look like keys.
+_KEYWORD_BARE = re.compile(
+    r"(?i)(?:passw(?:or)?d|passwd|pwd|secret|token|api_?key|apikey|access_?key|private_?key|"
+    r"client_?secret|auth_?key|credentials?)[\w.\-]*[\"']?\s*(?::=|=>|[:=])\s*`?"
+    r"([^\s\"'`,;()\[\]{}<>]{12,})")
 _KEYWORDS = ("passw", "pwd", "secret", "token", "apikey", "api_key", "access_key", "accesskey",
              "private", "credential", "auth")
 
@@ -85,6 +90,11 @@ def _looks_random(s: str) -> bool:
     if re.fullmatch(r"[A-Za-z]+(?:[_\-][A-Za-z]+)*", s):
         return False
     return _entropy(s) >= 4.5 or (len(s) >= 32 and _entropy(s) >= 4.2)
+
+
+def _not_keylike(v: str) -> bool:
+    """Bare words after `token:` are usually code (`token: Token`), keys mix digits in."""
+    return not (re.search(r"\d", v) and re.search(r"[A-Za-z]", v) and _entropy(v) >= 3.5)
 
 
 _detect_ready = False
@@ -149,6 +159,7 @@ def redact(text: str, path: str = "", *, deep: bool = True) -> tuple[str, Counte
     for s, e in lines:
         line = _sub(text[s:e], kw_pat, 2, "keyword_assignment", counts,
                     keep=lambda v: bool(_PLACEHOLDER.match(v)) or "(" in v)
+        line = _sub(line, _KEYWORD_BARE, 1, "keyword_assignment", counts, keep=_not_keylike)
         parts += [text[last:s], line]
         last = e
         if deep and pre.search(line):
