@@ -145,3 +145,33 @@ def make_tiny_gguf(dir: Path, *, seed: int = 0, name: str = "tiny.gguf") -> Path
     writer.close()
     shutil.rmtree(hf, ignore_errors=True)
     return out
+
+
+def write_code_dataset(dir: Path, *, n_text: int = 40, n_fim: int = 10, n_chat: int = 10, n_valid: int = 6,
+                       seed: int = 0) -> Path:
+    """A small miner-style dataset (train.jsonl, valid.jsonl, manifest.json) of toy Python."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+
+    def fn(i: int) -> str:
+        n = rng.randint(1, 12)
+        body = "\n".join(f"    x{j} = x{j - 1} * {rng.randint(1, 9)} + {i}" for j in range(1, n + 1))
+        return f"def f{i}(x0):\n{body}\n    return x{n}\n"
+
+    dir = Path(dir)
+    dir.mkdir(parents=True, exist_ok=True)
+    lines = [{"text": fn(i), "meta": {"kind": "continuation", "path": f"pkg/m{i % 5}.py", "lang": "python",
+                                      "changed": i % 2 == 0}} for i in range(n_text)]
+    for i in range(n_fim):
+        lines.append({"prompt": f"<fim_prefix>def g{i}(a):\n<fim_suffix>\n    return b<fim_middle>",
+                      "completion": f"    b = a + {i}", "meta": {"kind": "fim", "path": "pkg/g.py", "changed": True}})
+    for i in range(n_chat):
+        lines.append({"messages": [{"role": "user", "content": f"What does g{i} return?"},
+                                   {"role": "assistant", "content": f"It returns a + {i}."}],
+                      "meta": {"kind": "raft", "path": "pkg/g.py", "changed": False}})
+    (dir / "train.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n")
+    (dir / "valid.jsonl").write_text("\n".join(json.dumps({"text": fn(1000 + i)}) for i in range(n_valid)) + "\n")
+    (dir / "manifest.json").write_text(json.dumps({"repo": "toy", "commit": "0" * 40, "examples": len(lines)}))
+    return dir

@@ -131,7 +131,7 @@ class TorchBackend:
     def _adapter_state(self) -> dict[str, torch.Tensor]:
         from peft import get_peft_model_state_dict
 
-        return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(self.peft).items()}
+        return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in get_peft_model_state_dict(self.peft).items()}
 
     def _pin_pissa_init(self, init_dir: Path) -> None:
         """Keep A0/B0 (needed to convert to a plain LoRA). If an earlier run of this
