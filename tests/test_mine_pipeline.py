@@ -125,6 +125,10 @@ def test_mine_writes_mlx_formats_and_manifest(repo: Path, tmp_path: Path) -> Non
     assert not any(r["meta"]["path"] in ("ignored.py", "latin.py", "big.py") for r in recs)
     assert seen and seen[-1]["stage"] == "done"
     assert any(d.get("stage") == "mine" for d in seen)
+    # The mlx/ copy: same examples, one format mlx-lm reads as a whole file.
+    for name in ("train.jsonl", "valid.jsonl"):
+        plain = read(out / "mlx", name)
+        assert len(plain) == len(read(out, name)) and all(set(r) == {"text"} for r in plain)
     # No exact duplicates across the whole dataset.
     keys = [json.dumps({k: v for k, v in r.items() if k != "meta"}, sort_keys=True) for r in recs]
     assert len(keys) == len(set(keys))

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 from bisect import bisect_left, bisect_right
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -187,9 +187,10 @@ class FileAnalysis:
     calls: list[Call]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"chunks": [asdict(c) for c in self.chunks],
-                "symbols": [asdict(s) for s in self.symbols],
-                "calls": [asdict(c) for c in self.calls]}
+        # vars() rather than asdict(): no deep copies, this runs for every chunk of a repo.
+        return {"chunks": [vars(c) for c in self.chunks],
+                "symbols": [vars(s) for s in self.symbols],
+                "calls": [vars(c) for c in self.calls]}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> FileAnalysis:

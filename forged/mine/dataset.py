@@ -292,20 +292,13 @@ def _texts(record: dict[str, Any]) -> list[str]:
     return [m["content"] for m in record["messages"]]
 
 
-def _final_pass(ex: examples.Example, counts: Counter[str]) -> None:
-    """Regex layer once more over the finished example (sources were scanned deeply)."""
-    r = ex.record
-    if "text" in r:
-        r["text"], c = redact(r["text"], deep=False)
-        counts.update(c)
-    elif "prompt" in r:
-        for key in ("prompt", "completion"):
-            r[key], c = redact(r[key], deep=False)
-            counts.update(c)
-    elif ex.kind != "raft":  # RAFT documents are rendered chunks, already clean
-        for m in r["messages"]:
-            m["content"], c = redact(m["content"], deep=False)
-            counts.update(c)
+def as_text(record: dict[str, Any]) -> str:
+    """One training string for any record format (chat rendered as ChatML)."""
+    if "text" in record:
+        return record["text"]
+    if "prompt" in record:
+        return record["prompt"] + record["completion"]
+    return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in record["messages"])
 
 
 def _write(out_dir: Path, exs: list[examples.Example], rep: MineReport,
@@ -314,7 +307,6 @@ def _write(out_dir: Path, exs: list[examples.Example], rep: MineReport,
 
     out_dir.mkdir(parents=True, exist_ok=True)
     seen: set[bytes] = set()
-    final: Counter[str] = Counter()
     by_kind: dict[str, Counter[str]] = {"train": Counter(), "valid": Counter()}
     by_lang: dict[str, Counter[str]] = {"train": Counter(), "valid": Counter()}
     chars: Counter[str] = Counter()
@@ -323,9 +315,9 @@ def _write(out_dir: Path, exs: list[examples.Example], rep: MineReport,
     dups = 0
     # Held-out first: a training example identical to a held-out one is the one dropped.
     for ex in sorted(exs, key=lambda x: x.split != "valid"):
-        _final_pass(ex, final)
-        h = hashlib.blake2b(json.dumps(ex.record, sort_keys=True, ensure_ascii=False).encode(),
-                            digest_size=16).digest()
+        # Records are built with a fixed key order, so the serialisation is canonical.
+        body = json.dumps(ex.record, ensure_ascii=False)
+        h = hashlib.blake2b(body.encode(), digest_size=16).digest()
         if h in seen:
             dups += 1
             continue
@@ -335,13 +327,21 @@ def _write(out_dir: Path, exs: list[examples.Example], rep: MineReport,
         nws[ex.split] += sum(len(t.encode("utf-8").translate(None, _WS)) for t in texts)
         by_kind[ex.split][ex.kind] += 1
         by_lang[ex.split][ex.lang or "none"] += 1
-        lines[ex.split].append(json.dumps(ex.to_json(), ensure_ascii=False))
+        meta = json.dumps(ex.to_json()["meta"], ensure_ascii=False)
+        lines[ex.split].append(f'{body[:-1]}, "meta": {meta}}}')
+    mlx_dir = out_dir / "mlx"
+    mlx_dir.mkdir(exist_ok=True)
     for split, name in (("train", "train.jsonl"), ("valid", "valid.jsonl")):
         tmp = out_dir / (name + ".tmp")
         tmp.write_text("".join(ln + "\n" for ln in lines[split]), encoding="utf-8")
         tmp.replace(out_dir / name)
-    for k, v in final.items():
-        redactions[f"final_pass:{k}"] += v
+        # mlx-lm picks one record class per file from its first line, so the mixed file
+        # above needs forged's trainer; mlx/ holds the same examples as {"text"} only,
+        # for `mlx_lm.lora --data OUT/mlx` (chat records in SmolLM2's ChatML).
+        tmp = mlx_dir / (name + ".tmp")
+        tmp.write_text("".join(json.dumps({"text": as_text(json.loads(ln))}, ensure_ascii=False)
+                               + "\n" for ln in lines[split]), encoding="utf-8")
+        tmp.replace(mlx_dir / name)
     rep.duplicates_removed = dups
     rep.examples = {s: len(v) for s, v in lines.items()}
     rep.by_kind = {s: dict(sorted(c.items())) for s, c in by_kind.items()}

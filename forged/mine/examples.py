@@ -159,20 +159,16 @@ def code_to_doc(f: MinedFile, weight: float, seed: int) -> Iterator[Example]:
 
 # ----------------------------------------------------------------------- RAFT
 
-_TOKEN = re.compile(r"[A-Za-z_][A-Za-z0-9_]*|\d+")
+_IDENT = re.compile(r"[a-z_][a-z0-9_]*|\d+")
 _SUBWORD = re.compile(r"[A-Z]+(?=[A-Z][a-z])|[A-Z]?[a-z]+|[A-Z]+|\d+")
 
 
 def code_tokens(text: str) -> list[str]:
-    """BM25 tokens for code: identifiers, plus their snake/camel parts."""
-    out: list[str] = []
-    for t in _TOKEN.findall(text):
-        low = t.lower()
-        out.append(low)
-        parts = [p.lower() for p in _SUBWORD.findall(t)]
-        if len(parts) > 1:
-            out.extend(parts)
-    return out
+    """BM25 tokens for code: whole identifiers plus their snake/camel parts.
+
+    Two regex passes over the whole text, no per-token Python work: this runs on every chunk.
+    """
+    return _IDENT.findall(text.lower()) + " ".join(_SUBWORD.findall(text)).lower().split()
 
 
 @dataclass
@@ -262,6 +258,12 @@ def _questions(files: list[MinedFile]) -> list[_Question]:
     return qs
 
 
+def _then_random(first: list[int], n: int, rng: random.Random) -> Iterator[int]:
+    yield from first
+    if n > len(first):
+        yield from (rng.randrange(n) for _ in range(64))
+
+
 def raft(files: list[MinedFile], weight: float, k: int, p_oracle: float, seed: int) -> list[Example]:
     """Symbol questions in RAFT form, with BM25 hard-negative distractors."""
     qs = _questions(files)
@@ -291,9 +293,7 @@ def raft(files: list[MinedFile], weight: float, k: int, p_oracle: float, seed: i
         distractors: list[int] = []
         # Hard negatives first; when they run out (tiny or repetitive repos), random chunks.
         order = row.tolist()
-        if len(corpus) > len(order):
-            order += rng.sample(range(len(corpus)), min(len(corpus), 4 * (k + 1) + 16))
-        for n in order:
+        for n in _then_random(order, len(corpus), rng):
             if n in distractors:
                 continue
             f, _i = corpus[n]
