@@ -1,0 +1,378 @@
+"""Export a trained adapter as a GGUF LoRA adapter that llama.cpp (inside Ollama) applies.
+
+llama.cpp computes ``W x + (alpha / r) · B (A x)`` per tensor, with ``r`` the tensor's
+own rank and ``alpha`` one number for the whole file (``adapter.lora.alpha``). We write
+``alpha = scale × rank`` so the trained multiplier survives; a tensor whose scale or
+rank differs from the common one (PEFT ``rank_pattern``/``alpha_pattern``) gets the
+difference folded into its ``lora_b``.
+
+Layouts:
+
+* PEFT (``adapter_model.safetensors``): ``lora_A`` (r, in), ``lora_B`` (out, r) — the
+  GGUF numpy shapes already. Trained on Hugging Face layout ("hf"): transformers
+  un-permutes llama q/k rows when it reads a GGUF, so ``lora_b`` of q/k gets
+  llama.cpp's row permutation back on export.
+* mlx-lm (``adapters.safetensors``): ``lora_a`` (in, r), ``lora_b`` (r, out) —
+  transposed. Trained on the GGUF tensors directly ("gguf"), so no permutation.
+
+A PiSSA adapter arrives already converted to a plain rank-2r LoRA against the original
+base (the trainer does that on save), so it exports like any LoRA. DoRA cannot be
+expressed as a GGUF LoRA and is refused; use the fused export for it.
+
+Heavy imports (numpy, gguf, safetensors) happen inside functions: this module is
+only ever imported in the worker subprocess, but keep it cheap to import anyway.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+# Hugging Face module name → llama.cpp tensor name (per block).
+HF_TO_GGUF = {
+    "q_proj": "attn_q",
+    "k_proj": "attn_k",
+    "v_proj": "attn_v",
+    "o_proj": "attn_output",
+    "gate_proj": "ffn_gate",
+    "up_proj": "ffn_up",
+    "down_proj": "ffn_down",
+}
+# GGUF architectures whose q/k rows llama.cpp stores permuted (and transformers
+# un-permutes on load); see transformers' LlamaTensorProcessor.
+PERMUTED_QK_ARCHS = {"llama"}
+
+_PEFT_KEY = re.compile(
+    r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.(lora_A|lora_B|lora_magnitude_vector|lora_bias)"
+    r"(?:\.[\w-]+)?\.weight$"
+)
+_MLX_KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.(lora_a|lora_b|m)$")
+
+
+class ExportError(ValueError):
+    """An adapter that cannot be exported; the message is one line for the user."""
+
+
+@dataclass
+class ExportResult:
+    """What was written: the GGUF adapter (or fused model) and how it scales."""
+
+    path: Path
+    sha256: str
+    n_tensors: int
+    alpha: float
+    rank: int
+    kind: str = "lora"  # "lora" (GGUF LoRA adapter) or "fused" (full model)
+    scale: float = 0.0
+    permuted_qk: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["path"] = str(self.path)
+        return d
+
+
+@dataclass
+class LoraPair:
+    """One adapted projection in GGUF orientation: delta = scale · B @ A."""
+
+    layer: int
+    module: str  # HF name, e.g. "q_proj"
+    a: Any  # np.ndarray (r, in)
+    b: Any  # np.ndarray (out, r)
+    scale: float
+
+    @property
+    def rank(self) -> int:
+        return int(self.a.shape[0])
+
+    @property
+    def gguf_name(self) -> str:
+        return f"blk.{self.layer}.{HF_TO_GGUF[self.module]}.weight"
+
+
+# ---------------------------------------------------------------- reading adapters
+
+
+def read_meta(adapter_dir: Path) -> dict[str, Any]:
+    """``forged_meta.json`` of a saved adapter (ExportError if missing or unreadable)."""
+    path = Path(adapter_dir) / "forged_meta.json"
+    if not path.is_file():
+        raise ExportError(f"{adapter_dir}: not a forged adapter (no forged_meta.json)")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ExportError(f"{path}: unreadable: {e}") from None
+    if not isinstance(meta, dict):
+        raise ExportError(f"{path}: expected a JSON object")
+    return meta
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ExportError(f"{path}: unreadable: {e}") from None
+    return data if isinstance(data, dict) else {}
+
+
+def _pattern_value(patterns: dict[str, Any], module_path: str, default: Any) -> Any:
+    """PEFT's rank_pattern/alpha_pattern lookup: a key matches a module path suffix."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module_path):
+            return value
+    return default
+
+
+def load_lora_pairs(adapter_dir: Path) -> tuple[list[LoraPair], dict[str, Any]]:
+    """Read a saved adapter (PEFT or mlx-lm layout) into GGUF-oriented pairs + its meta.
+
+    The per-tensor scale comes from the framework's own config (what the trainer
+    actually applied); ``forged_meta.json``'s ``scale`` is the fallback.
+    """
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    adapter_dir = Path(adapter_dir)
+    meta = read_meta(adapter_dir)
+    if meta.get("dora"):
+        raise ExportError(
+            f"{adapter_dir}: DoRA adapters cannot be written as a GGUF LoRA adapter "
+            "(llama.cpp has no magnitude vector); train with dora = false or export fused"
+        )
+    peft_file = adapter_dir / "adapter_model.safetensors"
+    mlx_file = adapter_dir / "adapters.safetensors"
+    meta_scale = meta.get("scale")
+    pairs: dict[tuple[int, str], dict[str, Any]] = {}
+
+    if peft_file.is_file():
+        cfg = _read_json(adapter_dir / "adapter_config.json")
+        if cfg.get("use_dora"):
+            raise ExportError(f"{adapter_dir}: DoRA adapters cannot be written as a GGUF LoRA adapter")
+        tensors = load_file(str(peft_file))
+        for key, value in tensors.items():
+            m = _PEFT_KEY.search(key)
+            if not m:
+                raise ExportError(f"{peft_file.name}: tensor {key!r} is not a supported LoRA projection")
+            layer, module, part = int(m.group(1)), m.group(2), m.group(3)
+            if part in ("lora_magnitude_vector", "lora_bias"):
+                raise ExportError(f"{peft_file.name}: {part} ({key}) has no GGUF LoRA equivalent")
+            slot = pairs.setdefault((layer, module), {"path": key.split(f".{part}")[0]})
+            slot["a" if part == "lora_A" else "b"] = value.astype(np.float32)
+        for (_layer, _module), slot in pairs.items():
+            if cfg:
+                r = _pattern_value(cfg.get("rank_pattern", {}), slot["path"], cfg.get("r"))
+                alpha = _pattern_value(cfg.get("alpha_pattern", {}), slot["path"], cfg.get("lora_alpha"))
+                if not r or alpha is None:
+                    raise ExportError(f"{adapter_dir}/adapter_config.json: missing r or lora_alpha")
+                slot["scale"] = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+            elif meta_scale is not None:
+                slot["scale"] = float(meta_scale)
+            else:
+                raise ExportError(f"{adapter_dir}: no adapter_config.json and no scale in forged_meta.json")
+    elif mlx_file.is_file():
+        cfg = _read_json(adapter_dir / "adapter_config.json")
+        params = cfg.get("lora_parameters", {}) if cfg else {}
+        scale = params.get("scale", meta_scale)
+        if scale is None:
+            raise ExportError(f"{adapter_dir}: mlx-lm adapter without a scale (lora_parameters.scale)")
+        if cfg.get("fine_tune_type") == "dora" or params.get("use_dora"):
+            raise ExportError(f"{adapter_dir}: DoRA adapters cannot be written as a GGUF LoRA adapter")
+        tensors = load_file(str(mlx_file))
+        for key, value in tensors.items():
+            m = _MLX_KEY.search(key)
+            if not m:
+                raise ExportError(f"{mlx_file.name}: tensor {key!r} is not a supported LoRA projection")
+            layer, module, part = int(m.group(1)), m.group(2), m.group(3)
+            if part == "m":
+                raise ExportError(f"{mlx_file.name}: DoRA magnitude ({key}) has no GGUF LoRA equivalent")
+            slot = pairs.setdefault((layer, module), {"scale": float(scale)})
+            # mlx-lm stores x @ A @ B: A (in, r), B (r, out); GGUF wants (r, in), (out, r).
+            slot["a" if part == "lora_a" else "b"] = np.ascontiguousarray(value.astype(np.float32).T)
+    else:
+        raise ExportError(
+            f"{adapter_dir}: no adapter weights (adapter_model.safetensors or adapters.safetensors)"
+        )
+
+    out: list[LoraPair] = []
+    for (layer, module), slot in sorted(pairs.items()):
+        if module not in HF_TO_GGUF:
+            raise ExportError(
+                f"{adapter_dir}: LoRA on {module!r} cannot be exported "
+                f"(supported: {', '.join(HF_TO_GGUF)})"
+            )
+        if "a" not in slot or "b" not in slot:
+            raise ExportError(f"{adapter_dir}: layer {layer} {module} has only one of lora_A/lora_B")
+        a, b = slot["a"], slot["b"]
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+            raise ExportError(
+                f"{adapter_dir}: layer {layer} {module}: lora_A {a.shape} and lora_B {b.shape} do not chain"
+            )
+        out.append(LoraPair(layer, module, a, b, float(slot["scale"])))
+    if not out:
+        raise ExportError(f"{adapter_dir}: adapter holds no LoRA tensors")
+    return out, meta
+
+
+# ---------------------------------------------------------------- base model facts
+
+
+@dataclass
+class BaseInfo:
+    """What export needs to know about the GGUF base."""
+
+    architecture: str
+    n_head: int
+    n_head_kv: int
+    shapes: dict[str, tuple[int, int]]  # tensor name → numpy shape (out, in)
+
+
+def read_base(base_gguf: Path) -> BaseInfo:
+    """Architecture, head counts and 2-D tensor shapes of a GGUF model file."""
+    import gguf
+
+    base_gguf = Path(base_gguf)
+    if not base_gguf.is_file():
+        raise ExportError(f"{base_gguf}: base GGUF not found")
+    try:
+        reader = gguf.GGUFReader(str(base_gguf))
+    except Exception as e:  # gguf raises ValueError/struct errors on junk
+        raise ExportError(f"{base_gguf}: not a readable GGUF file: {e}") from None
+
+    def field(key: str) -> Any:
+        f = reader.fields.get(key)
+        return None if f is None else f.contents()
+
+    arch = field("general.architecture")
+    if not arch:
+        raise ExportError(f"{base_gguf}: no general.architecture")
+    if field("general.type") == "adapter":
+        raise ExportError(f"{base_gguf}: is an adapter, not a base model")
+    n_head = field(f"{arch}.attention.head_count") or 0
+    n_head_kv = field(f"{arch}.attention.head_count_kv") or n_head
+    shapes = {
+        t.name: (int(t.shape[1]), int(t.shape[0])) for t in reader.tensors if len(t.shape) == 2
+    }
+    return BaseInfo(str(arch), int(n_head), int(n_head_kv), shapes)
+
+
+def permute_rows(w: Any, n_head: int) -> Any:
+    """llama.cpp's q/k permutation of output rows (HF rotate-half → GGUF interleaved)."""
+    rows = w.shape[0]
+    return (
+        w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    )
+
+
+def gguf_oriented(pairs: list[LoraPair], meta: dict[str, Any], base: BaseInfo) -> tuple[list[LoraPair], bool]:
+    """Pairs checked against the base's shapes and with q/k rows in llama.cpp's layout."""
+    layout = meta.get("layout", "hf")
+    if layout not in ("hf", "gguf"):
+        raise ExportError(f"forged_meta.json: layout must be 'hf' or 'gguf' (got {layout!r})")
+    permute = layout == "hf" and base.architecture in PERMUTED_QK_ARCHS
+    out: list[LoraPair] = []
+    for p in pairs:
+        shape = base.shapes.get(p.gguf_name)
+        if shape is None:
+            raise ExportError(f"base model has no tensor {p.gguf_name} for layer {p.layer} {p.module}")
+        want = (p.b.shape[0], p.a.shape[1])
+        if shape != want:
+            raise ExportError(
+                f"{p.gguf_name}: adapter delta is {want[0]}x{want[1]} but the base tensor is "
+                f"{shape[0]}x{shape[1]} — adapter trained for a different base?"
+            )
+        b = p.b
+        if permute and p.module in ("q_proj", "k_proj"):
+            heads = base.n_head if p.module == "q_proj" else base.n_head_kv
+            if not heads or b.shape[0] % (2 * heads):
+                raise ExportError(f"{p.gguf_name}: cannot permute {b.shape[0]} rows over {heads} heads")
+            b = permute_rows(b, heads)
+        out.append(LoraPair(p.layer, p.module, p.a, b, p.scale))
+    return out, permute
+
+
+# ---------------------------------------------------------------- writing
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _check_base_identity(meta: dict[str, Any], base_gguf: Path) -> None:
+    """Refuse a GGUF base that is not the one a GGUF-trained adapter was trained on."""
+    want = meta.get("base_sha256")
+    if not want or meta.get("layout") != "gguf" and not str(meta.get("base_path", "")).endswith(".gguf"):
+        return  # trained on an HF checkpoint: shapes are the only check available
+    got = _sha256(base_gguf)
+    if got != want:
+        raise ExportError(
+            f"{base_gguf}: sha256 {got[:12]}… differs from the base the adapter was trained on "
+            f"({want[:12]}…, {meta.get('base_model', '?')})"
+        )
+
+
+def export_adapter(adapter_dir: Path, base_gguf: Path, out_path: Path) -> ExportResult:
+    """Write ``adapter_dir`` as a GGUF LoRA adapter for ``base_gguf`` at ``out_path``.
+
+    Raises :class:`ExportError` (one line) for anything that would not apply
+    correctly: missing/foreign tensors, shape mismatches, DoRA, a different base.
+    """
+    import gguf
+    import numpy as np
+
+    adapter_dir, base_gguf, out_path = Path(adapter_dir), Path(base_gguf), Path(out_path)
+    pairs, meta = load_lora_pairs(adapter_dir)
+    base = read_base(base_gguf)
+    _check_base_identity(meta, base_gguf)
+    pairs, permuted = gguf_oriented(pairs, meta, base)
+
+    # One file-wide alpha: the commonest (scale·rank); fold any other into lora_b.
+    common = Counter((p.scale, p.rank) for p in pairs).most_common(1)[0][0]
+    scale, rank = common
+    alpha = scale * rank
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    writer = gguf.GGUFWriter(str(tmp), base.architecture)
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(alpha))
+    writer.add_name(f"forged adapter for {meta.get('base_model', base_gguf.name)}")
+    for key in ("method", "backend", "base_sha256"):
+        if meta.get(key):
+            writer.add_string(f"forged.{key}", str(meta[key]))
+    for p in pairs:
+        b = p.b
+        fold = (p.scale * p.rank) / alpha
+        if not math.isclose(fold, 1.0, rel_tol=1e-6):
+            b = b * np.float32(fold)
+        writer.add_tensor(p.gguf_name + ".lora_a", np.ascontiguousarray(p.a, dtype=np.float32))
+        writer.add_tensor(p.gguf_name + ".lora_b", np.ascontiguousarray(b, dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    os.replace(tmp, out_path)
+    return ExportResult(
+        path=out_path,
+        sha256=_sha256(out_path),
+        n_tensors=2 * len(pairs),
+        alpha=float(alpha),
+        rank=int(rank),
+        kind="lora",
+        scale=float(scale),
+        permuted_qk=permuted,
+    )

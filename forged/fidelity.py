@@ -1,0 +1,262 @@
+"""Check an exported GGUF adapter against the engine Ollama uses (llama.cpp).
+
+We compare *effects*, not raw predictions: the trainer and llama.cpp see the same base
+weights but compute differently (llama.cpp quantizes activations for its Q4/Q8 matmuls),
+so their raw logits differ a little even without an adapter. What must agree is what
+the adapter *changes*: ``Δ = logits(base+adapter) − logits(base)`` in each engine,
+token by token over held-out text, fed the exact same token ids. A wrong q/k
+permutation, a lost scale (alpha), a transposed or missing tensor all show up as a low
+correlation or a loss change of the wrong size.
+
+Two conditions, both required:
+
+* Pearson correlation of the two Δ (all positions × vocabulary) ≥ ``min_corr``;
+* the held-out loss improvement (nats/token, adapter vs. own base) in llama.cpp is
+  within ``loss_tolerance`` (relative, with a small absolute floor) of the trainer's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from forged.config import TrainConfig
+
+# Fidelity runs on a handful of held-out texts; longer ones are cut (by characters,
+# before tokenizing) so the check stays a few seconds even on the real base.
+MAX_CHARS = 1500
+ABS_LOSS_FLOOR = 0.01  # nats/token: below this a gain difference is noise, not a bug
+
+
+class FidelityError(RuntimeError):
+    """The check could not run (llama.cpp missing, artifact unloadable); one line."""
+
+
+@dataclass
+class FidelityResult:
+    """Outcome of comparing the adapter's effect in llama.cpp and in the trainer."""
+
+    correlation: float
+    loss_base_llama: float
+    loss_adapter_llama: float
+    loss_base_trainer: float
+    loss_adapter_trainer: float
+    passed: bool
+    reason: str
+    n_texts: int = 0
+    n_tokens: int = 0
+    top1_agree_adapter: float = 0.0  # share of positions where both engines' argmax agree
+    delta_norm_ratio: float = 0.0  # |Δ llama| / |Δ trainer|: ~1 when the scale is right
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """llama.cpp prints its load log on fd 2 even with verbose=False; keep worker logs clean."""
+    try:
+        fd = os.dup(2)
+    except OSError:
+        yield
+        return
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(fd, 2)
+        os.close(fd)
+
+
+def _llama(base_gguf: Path, lora: Path | None, n_ctx: int) -> Any:
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        raise FidelityError(
+            "llama-cpp-python is not installed (needed to verify the export): pip install 'forged[verify]'"
+        ) from None
+    threads = max(1, min(4, os.cpu_count() or 1))
+    try:
+        with _quiet_stderr():
+            return Llama(
+                model_path=str(base_gguf),
+                lora_path=str(lora) if lora else None,
+                n_ctx=n_ctx,
+                n_batch=n_ctx,
+                n_ubatch=n_ctx,
+                n_threads=threads,
+                n_threads_batch=threads,
+                logits_all=True,
+                n_gpu_layers=0,
+                seed=0,
+                verbose=False,
+            )
+    except (ValueError, RuntimeError) as e:
+        what = f"adapter {lora}" if lora else f"base {base_gguf}"
+        raise FidelityError(f"llama.cpp could not load {what}: {e}") from None
+
+
+def llama_logits(llm: Any, ids: list[int]) -> np.ndarray:
+    """float32 [len(ids), vocab] logits of llama.cpp for exactly these token ids."""
+    import numpy as np
+
+    llm.reset()
+    llm.eval(ids)
+    return np.array(llm.scores[: len(ids)], dtype=np.float32)
+
+
+def mean_nll(logits: np.ndarray, ids: list[int]) -> tuple[float, int]:
+    """(summed NLL in nats, tokens) of ids[1:] given logits rows [:-1]."""
+    import numpy as np
+
+    z = logits[:-1].astype(np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    lse = np.log(np.exp(z).sum(axis=1))
+    tgt = np.asarray(ids[1:])
+    nll = lse - z[np.arange(len(tgt)), tgt]
+    return float(nll.sum()), len(tgt)
+
+
+def pearson(x: np.ndarray, y: np.ndarray) -> float:
+    """Pearson correlation of two flattened arrays; nan when either is constant."""
+    import numpy as np
+
+    x = x.ravel().astype(np.float64)
+    y = y.ravel().astype(np.float64)
+    x = x - x.mean()
+    y = y - y.mean()
+    den = math.sqrt(float(x @ x) * float(y @ y))
+    return float(x @ y) / den if den > 0 else float("nan")
+
+
+def compare_engines(
+    backend: Any,
+    gguf_adapter: Path,
+    base_gguf: Path,
+    texts: list[str],
+    min_corr: float = 0.95,
+    loss_tolerance: float = 0.25,
+) -> FidelityResult:
+    """Fidelity check given a trainer back end that already has the adapter loaded.
+
+    ``backend`` follows ``forged.train``'s Backend protocol (``input_ids``,
+    ``logits``, ``set_adapter_enabled``); it decides the token ids, and llama.cpp is
+    fed exactly those, so tokenizer differences cannot blur the comparison.
+    """
+    import time
+
+    import numpy as np
+
+    t0 = time.monotonic()
+    texts = [t[:MAX_CHARS] for t in texts if t and t.strip()]
+    if not texts:
+        raise FidelityError("fidelity check needs at least one non-empty held-out text")
+    ids_list = [list(backend.input_ids(t)) for t in texts]
+    ids_list = [ids for ids in ids_list if len(ids) >= 2]
+    if not ids_list:
+        raise FidelityError("held-out texts are too short to score (need 2+ tokens)")
+    n_ctx = max(len(ids) for ids in ids_list) + 8
+
+    base_llm = _llama(base_gguf, None, n_ctx)
+    ada_llm = _llama(base_gguf, gguf_adapter, n_ctx)
+    d_llama, d_train = [], []
+    sums = dict.fromkeys(("bl", "al", "bt", "at"), 0.0)
+    n_tok = agree = 0
+    try:
+        for text, ids in zip(texts, ids_list, strict=False):
+            bl, al = llama_logits(base_llm, ids), llama_logits(ada_llm, ids)
+            backend.set_adapter_enabled(False)
+            bt = np.asarray(backend.logits(text), dtype=np.float32)
+            backend.set_adapter_enabled(True)
+            at = np.asarray(backend.logits(text), dtype=np.float32)
+            if bt.shape != bl.shape:
+                raise FidelityError(
+                    f"trainer returned logits {bt.shape} for {len(ids)} tokens, llama.cpp {bl.shape} "
+                    "(vocabulary or tokenization mismatch between the trainer's model and the GGUF base)"
+                )
+            d_llama.append(al - bl)
+            d_train.append(at - bt)
+            for key, z in (("bl", bl), ("al", al), ("bt", bt), ("at", at)):
+                sums[key] += mean_nll(z, ids)[0]
+            n_tok += len(ids) - 1
+            agree += int((al.argmax(1) == at.argmax(1)).sum())
+    finally:
+        backend.set_adapter_enabled(True)
+        del base_llm, ada_llm
+
+    dl, dt = np.concatenate(d_llama), np.concatenate(d_train)
+    corr = pearson(dl, dt)
+    norm_t = float(np.linalg.norm(dt))
+    ratio = float(np.linalg.norm(dl)) / norm_t if norm_t > 0 else float("nan")
+    loss = {k: v / max(n_tok, 1) for k, v in sums.items()}
+    gain_llama = loss["bl"] - loss["al"]
+    gain_train = loss["bt"] - loss["at"]
+    allowed = max(loss_tolerance * abs(gain_train), ABS_LOSS_FLOOR)
+
+    if norm_t == 0:
+        passed, reason = False, "the adapter changes nothing in the trainer (all-zero delta): nothing to verify"
+    elif not math.isfinite(corr) or corr < min_corr:
+        passed = False
+        reason = (
+            f"adapter effect differs between llama.cpp and the trainer: correlation {corr:.3f} < {min_corr} "
+            f"(delta size ratio {ratio:.2f}) — wrong tensor layout or scale in the export"
+        )
+    elif abs(gain_llama - gain_train) > allowed:
+        passed = False
+        reason = (
+            f"held-out loss gain in llama.cpp {gain_llama:+.4f} nats/token vs trainer {gain_train:+.4f} "
+            f"(allowed difference {allowed:.4f})"
+        )
+    else:
+        passed = True
+        reason = (
+            f"ok: correlation {corr:.3f}, loss gain llama.cpp {gain_llama:+.4f} vs trainer {gain_train:+.4f} "
+            "nats/token"
+        )
+    return FidelityResult(
+        correlation=corr,
+        loss_base_llama=loss["bl"],
+        loss_adapter_llama=loss["al"],
+        loss_base_trainer=loss["bt"],
+        loss_adapter_trainer=loss["at"],
+        passed=passed,
+        reason=reason,
+        n_texts=len(ids_list),
+        n_tokens=n_tok,
+        top1_agree_adapter=agree / max(n_tok + len(ids_list), 1),
+        delta_norm_ratio=ratio,
+        seconds=time.monotonic() - t0,
+    )
+
+
+def check_fidelity(
+    adapter_dir: Path,
+    gguf_adapter: Path,
+    base_gguf: Path,
+    cfg_train: TrainConfig,
+    texts: list[str],
+    min_corr: float = 0.95,
+    loss_tolerance: float = 0.25,
+) -> FidelityResult:
+    """Load the trained adapter in the trainer's back end and compare it with llama.cpp.
+
+    A failed check (``passed=False``) must fail the cycle: the exported file would not
+    do in Ollama what the judge measured.
+    """
+    from forged.train import load_model
+
+    for p, what in ((gguf_adapter, "exported adapter"), (base_gguf, "base GGUF")):
+        if not Path(p).is_file():
+            raise FidelityError(f"{what} not found: {p}")
+    backend = load_model(cfg_train, Path(adapter_dir))
+    return compare_engines(backend, Path(gguf_adapter), Path(base_gguf), texts, min_corr, loss_tolerance)
