@@ -30,6 +30,7 @@ import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -50,6 +51,9 @@ from watchdog.observers import Observer
 from forged.accounting import RepoError, check_work_tree, git_env, operation_in_progress
 
 log = logging.getLogger(__name__)
+# watchdog warns when a directory created and removed in a storm is re-added to its own
+# bookkeeping; it recovers by itself and the message only fills the daemon's log.
+warnings.filterwarnings("ignore", message=r"Callback with id .* already exists", category=RuntimeWarning)
 
 # Create/delete/move everywhere; content changes as close-after-write on Linux (one
 # event per save instead of one per write(2)); FSEvents reports no close, only modify.
@@ -296,31 +300,49 @@ class RepoWatcher:
             return
         if any(p == ".gitignore" or p.endswith("/.gitignore") for p in pending):
             self._ignored_dirs.clear()  # rules changed
+        with self._lock:
+            dirty = self._first is not None
+        if not dirty:
+            relevant = self._relevant(list(pending))
+        else:
+            # Already due a pass: only the newest relevant change matters (it moves the
+            # settle deadline). Ask about the newest paths first, in doubling chunks, and
+            # stop at the first chunk holding a change — a storm costs a few small calls.
+            order = sorted(pending, key=pending.__getitem__, reverse=True)
+            relevant, start, size = [], 0, 256
+            while start < len(order) and not relevant:
+                relevant = self._relevant(order[start:start + size])
+                start, size = start + size, size * 2
+        if relevant:
+            times = [pending[r] for r in relevant]
+            self._mark(min(times), max(times))
+
+    def _relevant(self, paths: list[str]) -> list[str]:
+        """The paths that git does not ignore (asks git once, for the unknown ones)."""
         ask: set[str] = set()
         candidates: list[str] = []
-        for rel in pending:
+        for rel in paths:
             anc = self._ancestors(rel)
             if any(a in self._ignored_dirs for a in anc):
                 continue
             candidates.append(rel)
             ask.add(rel)
             ask.update(anc)
-        self.stats["checked"] += len(pending)
+        self.stats["checked"] += len(paths)
         if not candidates:
-            self.stats["ignored"] += len(pending)
-            return
+            self.stats["ignored"] += len(paths)
+            return []
         self.stats["check_ignore_runs"] += 1
         ignored = check_ignored(self.root, sorted(ask))
         if ignored is None:
             ignored = set()  # git could not say: treat as changes (a pass is harmless)
         self._ignored_dirs.update(p for p in ignored if p.endswith("/"))
-        times = [
-            pending[rel] for rel in candidates
+        relevant = [
+            rel for rel in candidates
             if rel not in ignored and not any(a in ignored for a in self._ancestors(rel))
         ]
-        self.stats["ignored"] += len(pending) - len(times)
-        if times:
-            self._mark(min(times), max(times))
+        self.stats["ignored"] += len(paths) - len(relevant)
+        return relevant
 
     @staticmethod
     def _ancestors(rel: str) -> list[str]:
