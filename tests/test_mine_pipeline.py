@@ -224,3 +224,14 @@ def test_cli(repo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert (out / "train.jsonl").exists() and str(out) in capsys.readouterr().out
     assert main([str(tmp_path), "--out", str(out), "--quiet"]) == 1
     assert "forged mine:" in capsys.readouterr().err
+
+
+def test_process_pool_path_matches_inline(repo: Path, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from forged.mine import dataset
+
+    inline = mine_repo(repo, tmp_path / "a", cfg(), tmp_path / "ca")
+    monkeypatch.setattr(dataset, "_INLINE_BYTES", 0)  # force the pool even for a tiny repo
+    pooled = mine_repo(repo, tmp_path / "b", cfg(workers=2), tmp_path / "cb")
+    assert pooled.files_parsed == inline.files_parsed
+    assert (tmp_path / "a" / "train.jsonl").read_text() == (tmp_path / "b" / "train.jsonl").read_text()

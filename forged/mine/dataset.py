@@ -184,9 +184,8 @@ def _parse(repo: Path, missing: dict[str, tuple[gitio.Entry, str]], budget: int,
         by_blob[e.blob].append(k)
     size = sum(e.size for e, _ in missing.values())
     out: dict[str, Any] = {}
-    blobs = gitio.cat_blobs(repo, list(by_blob))
     if workers <= 1 or size <= _INLINE_BYTES:
-        for blob, data in blobs:
+        for blob, data in gitio.cat_blobs(repo, list(by_blob)):
             for k in by_blob[blob]:
                 e, lang = missing[k]
                 out[k] = process_file(e.path, lang, data, budget)
@@ -197,6 +196,9 @@ def _parse(repo: Path, missing: dict[str, tuple[gitio.Entry, str]], budget: int,
     # Batches of ~256 KB keep the pool busy without pickling the whole repo at once.
     batch_bytes = max(64_000, min(512_000, size // (workers * 4) + 1))
     with ProcessPoolExecutor(max_workers=workers) as pool:
+        # Start the workers before git's pipes exist, so no worker inherits them.
+        pool.submit(int).result()
+        blobs = gitio.cat_blobs(repo, list(by_blob))
         futs = []
         batch: list[tuple[str, str, str, bytes, int]] = []
         nbytes = 0

@@ -87,8 +87,14 @@ def cat_blobs(repo: Path, shas: Iterable[str]) -> Iterator[tuple[str, bytes]]:
             yield sha, data
     finally:
         p.stdout.close()
-        p.wait()
-        t.join()
+        # A process forked meanwhile (a pool worker) may hold our stdin's write end, so
+        # git would never see EOF: stop it rather than wait for it.
+        try:
+            p.wait(timeout=0.5)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+        t.join(timeout=1)
 
 
 def changed_paths(repo: Path, since: str, sha: str) -> set[str]:
