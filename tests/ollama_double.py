@@ -527,9 +527,11 @@ class OllamaDouble:
             raise ApiError(500, "llama-cpp-python is not installed in the test environment")
         opts = {**self.params(runner["manifest"]), **(options or {})}
         stop = opts.get("stop") or []
+        num_predict = int(opts.get("num_predict", -1))
         with self._llama_lock:
             out = runner["llama"].create_completion(
-                prompt, max_tokens=int(opts.get("num_predict", 32)) if int(opts.get("num_predict", 32)) > 0 else 64,
+                # Ollama's default -1 means "until a stop"; the double caps it to stay quick.
+                prompt, max_tokens=num_predict if 0 < num_predict <= 256 else 64,
                 temperature=float(opts.get("temperature", 0.8)), top_k=int(opts.get("top_k", 40)),
                 top_p=float(opts.get("top_p", 0.9)), seed=int(opts.get("seed", 0)),
                 stop=[stop] if isinstance(stop, str) else list(stop),
