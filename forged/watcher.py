@@ -302,20 +302,24 @@ class RepoWatcher:
             self._ignored_dirs.clear()  # rules changed
         with self._lock:
             dirty = self._first is not None
-        if not dirty:
-            relevant = self._relevant(list(pending))
-        else:
-            # Already due a pass: only the newest relevant change matters (it moves the
-            # settle deadline). Ask about the newest paths first, in doubling chunks, and
-            # stop at the first chunk holding a change — a storm costs a few small calls.
-            order = sorted(pending, key=pending.__getitem__, reverse=True)
-            relevant, start, size = [], 0, 256
-            while start < len(order) and not relevant:
-                relevant = self._relevant(order[start:start + size])
-                start, size = start + size, size * 2
-        if relevant:
-            times = [pending[r] for r in relevant]
-            self._mark(min(times), max(times))
+        # Only two times matter: the oldest relevant change (starts the max_wait clock,
+        # when not already running) and the newest (moves the settle deadline). Scan from
+        # each end in doubling chunks and stop at the first chunk holding a change, so a
+        # storm of thousands of paths costs a few small `git check-ignore` calls.
+        newest = sorted(pending, key=pending.__getitem__, reverse=True)
+        last = self._scan(newest)
+        if not last:
+            return
+        first = last if dirty else self._scan(newest[::-1])
+        self._mark(min(pending[r] for r in first), max(pending[r] for r in last))
+
+    def _scan(self, order: list[str]) -> list[str]:
+        relevant: list[str] = []
+        start, size = 0, 256
+        while start < len(order) and not relevant:
+            relevant = self._relevant(order[start:start + size])
+            start, size = start + size, size * 2
+        return relevant
 
     def _relevant(self, paths: list[str]) -> list[str]:
         """The paths that git does not ignore (asks git once, for the unknown ones)."""

@@ -271,7 +271,7 @@ def test_event_storm_is_bounded_and_responsive(tmp_path: Path) -> None:
         repo.write(".gitignore", "node_modules/\n")
         repo.commit("init")
         max_wait = 2.0
-        w = Watched(repo, settle=0.5, max_wait=max_wait)
+        w = Watched(repo, settle=1.0, max_wait=max_wait)  # no quiet gap >= settle mid-storm
         worst = [0.0]
         stop = threading.Event()
 
