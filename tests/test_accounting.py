@@ -243,3 +243,13 @@ def test_to_dict_is_json_ready(repo: GitRepo) -> None:
 
     d = account(repo.root, None, CFG).to_dict()
     assert json.loads(json.dumps(d))["progress"] == "50 / 300 lines, 1 / 10 commits"
+
+
+def test_commit_made_while_the_daemon_was_down_is_seen_on_start(repo: GitRepo) -> None:
+    """No watcher ran: the start-up reconcile (account from the stored cursor) finds it."""
+    cursor = repo.head()
+    stored = account(repo.root, cursor, CFG).to_dict()  # last pass before the daemon stopped
+    repo.lines("src/offline.py", 301)
+    repo.commit("while forged was down")
+    a = account(repo.root, cursor, CFG)
+    assert stored["due"] is False and a.due and a.head != stored["head"]

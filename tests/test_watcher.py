@@ -318,3 +318,19 @@ def test_event_storm_is_bounded_and_responsive(tmp_path: Path) -> None:
     finally:
         if root != tmp_path:
             shutil.rmtree(root, ignore_errors=True)
+
+
+def test_edits_below_threshold_pass_but_are_not_due(repo: GitRepo) -> None:
+    cursor = repo.head()
+    results = []
+    w = RepoWatcher(repo.root, lambda: results.append(account(repo.root, cursor, ThresholdConfig())), settle=SETTLE)
+    w.start()
+    try:
+        repo.lines("src/app.py", 40, tag="y")  # 20 lines out, 40 in
+        assert wait_until(lambda: len(results) == 1)
+        assert not results[0].due and results[0].uncommitted_lines == 60
+        repo.commit("small")
+        assert wait_until(lambda: len(results) == 2)
+        assert not results[1].due and results[1].lines_changed == 60
+    finally:
+        w.stop()
