@@ -90,9 +90,12 @@ def check_work_tree(path: str | Path) -> Path:
     if not p.is_dir():
         raise RepoError(f"{p}: not a directory")
     p = p.resolve()
-    code, out = _git(p, "rev-parse", "--is-bare-repository", "--is-inside-git-dir", ok=(0, 128))
-    if code != 0:
-        raise RepoError(f"{p}: not a git repository (or any of its parents)")
+    try:
+        _, out = _git(p, "rev-parse", "--is-bare-repository", "--is-inside-git-dir")
+    except RepoError as e:
+        if "not a git repository" in str(e):
+            raise RepoError(f"{p}: not a git repository (or any of its parents)") from None
+        raise  # e.g. "detected dubious ownership in repository": git's own words are clearer
     bare, inside_git_dir = out.decode().split()[:2]
     if bare == "true":
         raise RepoError(f"{p}: is a bare repository; register a work tree (a clone with files)")
