@@ -70,6 +70,7 @@ class DaemonConfig:
     log_level: str = field(default="info", metadata=_check(_one_of("debug", "info", "warning", "error")))
     max_concurrent_jobs: int = field(default=1, metadata=_check(_positive))
     max_request_bytes: int = field(default=1_048_576, metadata=_check(_positive))
+    retry_seconds: float = field(default=30.0, metadata=_check(_positive))
 
 
 @dataclass

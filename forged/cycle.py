@@ -37,8 +37,8 @@ MAX_ATTEMPTS = 5
 TERMINAL = ("live", "rejected", "superseded", "failed")
 
 
-def backoff(attempts: int) -> float:
-    return min(3600.0, 30.0 * 2 ** max(0, attempts - 1))
+def backoff(attempts: int, base: float = 30.0) -> float:
+    return min(3600.0, base * 2 ** max(0, attempts - 1))
 
 
 class WorkerHandle:
@@ -146,10 +146,8 @@ class Engine:
         self.scheduler.start()
 
     def stop(self) -> None:
-        try:
+        if self.scheduler.running:
             self.scheduler.shutdown(wait=False)
-        except Exception:  # noqa: BLE001 (not started)
-            pass
         w = self.worker
         if w is not None:
             w.request_stop("daemon stopping")
@@ -191,7 +189,7 @@ class Engine:
                         settle=self.cfg.watch.settle_seconds, max_wait=self.cfg.watch.max_wait_seconds)
         try:
             w.start()
-        except OSError as e:  # e.g. inotify watch limit
+        except (OSError, ValueError) as e:  # inotify watch limit; RepoError (a ValueError) if it vanished
             self.log.warning("watcher_failed", repo=name, error=str(e))
             return
         self.watchers[name] = w
@@ -240,10 +238,19 @@ class Engine:
             self.state.update_repo(name, missing=0)
             self.state.event("repo_back", name)
             self._start_watcher(row)
-        acc = account(path, row["cursor_commit"], self.cfg.thresholds, cursor_at=row["cursor_at"],
-                      branch=row["branch"] or "")
-        data = acc.to_dict()
+        try:
+            acc = account(path, row["cursor_commit"], self.cfg.thresholds, cursor_at=row["cursor_at"],
+                          branch=row["branch"] or "")
+        except RepoError as e:  # e.g. the registered branch was deleted
+            self.state.event("accounting_failed", name, data={"error": str(e)})
+            self.log.warning("accounting_failed", repo=name, error=str(e))
+            return
         old = json.loads(row["accounting"] or "{}")
+        if acc.deferred:
+            # git is mid-operation: keep the last numbers, only say why they wait
+            self.state.update_repo(name, accounting={**old, "deferred": acc.deferred})
+            return
+        data = acc.to_dict()
         self.state.update_repo(name, accounting=data, accounted_at=time.time())
         if {k: old.get(k) for k in ("head", "lines_changed", "commits", "due", "deferred")} != {
             k: data.get(k) for k in ("head", "lines_changed", "commits", "due", "deferred")
@@ -339,7 +346,8 @@ class Engine:
         from forged.gates import all_open, read_gates
 
         need = self._memory_needed()
-        readings = read_gates(self.cfg.gates, need_memory_bytes=need, disk_path=self.paths.state_dir)
+        readings = read_gates(self.cfg.gates, need_memory_bytes=need, disk_path=self.paths.state_dir,
+                              probe=_probe_from_env())
         self._gates = {k: v.to_dict() for k, v in readings.items()}
         was = self._gates_open
         self._gates_open = all_open(readings)
@@ -471,7 +479,7 @@ class Engine:
                     self._set_stage(w.cycle_id, "failed", reason=why, attempts=attempts, finished=True)
                 else:
                     self._set_stage(w.cycle_id, "failed", reason=why, attempts=attempts,
-                                    retry_at=time.time() + backoff(attempts),
+                                    retry_at=time.time() + backoff(attempts, self.cfg.daemon.retry_seconds),
                                     resume_stage=WORKER_STAGE_NAME[w.stage])
 
     def _merge_metrics(self, cycle_id: int, data: dict[str, Any]) -> None:
@@ -501,7 +509,12 @@ class Engine:
         return Publisher(self.cfg.publish.ollama_host)
 
     def _publish(self, cyc: Row) -> None:
-        from forged.publish import OllamaUnavailable, PublishError, base_chat_template, manual_commands
+        from forged.publish import (
+            OllamaUnavailable,
+            PublishError,
+            base_chat_template,
+            manual_commands,
+        )
 
         repo = self.state.one("SELECT * FROM repos WHERE id=?", (cyc["repo_id"],))
         assert repo is not None
@@ -532,7 +545,7 @@ class Engine:
         except (OllamaUnavailable, PublishError, OSError) as e:
             attempts = int(cyc["attempts"]) + 1
             self._set_stage(cid, "ready_to_publish", reason=f"Ollama: {e}", attempts=attempts,
-                            retry_at=time.time() + backoff(attempts))
+                            retry_at=time.time() + backoff(attempts, self.cfg.daemon.retry_seconds))
             self._merge_metrics(cid, {"manual_command": manual})
             self.log.warning("publish_waiting", repo=repo["name"], version=version, error=str(e))
             return
@@ -624,7 +637,7 @@ class Engine:
         except (OllamaUnavailable, PublishError, OSError) as e:
             attempts = int(cyc["attempts"]) + 1
             self._set_stage(int(cyc["id"]), "promoting", reason=f"Ollama: {e}", attempts=attempts,
-                            retry_at=time.time() + backoff(attempts))
+                            retry_at=time.time() + backoff(attempts, self.cfg.daemon.retry_seconds))
             return
         now = time.time()
         with self.state.tx() as db:
@@ -740,7 +753,7 @@ class Engine:
     def repo_detail(self, repo: Row) -> dict[str, Any]:
         out = self._repo_status(repo)
         cycles = self.state.query("SELECT * FROM cycles WHERE repo_id=? ORDER BY id DESC LIMIT 10", (repo["id"],))
-        out["cycles"] = [{k: (json.loads(c[k]) if k == "metrics" and c[k] else c[k]) for k in c.keys()}
+        out["cycles"] = [{k: (json.loads(c[k]) if k == "metrics" and c[k] else c[k]) for k in c}
                          for c in cycles]
         out["versions"] = [dict(v) for v in self.state.query(
             "SELECT version, tag, state, train_commit, created_at FROM model_versions WHERE repo_id=? "
@@ -757,6 +770,25 @@ class Engine:
         cdir.mkdir(parents=True, exist_ok=True)
         path = write_report(cdir, repo["name"], dict(cyc))
         return {"path": str(path), "cycle_id": cyc["id"]}
+
+
+def _probe_from_env() -> Any:
+    """The gates' one seam, pointed at recorded command outputs when testing.
+
+    ``FORGED_PROBE_FIXTURES=DIR`` makes every probe command ``cmd`` read ``DIR/cmd.txt``
+    (e.g. a real ``ioreg -c IOHIDSystem`` capture) as a macOS machine would print it:
+    the whole daemon can then be driven through gate changes on Linux.
+    """
+    from forged.gates import Probe
+
+    fixtures = os.environ.get("FORGED_PROBE_FIXTURES")
+    if not fixtures:
+        return None
+
+    def run(cmd: list[str]) -> str:
+        return (Path(fixtures) / f"{Path(cmd[0]).name}.txt").read_text()
+
+    return Probe(run=run, read=lambda path: (Path(fixtures) / Path(path).name).read_text(), platform="darwin")
 
 
 def _base_name(spec: str) -> str:

@@ -7,6 +7,7 @@ the socket lives in a 0700 directory and is created 0600 under umask 077.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -96,10 +97,8 @@ class _RequestHandler(BaseHTTPRequestHandler):
 
     def _error(self, status: int, message: str) -> None:
         self.close_connection = True
-        try:
+        with contextlib.suppress(OSError):
             self._send_json(status, {"error": message, "status": status})
-        except OSError:
-            pass
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         # http.server's own parse errors (bad request line, too-long headers) come here:
@@ -207,10 +206,8 @@ class ControlServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         self.shutting_down = True
         self.shutdown()
         self.server_close()
-        try:
+        with contextlib.suppress(FileNotFoundError):
             self.sock_path.unlink()
-        except FileNotFoundError:
-            pass
 
 
 def socket_alive(path: Path, timeout: float = 1.0) -> bool:

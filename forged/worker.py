@@ -10,6 +10,7 @@ never leaves two trainers behind.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import json
 import os
@@ -27,8 +28,10 @@ EXIT_OK, EXIT_FAILED, EXIT_STOPPED = 0, 1, 3
 STAGES = ("mine", "train", "judge")
 
 
-def emit(event: str, **data: Any) -> None:
-    sys.stdout.write(json.dumps({"event": event, "ts": time.time(), **data}, default=str) + "\n")
+def emit(event: str, data: dict[str, Any] | None = None, **more: Any) -> None:
+    # the stage's own keys never override the protocol's
+    msg = {**(data or {}), **more, "event": event, "ts": time.time()}
+    sys.stdout.write(json.dumps(msg, default=str) + "\n")
     sys.stdout.flush()
 
 
@@ -44,7 +47,7 @@ def _die_with_parent() -> None:
 
 def run_stage(stage: str, cycle_dir: Path, job: dict[str, Any], stop: threading.Event) -> dict[str, Any]:
     cfg = config.from_dict(job["config"])
-    progress = lambda d: emit("progress", **d)  # noqa: E731
+    progress = lambda d: emit("progress", d)  # noqa: E731
     if stage == "mine":
         from forged.mine import mine_repo
 
@@ -105,10 +108,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--cycle-dir", required=True, type=Path)
     args = ap.parse_args(argv)
     _die_with_parent()
-    try:
+    with contextlib.suppress(OSError):
         os.nice(10)  # background work: the user's foreground apps come first
-    except OSError:
-        pass
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -120,5 +121,5 @@ def main(argv: list[str]) -> int:
         emit("error", message=f"{type(e).__name__}: {e}", traceback=traceback.format_exc(limit=8))
         return EXIT_FAILED
     (args.cycle_dir / f"{args.stage}.result.json").write_text(json.dumps(result, indent=1, default=str))
-    emit("result", **result)
+    emit("result", result)
     return EXIT_STOPPED if result.get("stopped") else EXIT_OK

