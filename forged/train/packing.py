@@ -101,6 +101,9 @@ def epoch_rows(examples: list[Example], *, seq_len: int, seed: int, epoch: int, 
             rows = single(part)
             batches.extend(rows[j : j + batch_size] for j in range(0, len(rows), batch_size))
         rng.shuffle(batches)
+        # A short batch (end of the last window) goes last, so the stream's batch
+        # boundaries stay aligned with the length-sorted groups.
+        batches.sort(key=lambda b: len(b) < batch_size)
         return [r for b in batches for r in b]
     return single(order)
 

@@ -1,0 +1,152 @@
+"""Data, packing, model resolution, backend choice and the memory estimate (no training)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from forged.config import TrainConfig
+from forged.train.data import Record, load_dataset, select_replay, tokenize
+from forged.train.models import ModelError, model_dims, read_gguf_metadata, resolve_base
+from forged.train.packing import IGNORE, RowStream, collate, epoch_rows, pack
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny import tokenizer_dir, write_code_dataset  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _home(tmp_path, monkeypatch):
+    monkeypatch.setenv("FORGED_HOME", str(tmp_path / "home"))
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tokenizer_dir()))
+
+
+def test_daemon_side_imports_stay_light():
+    code = ("import sys, forged.train, forged.train.memory as m; from forged.config import TrainConfig;"
+            "print(forged.train.choose_backend(TrainConfig()));"
+            "b = forged.train.resolve_base('bundled:smollm2-135m');"
+            "print(m.estimate_for(b, TrainConfig(), 'torch'));"
+            "heavy = [x for x in ('torch', 'transformers', 'peft', 'mlx', 'gguf', 'numpy') if x in sys.modules];"
+            "assert not heavy, heavy")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+
+
+def test_choose_backend_explains(monkeypatch):
+    from forged.train import backend
+
+    name, why = backend.choose_backend(TrainConfig(backend="auto"))
+    assert name in ("torch", "mlx") and why
+    monkeypatch.setattr(backend, "torch_available", lambda: False)
+    monkeypatch.setattr(backend, "mlx_available", lambda: False)
+    with pytest.raises(backend.BackendError, match="pip install"):
+        backend.choose_backend(TrainConfig(backend="auto"))
+    with pytest.raises(backend.BackendError, match="torch"):
+        backend.choose_backend(TrainConfig(backend="torch"))
+
+
+def test_resolve_bundled_and_dims():
+    b = resolve_base("bundled:smollm2-135m")
+    assert b.kind == "gguf" and b.architecture == "llama" and len(b.sha256) == 64
+    d = model_dims(b)
+    assert (d["layers"], d["hidden"], d["heads"], d["kv_heads"], d["vocab"]) == (30, 576, 9, 3, 49152)
+    from forged.train.memory import estimate_peak_memory, n_params
+
+    assert 130e6 < n_params(d) < 140e6  # SmolLM2-135M
+    small = estimate_peak_memory(d, seq_len=256, batch_size=2)
+    big = estimate_peak_memory(d, seq_len=512, batch_size=4)
+    ckpt = estimate_peak_memory(d, seq_len=512, batch_size=4, grad_checkpoint=True)
+    assert small < big and ckpt < big
+
+
+def test_resolve_errors_and_ollama_store(tmp_path, monkeypatch):
+    with pytest.raises(ModelError, match="not found"):
+        resolve_base(str(tmp_path / "nothing"))
+    with pytest.raises(ModelError, match="unknown bundled"):
+        resolve_base("bundled:gpt-9")
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"NOPE" + b"\0" * 20)
+    with pytest.raises(ModelError, match="not a GGUF"):
+        resolve_base(str(bad))
+    # an Ollama store on disk, no server
+    monkeypatch.setenv("OLLAMA_HOST", "127.0.0.1:9")
+    store = tmp_path / "ollama"
+    monkeypatch.setenv("OLLAMA_MODELS", str(store))
+    with pytest.raises(ModelError, match="ollama pull"):
+        resolve_base("ollama:smol")
+    src = resolve_base("bundled:smollm2-135m").path
+    digest = "sha256:" + "ab" * 32
+    (store / "blobs").mkdir(parents=True)
+    (store / "blobs" / digest.replace(":", "-")).symlink_to(src)
+    man = store / "manifests/registry.ollama.ai/library/smol"
+    man.mkdir(parents=True)
+    (man / "latest").write_text(json.dumps({"layers": [{"mediaType": "application/vnd.ollama.image.model",
+                                                        "digest": digest}]}))
+    b = resolve_base("ollama:smol")
+    assert b.kind == "gguf" and b.architecture == "llama"
+    assert read_gguf_metadata(b.path)["llama.block_count"] == 30
+
+
+def test_masks_for_each_record_kind(tok):
+    from forged.train.data import start_id, tokenize_record
+
+    s = start_id(tok)
+    assert tok.convert_ids_to_tokens(s) == "<|endoftext|>"
+    ex = tokenize_record(tok, Record("prompt", {"prompt": "<fim_prefix>a<fim_suffix>c<fim_middle>", "completion": "b"}), s)
+    targets = [i for i, m in zip(ex.ids, ex.mask, strict=True) if m]
+    assert tok.decode(targets) == "b" + tok.eos_token
+    msgs = [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"},
+            {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2"}]
+    ex = tokenize_record(tok, Record("messages", {"messages": msgs}), s)
+    learned = tok.decode([i for i, m in zip(ex.ids, ex.mask, strict=True) if m])
+    assert "A1" in learned and "A2" in learned and "Q1" not in learned and "Q2" not in learned
+    ex = tokenize_record(tok, Record("text", {"text": "def f(): pass"}), s)
+    assert ex.ids[0] == s and not ex.mask[0] and all(ex.mask[1:])
+
+
+def test_packing_rows_positions_and_labels(tok, tmp_path):
+    ds = load_dataset(write_code_dataset(tmp_path / "ds"))
+    ex = tokenize(tok, ds.train, 64)
+    assert all(len(e) <= 64 for e in ex)
+    rows = pack(ex, 64)
+    assert sum(r.n_targets for r in rows) == sum(e.n_targets for e in ex)
+    fill = sum(len(r) for r in rows) / (64 * len(rows))
+    assert fill > 0.85  # little padding left
+    b = collate(rows[:3], pad_id=2)
+    for ids, labels, pos, seg in zip(b["input_ids"], b["labels"], b["position_ids"], b["segment_ids"], strict=True):
+        for t in range(len(ids) - 1):
+            if labels[t] != IGNORE:  # a label is the next token of the same example
+                assert labels[t] == ids[t + 1] and seg[t] == seg[t + 1] and pos[t + 1] == pos[t] + 1
+            if seg[t] and seg[t + 1] == seg[t] + 1:
+                assert pos[t + 1] == 0 and labels[t] == IGNORE  # positions restart, no cross-example label
+    # the stream is resumable: same rows from a saved position
+    s1 = RowStream(ex, seq_len=64, seed=3, mode="pack", batch_size=2)
+    s1.take(5)
+    pos = s1.position()
+    nxt = [r.ids for r in s1.take(7)]
+    s2 = RowStream(ex, seq_len=64, seed=3, mode="pack", batch_size=2, **pos)
+    assert [r.ids for r in s2.take(7)] == nxt
+    # bucketing groups similar lengths
+    def padding(rows):
+        return sum(4 * max(map(len, rows[i:i + 4])) - sum(map(len, rows[i:i + 4])) for i in range(0, len(rows), 4))
+
+    bucketed = padding(epoch_rows(ex, seq_len=64, seed=0, epoch=0, mode="bucket", batch_size=4))
+    shuffled = padding(epoch_rows(ex, seq_len=64, seed=0, epoch=0, mode="none", batch_size=4))
+    assert bucketed < shuffled / 3
+
+
+def test_replay_selection():
+    recs = [Record("text", {"text": str(i)}, {"changed": i < 10}) for i in range(100)]
+    sel = select_replay(recs, 0.5, seed=0)
+    assert sum(r.changed for r in sel) == 10 and len(sel) == 20
+    assert len(select_replay(recs, 0.0, seed=0)) == 10
+    assert len(select_replay([r for r in recs if not r.changed], 0.3, seed=0)) == 90  # nothing changed → all
