@@ -185,8 +185,11 @@ class Engine:
         name = str(row["name"])
         if name in self.watchers or not Path(row["path"]).is_dir():
             return
+        # on_presence: the watcher notices a vanished/returned work tree itself (it polls
+        # while the repo is missing), so missing → back needs no reconcile to be seen.
         w = RepoWatcher(Path(row["path"]), lambda: self.account_repo(name),
-                        settle=self.cfg.watch.settle_seconds, max_wait=self.cfg.watch.max_wait_seconds)
+                        settle=self.cfg.watch.settle_seconds, max_wait=self.cfg.watch.max_wait_seconds,
+                        on_presence=lambda present: self.account_repo(name))
         try:
             w.start()
         except (OSError, ValueError) as e:  # inotify watch limit; RepoError (a ValueError) if it vanished
@@ -232,12 +235,14 @@ class Engine:
                 self.state.update_repo(name, missing=1)
                 self.state.event("repo_missing", name, data={"reason": str(e)})
                 self.log.warning("repo_missing", repo=name, reason=str(e))
-            self._stop_watcher(name)
+            w = self.worker
+            if w is not None and w.repo == name:
+                w.request_stop("repo missing")
             return
         if row["missing"]:
             self.state.update_repo(name, missing=0)
             self.state.event("repo_back", name)
-            self._start_watcher(row)
+            self._start_watcher(row)  # no-op when its watcher is still polling for it
         try:
             acc = account(path, row["cursor_commit"], self.cfg.thresholds, cursor_at=row["cursor_at"],
                           branch=row["branch"] or "")
@@ -731,8 +736,12 @@ class Engine:
                 "manual_command": metrics.get("manual_command") if cyc["stage"] == "ready_to_publish" else None,
             }
         live = repo["live_version"]
+        watcher = self.watchers.get(str(repo["name"]))
         return {
             "name": repo["name"], "path": repo["path"], "branch": repo["branch"], "missing": bool(repo["missing"]),
+            "watch": {"active": watcher is not None, "passes": getattr(watcher, "passes", 0),
+                      "events": (getattr(watcher, "stats", None) or {}).get("events", 0),
+                      "accounted_at": repo["accounted_at"]},
             "stage": stage,
             "progress": {
                 "text": acc.get("progress"), "due": acc.get("due", False),
