@@ -122,6 +122,7 @@ class Engine:
         self.watchers: dict[str, Any] = {}
         self._gates: dict[str, Any] = {}
         self._gates_open = False
+        self._mem_need: int | None = None
         self._last_tick = time.time()
         self._asking: set[int] = set()
         self._paused_flag = self.paths.state_dir / "paused"
@@ -360,12 +361,17 @@ class Engine:
             self.state.event("gates", data={"open": self._gates_open, "gates": self._gates})
 
     def _memory_needed(self) -> int:
-        try:
-            from forged.train.memory import estimate_for_config
+        """The trainer's peak-memory estimate for this config (pure Python, computed once)."""
+        if self._mem_need is None:
+            try:
+                from forged.train import choose_backend, estimate_for, resolve_base
 
-            return int(estimate_for_config(self.cfg.train))
-        except Exception:  # noqa: BLE001 (no estimate ⇒ only the headroom counts)
-            return 0
+                backend, _ = choose_backend(self.cfg.train)
+                self._mem_need = int(estimate_for(resolve_base(self.cfg.train.base_model), self.cfg.train, backend))
+            except Exception as e:  # noqa: BLE001 (no estimate ⇒ only the headroom counts)
+                self.log.warning("memory_estimate_failed", error=str(e))
+                self._mem_need = 0
+        return self._mem_need
 
     def _tick(self) -> None:
         now = time.time()

@@ -228,3 +228,27 @@ def test_service_files_render(tmp_path: Path) -> None:
                        env={**os.environ, "FORGED_HOME": str(tmp_path)})
     assert r.returncode == 0 and "systemctl" in r.stdout or "launchctl" in r.stdout
     time.sleep(0)
+
+
+def test_daemon_imports_no_ml_libraries(tmp_path: Path) -> None:
+    """The daemon process stays small: its whole import graph is free of ML libraries."""
+    code = f"""
+import sys, types
+from pathlib import Path
+from forged import config, paths
+from forged.daemon import Daemon
+import forged.cycle, forged.gates, forged.watcher, forged.accounting, forged.publish, forged.approval, forged.ctl
+d = Daemon(paths.resolve({{'FORGED_HOME': {str(tmp_path)!r}}}), config.Config())
+d.start()
+d.engine.tick()
+need = d.engine._memory_needed()
+d.stop()
+heavy = sorted(m for m in ('torch', 'transformers', 'peft', 'mlx', 'numpy', 'gguf', 'tree_sitter', 'llama_cpp',
+                           'detect_secrets', 'bm25s') if m in sys.modules)
+print(need, heavy)
+assert not heavy, heavy
+assert need > 100 * 2**20, need
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "FORGED_HOME": str(tmp_path)})
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
