@@ -66,12 +66,16 @@ def estimate_peak_memory(dims: dict[str, Any], *, rank: int = 16, targets: list[
         weights += 3 * max(h, i) * max(h, i) * 4  # one full-precision SVD workspace at a time
     A = adapter_params(dims, rank, targets)
     adapter = A * 4 * 4 + (L * len(targets) * max(h, i) * 4 * 3 if dora else 0)
-    # per token per layer: ~12 hidden-sized + ~5 intermediate-sized fp32 tensors, the
-    # LoRA low-rank intermediates, and the attention probabilities over the row.
-    per_tok_layer = 4 * (12 * h + 5 * i + 2 * rank * len(targets)) + 4 * 2 * heads * seq_len
+    # per token per layer (frozen base: autograd keeps the linear inputs the LoRA
+    # gradients need and the MLP intermediates): ~3 hidden-sized + 2 intermediate-sized
+    # fp32 tensors plus the low-rank intermediates. SDPA's fused CPU/GPU kernels keep no
+    # attention matrix; mlx-lm's keeps one (heads × row length) per token.
+    per_tok_layer = 4 * (3 * h + 2 * i + 2 * rank * len(targets))
+    if backend == "mlx":
+        per_tok_layer += 4 * heads * seq_len
     layers_kept = 1 if grad_checkpoint else L
     acts = tokens * per_tok_layer * layers_kept + (tokens * h * 4 * L if grad_checkpoint else 0)
-    head = tokens * v * 4 * 3  # logits, softmax, grad (upper bound: every token a target)
+    head = int(tokens * v * 4 * 1.5)  # logits + their gradient at target positions (upper bound: all)
     total = RUNTIME.get(backend, RUNTIME["torch"]) + weights + adapter + acts + head
     return int(total)
 
