@@ -47,6 +47,16 @@ class MineCache:
                 [(k, zlib.compress(json.dumps(v, separators=(",", ":")).encode(), 1))
                  for k, v in items.items()])
 
+    def has_analyses(self, keys: Iterable[str]) -> set[str]:
+        """The keys present, without reading (or decompressing) their values."""
+        keys = list(keys)
+        out: set[str] = set()
+        for i in range(0, len(keys), 900):
+            part = keys[i:i + 900]
+            q = f"SELECT key FROM analysis WHERE key IN ({','.join('?' * len(part))})"
+            out.update(k for (k,) in self.db.execute(q, part))
+        return out
+
     def get_analyses(self, keys: Iterable[str]) -> dict[str, Any]:
         return self._get("analysis", keys)
 

@@ -196,18 +196,54 @@ def _line_with(text: str, needle: str) -> str:
     return ""
 
 
-def _questions(files: list[MinedFile]) -> list[_Question]:
-    defs: dict[str, list[tuple[MinedFile, Symbol]]] = defaultdict(list)
-    by_name: dict[str, list[tuple[MinedFile, Symbol]]] = defaultdict(list)
-    for f in files:
-        for s in f.analysis.symbols:
-            defs[s.qualname].append((f, s))
-            by_name[s.name].append((f, s))
-    qs: list[_Question] = []
-    for qual, hits in defs.items():
-        if len(hits) != 1 or len(qual) < 3 or qual.rsplit(".", 1)[-1].startswith("__"):
+def symbol_summary(fa: FileAnalysis) -> dict[str, list]:
+    """What RAFT's repo-wide uniqueness checks need from one file (small, cacheable)."""
+    return {"quals": [s.qualname for s in fa.symbols], "names": [s.name for s in fa.symbols],
+            "pairs": sorted({(c.callee, c.caller) for c in fa.calls
+                             if c.caller.rsplit(".", 1)[-1] != c.callee})}
+
+
+def question_specs(summaries: Iterable[tuple[str, dict[str, list]]]) -> dict[str, tuple]:
+    """path → (unique qualnames defined there, (callee, caller) pairs whose only call site is there).
+
+    Questions are only asked when the answer is unique in the repo: a qualname defined once;
+    a callee name defined once with exactly one caller. ``summaries``: (path, symbol_summary).
+    """
+    summaries = list(summaries)
+    quals: dict[str, int] = defaultdict(int)
+    names: dict[str, int] = defaultdict(int)
+    owner: dict[str, str] = {}
+    for path, sm in summaries:
+        for q in sm["quals"]:
+            quals[q] += 1
+            owner[q] = path
+        for n in sm["names"]:
+            names[n] += 1
+    callers: dict[str, list[tuple[str, str]]] = defaultdict(list)
+    for path, sm in summaries:
+        for callee, caller in sm["pairs"]:
+            if callee in names:
+                callers[callee].append((path, caller))
+    spec: dict[str, tuple[set[str], list[tuple[str, str]]]] = defaultdict(lambda: (set(), []))
+    for q, n in quals.items():
+        if n == 1 and len(q) >= 3 and not q.rsplit(".", 1)[-1].startswith("__"):
+            spec[owner[q]][0].add(q)
+    for name, who in callers.items():
+        if len(who) != 1 or names[name] != 1 or len(name) < 3 or name.startswith("__"):
             continue
-        f, s = hits[0]
+        path, caller = who[0]
+        spec[path][1].append((name, caller))
+    return {p: (tuple(sorted(qs)), tuple(sorted(cs))) for p, (qs, cs) in spec.items()}
+
+
+def file_questions(f: MinedFile, quals: Iterable[str], calls: Iterable[tuple[str, str]]) -> list[_Question]:
+    """The questions about one file, given its repo-wide unique qualnames and sole call sites."""
+    quals = set(quals)
+    qs: list[_Question] = []
+    for s in f.analysis.symbols:
+        if s.qualname not in quals:
+            continue
+        qual = s.qualname
         ci = _chunk_at(f, s.line)
         if ci < 0:
             continue
@@ -235,19 +271,10 @@ def _questions(files: list[MinedFile]) -> list[_Question]:
                     qs.append(_Question(f, cj, f"What exception does `{qual}` raise?", line, exc,
                                         f"`{qual}` raises it directly", f"raises:{qual}"))
                     break
-    # Callers: only when the callee name is defined once and has exactly one caller.
-    callers: dict[str, set[tuple[str, str]]] = defaultdict(set)
-    sites: dict[tuple[str, str, str], tuple[MinedFile, int]] = {}
-    for f in files:
-        for call in f.analysis.calls:
-            if call.callee in by_name and call.caller.rsplit(".", 1)[-1] != call.callee:
-                callers[call.callee].add((f.path, call.caller))
-                sites.setdefault((call.callee, f.path, call.caller), (f, call.line))
-    for name, who in callers.items():
-        if len(who) != 1 or len(by_name[name]) != 1 or len(name) < 3 or name.startswith("__"):
+    for name, caller in calls:
+        line = next((c.line for c in f.analysis.calls if c.callee == name and c.caller == caller), None)
+        if line is None:
             continue
-        path, caller = next(iter(who))
-        f, line = sites[(name, path, caller)]
         ci = _chunk_at(f, line)
         if ci < 0:
             continue
@@ -258,15 +285,24 @@ def _questions(files: list[MinedFile]) -> list[_Question]:
     return qs
 
 
+def _questions(files: list[MinedFile]) -> list[_Question]:
+    specs = question_specs((f.path, symbol_summary(f.analysis)) for f in files)
+    return [q for f in files if f.path in specs for q in file_questions(f, *specs[f.path])]
+
+
 def _then_random(first: list[int], n: int, rng: random.Random) -> Iterator[int]:
     yield from first
     if n > len(first):
         yield from (rng.randrange(n) for _ in range(64))
 
 
-def raft(files: list[MinedFile], weight: float, k: int, p_oracle: float, seed: int) -> list[Example]:
-    """Symbol questions in RAFT form, with BM25 hard-negative distractors."""
-    qs = _questions(files)
+def raft(files: list[MinedFile], weight: float, k: int, p_oracle: float, seed: int,
+         questions: list[_Question] | None = None) -> list[Example]:
+    """Symbol questions in RAFT form, with BM25 hard-negative distractors from ``files``.
+
+    ``questions`` (default: all of ``files``' questions) must be about files in ``files``.
+    """
+    qs = _questions(files) if questions is None else questions
     if not qs:
         return []
     import bm25s

@@ -1,0 +1,219 @@
+"""The line store: each file's finished JSONL lines, kept between mines of a repo.
+
+A re-mine after a small commit should cost what the commit changed, not the repo: the
+lines of every unchanged file are copied from here into the new dataset (in-kernel,
+``os.copy_file_range``), never rebuilt or re-serialised.
+
+Layout of ``cache_dir/lines/<repo+config hash>/``:
+
+* ``meta.N.bin`` / ``mlx.N.bin`` — append-only: segments of JSONL lines (the ``train.jsonl``
+  form with ``meta``, and the ``mlx/`` ``{"text"}`` form). A segment holds one file's
+  lines (per-file kinds) or one file's RAFT lines, always with ``"changed": false``;
+  the miner swaps in ``true`` for changed files.
+* ``index.pkl`` — segment key → :class:`Seg` (offsets, per-line hashes and stats), the
+  per-path name checks, per-blob facts, and the previous mine's file list.
+* ``symbols.sqlite`` — the repo's symbol table (RAFT's uniqueness checks), kept
+  incrementally.
+
+Only redacted text reaches the store (it is derived from redacted analyses). Everything
+here can be rebuilt; a missing or unreadable store just makes the next mine cold.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import pickle
+import sqlite3
+from array import array
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+STORE_VERSION = 1
+
+
+@dataclass(slots=True)
+class Seg:
+    meta_off: int
+    meta_len: int
+    mlx_off: int
+    mlx_len: int
+    n: int  # lines
+    hashes: bytes  # array('Q') of per-line record hashes (dedup)
+    stats: bytes  # array('I'): kind index, chars, non-whitespace bytes per line
+    kinds: tuple[int, ...]  # lines per kind index
+    chars: int
+    nws: int
+
+
+@dataclass
+class Index:
+    version: int = STORE_VERSION
+    segs: dict[str, Seg] = field(default_factory=dict)
+    paths: dict[str, tuple[str | None, str, float, int]] = field(default_factory=dict)
+    info: dict[str, tuple] = field(default_factory=dict)  # analysis key → facts
+    files: dict[str, str] = field(default_factory=dict)  # path → analysis key in symbols.sqlite
+    gen: int = 0  # data files generation (compaction writes the next one)
+
+
+class LineStore:
+    """One repo+config's store; holds an exclusive lock while open."""
+
+    def __init__(self, root: Path) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        self.root = root
+        self._lock = open(root / "lock", "w")  # noqa: SIM115 (held until close)
+        fcntl.flock(self._lock, fcntl.LOCK_EX)
+        self.index = Index()
+        try:
+            with open(root / "index.pkl", "rb") as f:
+                idx = pickle.load(f)
+            if isinstance(idx, Index) and idx.version == STORE_VERSION:
+                self.index = idx
+        except (OSError, EOFError, pickle.UnpicklingError, AttributeError, TypeError):
+            pass
+        if not self.index.segs:  # nothing to keep: start the data files afresh
+            self.index = Index()
+            for name in self._names(0):
+                (root / name).write_bytes(b"")
+        self.meta, self.mlx = self._open(self.index.gen)
+        self.dirty = False
+        self._old: tuple[Any, Any, int] | None = None
+        self._sym: sqlite3.Connection | None = None
+
+    # ------------------------------------------------------------ segments
+
+    def add(self, key: str, meta: bytes, mlx: bytes, hashes: array, stats: array,
+            kinds: tuple[int, ...], chars: int, nws: int) -> Seg:
+        moff = self.meta.seek(0, os.SEEK_END)
+        self.meta.write(meta)
+        xoff = self.mlx.seek(0, os.SEEK_END)
+        self.mlx.write(mlx)
+        seg = Seg(moff, len(meta), xoff, len(mlx), len(hashes), hashes.tobytes(), stats.tobytes(),
+                  kinds, chars, nws)
+        self.index.segs[key] = seg
+        self.dirty = True
+        return seg
+
+    def flush(self) -> None:
+        self.meta.flush()
+        self.mlx.flush()
+
+    def read_meta(self, seg: Seg) -> bytes:
+        return os.pread(self.meta.fileno(), seg.meta_len, seg.meta_off)
+
+    def read_mlx(self, seg: Seg) -> bytes:
+        return os.pread(self.mlx.fileno(), seg.mlx_len, seg.mlx_off)
+
+    # -------------------------------------------------------------- symbols
+
+    @property
+    def sym(self) -> sqlite3.Connection:
+        if self._sym is None:
+            db = sqlite3.connect(self.root / "symbols.sqlite", timeout=30)
+            db.executescript(
+                """
+                PRAGMA journal_mode=WAL;
+                PRAGMA synchronous=NORMAL;
+                CREATE TABLE IF NOT EXISTS q (path TEXT NOT NULL, q TEXT NOT NULL);
+                CREATE TABLE IF NOT EXISTS n (path TEXT NOT NULL, n TEXT NOT NULL);
+                CREATE TABLE IF NOT EXISTS c (path TEXT NOT NULL, callee TEXT NOT NULL,
+                                              caller TEXT NOT NULL);
+                CREATE TABLE IF NOT EXISTS spec (path TEXT PRIMARY KEY, data TEXT NOT NULL);
+                CREATE INDEX IF NOT EXISTS q_q ON q (q);
+                CREATE INDEX IF NOT EXISTS q_path ON q (path);
+                CREATE INDEX IF NOT EXISTS n_n ON n (n);
+                CREATE INDEX IF NOT EXISTS n_path ON n (path);
+                CREATE INDEX IF NOT EXISTS c_callee ON c (callee);
+                CREATE INDEX IF NOT EXISTS c_path ON c (path);
+                """)
+            if not self.index.files:  # the index is new: the table must start empty too
+                with db:
+                    for t in ("q", "n", "c", "spec"):
+                        db.execute(f"DELETE FROM {t}")
+            self._sym = db
+        return self._sym
+
+    # ----------------------------------------------------------- lifecycle
+
+    @staticmethod
+    def _names(gen: int) -> tuple[str, str]:
+        return f"meta.{gen}.bin", f"mlx.{gen}.bin"
+
+    def _open(self, gen: int) -> tuple[Any, Any]:
+        m, x = self._names(gen)
+        return open(self.root / m, "a+b"), open(self.root / x, "a+b")  # noqa: SIM115
+
+    def compact(self, live: list[str]) -> None:
+        """Rewrite the data files with only ``live`` segments, in that order (contiguous).
+
+        The new files are a new generation: the old ones stay valid until the index that
+        names the new ones is saved.
+        """
+        self.flush()
+        segs = self.index.segs
+        new: dict[str, Seg] = {}
+        gen = self.index.gen + 1
+        meta, mlx = self._open(gen)
+        meta.truncate(0)
+        mlx.truncate(0)
+        moff = xoff = 0
+        for key in live:
+            s = segs[key]
+            if key in new:
+                continue
+            copy_range(self.meta.fileno(), s.meta_off, s.meta_len, meta.fileno())
+            copy_range(self.mlx.fileno(), s.mlx_off, s.mlx_len, mlx.fileno())
+            new[key] = Seg(moff, s.meta_len, xoff, s.mlx_len, s.n, s.hashes, s.stats, s.kinds,
+                           s.chars, s.nws)
+            moff += s.meta_len
+            xoff += s.mlx_len
+        self._old = (self.meta, self.mlx, self.index.gen)
+        self.meta, self.mlx = meta, mlx
+        self.index.segs = new
+        self.index.gen = gen
+        self.dirty = True
+
+    def size(self) -> int:
+        self.flush()
+        return os.fstat(self.meta.fileno()).st_size + os.fstat(self.mlx.fileno()).st_size
+
+    def close(self, save: bool = True) -> None:
+        try:
+            if save and self.dirty:
+                self.flush()
+                os.fsync(self.meta.fileno())
+                os.fsync(self.mlx.fileno())
+                tmp = self.root / "index.pkl.tmp"
+                with open(tmp, "wb") as f:
+                    pickle.dump(self.index, f, protocol=pickle.HIGHEST_PROTOCOL)
+                os.replace(tmp, self.root / "index.pkl")
+            if self._old is not None:
+                self._old[0].close()
+                self._old[1].close()
+                for name in self._names(self._old[2]):
+                    (self.root / name).unlink(missing_ok=True)
+        finally:
+            self.meta.close()
+            self.mlx.close()
+            if self._sym is not None:
+                self._sym.close()
+            self._lock.close()
+
+
+def copy_range(src: int, off: int, n: int, dst: int) -> None:
+    """Append ``n`` bytes of ``src`` from ``off`` to ``dst`` (in-kernel where possible)."""
+    while n > 0:
+        try:
+            done = os.copy_file_range(src, dst, n, off)
+        except OSError:
+            done = 0
+        if done <= 0:  # no copy_file_range here (or across filesystems): plain read/write
+            data = os.pread(src, min(n, 1 << 24), off)
+            if not data:
+                raise OSError("line store truncated")
+            done = os.write(dst, data)
+        off += done
+        n -= done
+
