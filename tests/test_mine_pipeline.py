@@ -235,3 +235,52 @@ def test_process_pool_path_matches_inline(repo: Path, tmp_path: Path,
     pooled = mine_repo(repo, tmp_path / "b", cfg(workers=2), tmp_path / "cb")
     assert pooled.files_parsed == inline.files_parsed
     assert (tmp_path / "a" / "train.jsonl").read_text() == (tmp_path / "b" / "train.jsonl").read_text()
+
+
+@pytest.mark.parametrize("shards", [1, 8])
+def test_remine_rederives_only_the_changed_file_and_matches_cold(
+        repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shards: int) -> None:
+    from forged.mine import dataset, examples
+
+    monkeypatch.setattr(dataset, "_nshards", lambda n: shards)  # RAFT pools: force shards
+    per_file: list[str] = []
+    raft_q: list[str] = []
+    cont, fq = examples.continuation, examples.file_questions
+    monkeypatch.setattr(examples, "continuation",
+                        lambda f, *a: (per_file.append(f.path), cont(f, *a))[1])
+    monkeypatch.setattr(examples, "file_questions",
+                        lambda f, *a: (raft_q.append(f.path), fq(f, *a))[1])
+    c, cache = cfg(), tmp_path / "cache"
+    mine_repo(repo, tmp_path / "o1", c, cache)
+    base = git(repo, "rev-parse", "HEAD")
+    commit(repo, {"pkg/mod3.py": module(3).replace("total * 2", "total * 3")}, "Triple it")
+    per_file.clear()
+    raft_q.clear()
+    warm = mine_repo(repo, tmp_path / "o2", c, cache, changed_since=base)
+    assert per_file == ["pkg/mod3.py"] and warm.files_parsed == 1
+    shard = {p: dataset._shard_hash(p) % shards for p in raft_q}
+    assert "pkg/mod3.py" in raft_q and len(set(shard.values())) == 1  # only mod3's pool
+    if shards > 1:
+        assert len(raft_q) < warm.files_mined / 2
+    n_warm_raft = len(raft_q)
+    per_file.clear()
+    cold = mine_repo(repo, tmp_path / "o3", c, tmp_path / "cold-cache", changed_since=base)
+    assert len(per_file) == cold.files_mined and len(raft_q) > n_warm_raft
+    for name in ("train.jsonl", "valid.jsonl", "mlx/train.jsonl", "mlx/valid.jsonl"):
+        assert (tmp_path / "o2" / name).read_bytes() == (tmp_path / "o3" / name).read_bytes(), name
+    for k in ("examples", "by_kind", "by_lang", "chars", "tokens_est", "duplicates_removed",
+              "chunks", "symbols", "skipped", "redactions", "files_mined", "files_changed"):
+        assert getattr(warm, k) == getattr(cold, k), k
+    changed = {r["meta"]["path"] for r in read(tmp_path / "o2", "train.jsonl")
+               + read(tmp_path / "o2", "valid.jsonl") if r["meta"]["changed"]}
+    assert changed <= {"pkg/mod3.py", None} and "pkg/mod3.py" in changed
+    # A removal (and a rename of the uniqueness landscape) also matches a cold mine.
+    (repo / "pkg/mod7.py").unlink()
+    commit(repo, {"pkg/dup.py": module(8)}, "Drop mod7, duplicate mod8")
+    warm = mine_repo(repo, tmp_path / "o4", c, cache)
+    cold = mine_repo(repo, tmp_path / "o5", c, tmp_path / "cold-cache-2")
+    for name in ("train.jsonl", "valid.jsonl", "mlx/train.jsonl", "mlx/valid.jsonl"):
+        assert (tmp_path / "o4" / name).read_bytes() == (tmp_path / "o5" / name).read_bytes(), name
+    assert warm.examples == cold.examples and warm.by_kind == cold.by_kind
+    text = (tmp_path / "o4" / "train.jsonl").read_text() + (tmp_path / "o4" / "valid.jsonl").read_text()
+    assert "Where is `Engine8" not in text and "Where is `Engine9" in text  # no longer unique

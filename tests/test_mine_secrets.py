@@ -120,6 +120,10 @@ def test_no_planted_secret_reaches_the_dataset(leaky_repo: Path, tmp_path: Path)
     db = sqlite3.connect(cache / "mine.sqlite")
     blobs = [zlib.decompress(v).decode() for t in ("analysis", "commit_diff")
              for (v,) in db.execute(f"SELECT data FROM {t}")]
+    # ... nor in the line store (finished lines, symbol table) kept for re-mines.
+    blobs += [p.read_bytes().decode("utf-8", "replace") for p in (cache / "lines").rglob("*")
+              if p.is_file()]
+    assert any("<SECRET>" in b for b in blobs)
     for kind, value in SECRETS.items():
         assert not any(value in b for b in blobs), f"{kind} leaked into the cache"
     assert rep.skipped.get("secret_file", 0) == 4  # .env, .env.production, server.pem, id_rsa
