@@ -21,8 +21,6 @@ from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 # Bump when chunk boundaries, symbol facts or redaction change: the cache is keyed by it.
 CHUNKER_VERSION = "forged-cast-3"
 
@@ -30,8 +28,19 @@ CHUNKER_VERSION = "forged-cast-3"
 # tokenizer on Python (click, httpx): ~3.1 non-whitespace bytes per token.
 NWS_PER_TOKEN = 3.0
 
-_WS = np.zeros(256, dtype=np.int32)
-_WS[[9, 10, 11, 12, 13, 32]] = 1
+_WS: Any = None  # numpy table (1 = whitespace byte), made on first use: a re-mine that
+# parses nothing never imports numpy.
+
+
+def _ws_table() -> Any:
+    global _WS
+    if _WS is None:
+        import numpy as np
+
+        ws = np.zeros(256, dtype=np.int32)
+        ws[[9, 10, 11, 12, 13, 32]] = 1
+        _WS = ws
+    return _WS
 
 COMMENT_TYPES = frozenset({"comment", "line_comment", "block_comment"})
 
@@ -209,9 +218,11 @@ class _Text:
     """A file as bytes with O(1) non-whitespace counts and line lookups."""
 
     def __init__(self, data: bytes) -> None:
+        import numpy as np
+
         self.data = data
         arr = np.frombuffer(data, dtype=np.uint8)
-        self.cum = np.concatenate(([0], np.cumsum(1 - _WS[arr], dtype=np.int64)))
+        self.cum = np.concatenate(([0], np.cumsum(1 - _ws_table()[arr], dtype=np.int64)))
         self.newlines = np.flatnonzero(arr == 10).tolist()
 
     def nws(self, s: int, e: int) -> int:

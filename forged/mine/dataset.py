@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import sqlite3
 import time
 from array import array
 from collections import Counter, defaultdict
@@ -342,6 +343,87 @@ def _file_units(files: list[_File], results: dict[str, Any], store: LineStore,
     return out
 
 
+def _counts(db: sqlite3.Connection, table: str, keys: list[str]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for i in range(0, len(keys), 900):
+        part = keys[i:i + 900]
+        out.update(db.execute(f"SELECT key, k FROM {table} WHERE key IN ({','.join('?' * len(part))})",
+                              part))
+    return out
+
+
+def _bump(db: sqlite3.Connection, table: str, keys: Counter[str], sign: int) -> None:
+    db.executemany(f"INSERT INTO {table} (key, k) VALUES (?, ?) "
+                   "ON CONFLICT (key) DO UPDATE SET k = k + excluded.k",
+                   [(k, sign * v) for k, v in keys.items()])
+
+
+def _update_symbols(db: sqlite3.Connection, gone: list[str], new: list[tuple[str, dict]]) -> None:
+    """Apply removed/added files to the symbol table; recompute the specs that may change.
+
+    A file's spec (its questions) depends on counts being exactly 1: the number of
+    definitions of a qualname, of symbols with a callee's name, of (file, caller) pairs
+    calling it. Only names whose count was or becomes 1 can change a spec, so only the
+    files holding those are re-examined (a one-file commit touches a handful).
+    """
+    removed: tuple[Counter[str], Counter[str], Counter[str]] = (Counter(), Counter(), Counter())
+    for p in gone:
+        removed[0].update(q for (q,) in db.execute("SELECT q FROM q WHERE path=?", (p,)))
+        removed[1].update(n for (n,) in db.execute("SELECT n FROM n WHERE path=?", (p,)))
+        removed[2].update(c for (c,) in db.execute("SELECT callee FROM c WHERE path=?", (p,)))
+        for t in ("q", "n", "c", "spec"):
+            db.execute(f"DELETE FROM {t} WHERE path=?", (p,))
+    added: tuple[Counter[str], Counter[str], Counter[str]] = (Counter(), Counter(), Counter())
+    for path, a in new:
+        quals = [s["qualname"] for s in a["symbols"]]
+        names = [s["name"] for s in a["symbols"]]
+        pairs = sorted({(c["callee"], c["caller"]) for c in a["calls"]
+                        if c["caller"].rsplit(".", 1)[-1] != c["callee"]})
+        db.executemany("INSERT INTO q VALUES (?, ?)", [(path, q) for q in quals])
+        db.executemany("INSERT INTO n VALUES (?, ?)", [(path, n) for n in names])
+        db.executemany("INSERT INTO c VALUES (?, ?, ?)", [(path, x, y) for x, y in pairs])
+        added[0].update(quals)
+        added[1].update(names)
+        added[2].update(x for x, _ in pairs)
+    keys_q = list(set(removed[0]) | set(added[0]))
+    keys_n = list(set(removed[1]) | set(added[1]) | set(removed[2]) | set(added[2]))
+    before = (_counts(db, "qc", keys_q), _counts(db, "nc", keys_n), _counts(db, "cc", keys_n))
+    for table, r, a in zip(("qc", "nc", "cc"), removed, added, strict=True):
+        delta = Counter(a)
+        delta.subtract(r)
+        _bump(db, table, +delta, 1)
+        _bump(db, table, -delta, -1)
+    db.execute("DELETE FROM qc WHERE k <= 0")
+    db.execute("DELETE FROM nc WHERE k <= 0")
+    db.execute("DELETE FROM cc WHERE k <= 0")
+    after = (_counts(db, "qc", keys_q), _counts(db, "nc", keys_n), _counts(db, "cc", keys_n))
+    hot_q = [k for k in keys_q if before[0].get(k) == 1 or after[0].get(k) == 1]
+    hot_n = [k for k in keys_n if 1 in (before[1].get(k), after[1].get(k), before[2].get(k),
+                                        after[2].get(k))]
+    db.execute("CREATE TEMP TABLE IF NOT EXISTS aff (path TEXT PRIMARY KEY)")
+    db.execute("DELETE FROM aff")
+    db.executemany("INSERT OR IGNORE INTO aff VALUES (?)", [(p,) for p, _ in new])
+    for table, col, keys in (("q", "q", hot_q), ("c", "callee", hot_n)):
+        for i in range(0, len(keys), 900):
+            part = keys[i:i + 900]
+            db.execute(f"INSERT OR IGNORE INTO aff SELECT path FROM {table} "
+                       f"WHERE {col} IN ({','.join('?' * len(part))})", part)
+    specs: dict[str, tuple[set[str], set[tuple[str, str]]]] = defaultdict(lambda: (set(), set()))
+    for p, q in db.execute("SELECT q.path, q.q FROM q JOIN aff USING (path) "
+                           "JOIN qc ON qc.key = q.q WHERE qc.k = 1"):
+        if len(q) >= 3 and not q.rsplit(".", 1)[-1].startswith("__"):
+            specs[p][0].add(q)
+    for p, callee, caller in db.execute(
+            "SELECT c.path, c.callee, c.caller FROM c JOIN aff USING (path) "
+            "JOIN nc ON nc.key = c.callee JOIN cc ON cc.key = c.callee "
+            "WHERE nc.k = 1 AND cc.k = 1"):
+        if len(callee) >= 3 and not callee.startswith("__"):
+            specs[p][1].add((callee, caller))
+    db.execute("DELETE FROM spec WHERE path IN (SELECT path FROM aff)")
+    db.executemany("INSERT INTO spec VALUES (?, ?)",
+                   [(p, json.dumps([sorted(q), sorted(c)])) for p, (q, c) in specs.items()])
+
+
 def _nshards(n_files: int) -> int:
     """RAFT distractor pools: the whole repo below 2,048 files, else 2^k shards of 1–2 k files."""
     return 1 if n_files < 2048 else 2 ** int(math.log2(n_files / 1024))
@@ -370,51 +452,8 @@ def _raft_units(files: list[_File], results: dict[str, Any], store: LineStore, c
     db = store.sym
     if gone or new:
         analyses({f.akey: (f.entry, f.lang) for f in new})
-        touched_q: set[str] = set()
-        touched_n: set[str] = set()
         with db:
-            for p in gone:
-                touched_q.update(q for (q,) in db.execute("SELECT q FROM q WHERE path=?", (p,)))
-                touched_n.update(n for (n,) in db.execute("SELECT n FROM n WHERE path=?", (p,)))
-                touched_n.update(n for (n,) in db.execute("SELECT callee FROM c WHERE path=?", (p,)))
-                for t in ("q", "n", "c", "spec"):
-                    db.execute(f"DELETE FROM {t} WHERE path=?", (p,))
-            for f in new:
-                a = results[f.akey]["analysis"]
-                quals = [s["qualname"] for s in a["symbols"]]
-                names = [s["name"] for s in a["symbols"]]
-                pairs = sorted({(c["callee"], c["caller"]) for c in a["calls"]
-                                if c["caller"].rsplit(".", 1)[-1] != c["callee"]})
-                db.executemany("INSERT INTO q VALUES (?, ?)", [(f.path, q) for q in quals])
-                db.executemany("INSERT INTO n VALUES (?, ?)", [(f.path, n) for n in names])
-                db.executemany("INSERT INTO c VALUES (?, ?, ?)", [(f.path, a, b) for a, b in pairs])
-                touched_q.update(quals)
-                touched_n.update(names)
-                touched_n.update(c for c, _ in pairs)
-            db.execute("CREATE TEMP TABLE IF NOT EXISTS aff (path TEXT PRIMARY KEY)")
-            db.execute("DELETE FROM aff")
-            db.executemany("INSERT OR IGNORE INTO aff VALUES (?)", [(f.path,) for f in new])
-            for table, col, keys in (("q", "q", touched_q), ("c", "callee", touched_n)):
-                keys_l = list(keys)
-                for i in range(0, len(keys_l), 900):
-                    part = keys_l[i:i + 900]
-                    db.execute(f"INSERT OR IGNORE INTO aff SELECT path FROM {table} "
-                               f"WHERE {col} IN ({','.join('?' * len(part))})", part)
-            specs: dict[str, tuple[set[str], set[tuple[str, str]]]] = defaultdict(lambda: (set(), set()))
-            for p, q in db.execute(
-                    "SELECT q.path, q.q FROM q JOIN aff USING (path) "
-                    "WHERE (SELECT COUNT(*) FROM q AS q2 WHERE q2.q = q.q) = 1"):
-                if len(q) >= 3 and not q.rsplit(".", 1)[-1].startswith("__"):
-                    specs[p][0].add(q)
-            for p, callee, caller in db.execute(
-                    "SELECT c.path, c.callee, c.caller FROM c JOIN aff USING (path) "
-                    "WHERE (SELECT COUNT(*) FROM n WHERE n.n = c.callee) = 1 "
-                    "AND (SELECT COUNT(*) FROM c AS c2 WHERE c2.callee = c.callee) = 1"):
-                if len(callee) >= 3 and not callee.startswith("__"):
-                    specs[p][1].add((callee, caller))
-            db.execute("DELETE FROM spec WHERE path IN (SELECT path FROM aff)")
-            db.executemany("INSERT INTO spec VALUES (?, ?)",
-                           [(p, json.dumps([sorted(q), sorted(c)])) for p, (q, c) in specs.items()])
+            _update_symbols(db, gone, [(f.path, results[f.akey]["analysis"]) for f in new])
         idx.files = cur
         store.dirty = True
     qfiles = {p: d for p, d in db.execute("SELECT path, data FROM spec") if p in by_path}

@@ -28,13 +28,12 @@ import sqlite3
 from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 STORE_VERSION = 1
 
 
-@dataclass(slots=True)
-class Seg:
+class Seg(NamedTuple):
     meta_off: int
     meta_len: int
     mlx_off: int
@@ -121,6 +120,9 @@ class LineStore:
                 CREATE TABLE IF NOT EXISTS c (path TEXT NOT NULL, callee TEXT NOT NULL,
                                               caller TEXT NOT NULL);
                 CREATE TABLE IF NOT EXISTS spec (path TEXT PRIMARY KEY, data TEXT NOT NULL);
+                CREATE TABLE IF NOT EXISTS qc (key TEXT PRIMARY KEY, k INTEGER NOT NULL);
+                CREATE TABLE IF NOT EXISTS nc (key TEXT PRIMARY KEY, k INTEGER NOT NULL);
+                CREATE TABLE IF NOT EXISTS cc (key TEXT PRIMARY KEY, k INTEGER NOT NULL);
                 CREATE INDEX IF NOT EXISTS q_q ON q (q);
                 CREATE INDEX IF NOT EXISTS q_path ON q (path);
                 CREATE INDEX IF NOT EXISTS n_n ON n (n);
@@ -130,7 +132,7 @@ class LineStore:
                 """)
             if not self.index.files:  # the index is new: the table must start empty too
                 with db:
-                    for t in ("q", "n", "c", "spec"):
+                    for t in ("q", "n", "c", "spec", "qc", "nc", "cc"):
                         db.execute(f"DELETE FROM {t}")
             self._sym = db
         return self._sym
