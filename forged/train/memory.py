@@ -68,16 +68,14 @@ def estimate_peak_memory(dims: dict[str, Any], *, rank: int = 16, targets: list[
     adapter = A * 4 * 4 + (L * len(targets) * max(h, i) * 4 * 3 if dora else 0)
     # per token per layer (frozen base: autograd keeps the linear inputs the LoRA
     # gradients need and the MLP intermediates): ~3 hidden-sized + 2 intermediate-sized
-    # fp32 tensors plus the low-rank intermediates. SDPA's fused CPU/GPU kernels keep no
-    # attention matrix; mlx-lm's keeps one (heads × row length) per token.
-    per_tok_layer = 4 * (3 * h + 2 * i + 2 * rank * len(targets))
-    if backend == "mlx":
-        per_tok_layer += 4 * heads * seq_len
+    # fp32 tensors, the low-rank intermediates, and the attention probabilities over the
+    # row (a custom 4D mask sends PyTorch's SDPA to its math kernel, which keeps them).
+    per_tok_layer = 4 * (3 * h + 2 * i + 2 * rank * len(targets)) + 4 * heads * seq_len
     layers_kept = 1 if grad_checkpoint else L
     acts = tokens * per_tok_layer * layers_kept + (tokens * h * 4 * L if grad_checkpoint else 0)
-    head = int(tokens * v * 4 * 1.5)  # logits + their gradient at target positions (upper bound: all)
+    head = tokens * v * 4 * 4  # logits, fp32 copy, softmax, gradient (upper bound: every token a target)
     total = RUNTIME.get(backend, RUNTIME["torch"]) + weights + adapter + acts + head
-    return int(total)
+    return int(total * 1.1)  # allocator fragmentation: freed blocks stay resident
 
 
 def estimate_for(base: Any, cfg: Any, backend: str) -> int:
