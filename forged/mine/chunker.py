@@ -19,6 +19,7 @@ from __future__ import annotations
 import re
 from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import Any
 
 # Bump when chunk boundaries, symbol facts or redaction change: the cache is keyed by it.
@@ -30,6 +31,11 @@ NWS_PER_TOKEN = 3.0
 
 _WS: Any = None  # numpy table (1 = whitespace byte), made on first use: a re-mine that
 # parses nothing never imports numpy.
+
+
+_NUMPY_BYTES = 32_768
+# byte → 1 when not whitespace (translate table for the pure-Python path)
+_NWS_BYTES = bytes(0 if b in (9, 10, 11, 12, 13, 32) else 1 for b in range(256))
 
 
 def _ws_table() -> Any:
@@ -218,9 +224,14 @@ class _Text:
     """A file as bytes with O(1) non-whitespace counts and line lookups."""
 
     def __init__(self, data: bytes) -> None:
+        self.data = data
+        if len(data) < _NUMPY_BYTES:
+            # Small files (the one blob a re-mine parses): plain Python, no numpy import.
+            self.cum: Any = list(accumulate(data.translate(_NWS_BYTES), initial=0))
+            self.newlines = [i for i, b in enumerate(data) if b == 10]
+            return
         import numpy as np
 
-        self.data = data
         arr = np.frombuffer(data, dtype=np.uint8)
         self.cum = np.concatenate(([0], np.cumsum(1 - _ws_table()[arr], dtype=np.int64)))
         self.newlines = np.flatnonzero(arr == 10).tolist()

@@ -322,11 +322,10 @@ def _file_units(files: list[_File], results: dict[str, Any], store: LineStore,
                 cfg: MineConfig) -> list[_Unit]:
     """Per-file kinds: stored lines when present, else derived once and stored."""
     k, seed = cfg.kinds, cfg.seed
-    segs = store.index.segs
     out = []
     for f in files:
         key = f.akey + "\0" + f.path
-        seg = segs.get(key)
+        seg = store.seg(key)
         if seg is None:
             mf = _mined_file(f, results[f.akey])
             exs: list[examples.Example] = []
@@ -409,12 +408,13 @@ def _update_symbols(db: sqlite3.Connection, gone: list[str], new: list[tuple[str
             db.execute(f"INSERT OR IGNORE INTO aff SELECT path FROM {table} "
                        f"WHERE {col} IN ({','.join('?' * len(part))})", part)
     specs: dict[str, tuple[set[str], set[tuple[str, str]]]] = defaultdict(lambda: (set(), set()))
-    for p, q in db.execute("SELECT q.path, q.q FROM q JOIN aff USING (path) "
+    # CROSS JOIN: SQLite keeps that order, so the few affected files drive the lookups.
+    for p, q in db.execute("SELECT q.path, q.q FROM aff CROSS JOIN q ON q.path = aff.path "
                            "JOIN qc ON qc.key = q.q WHERE qc.k = 1"):
         if len(q) >= 3 and not q.rsplit(".", 1)[-1].startswith("__"):
             specs[p][0].add(q)
     for p, callee, caller in db.execute(
-            "SELECT c.path, c.callee, c.caller FROM c JOIN aff USING (path) "
+            "SELECT c.path, c.callee, c.caller FROM aff CROSS JOIN c ON c.path = aff.path "
             "JOIN nc ON nc.key = c.callee JOIN cc ON cc.key = c.callee "
             "WHERE nc.k = 1 AND cc.k = 1"):
         if len(callee) >= 3 and not callee.startswith("__"):
@@ -498,8 +498,8 @@ def _raft_units(files: list[_File], results: dict[str, Any], store: LineStore, c
     out = []
     for f in files:
         if f.path in keys:
-            seg = segs[keys[f.path]]
-            if seg.n:
+            seg = store.seg(keys[f.path])
+            if seg is not None and seg.n:
                 out.append(_Unit(f.split, f.changed, f.lang, seg, keys[f.path]))
     return out
 
@@ -717,7 +717,7 @@ def _housekeep(store: LineStore, units: list[_Unit], paths: set[str], akeys: set
     idx = store.index
     if store.size() <= 2 * live_bytes + (32 << 20) and len(idx.paths) <= 2 * len(paths) + 1024:
         return
-    keep = set(live) | {k for k, s in idx.segs.items() if not s.n and k.startswith("raft")}
+    keep = set(live) | {k for k, s in idx.segs.items() if not Seg._make(s).n and k.startswith("raft")}
     store.compact([k for k in live] + sorted(keep - set(live)))
     idx.paths = {p: v for p, v in idx.paths.items() if p in paths}
     idx.info = {k: v for k, v in idx.info.items() if k in akeys}

@@ -10,7 +10,7 @@ Layout of ``cache_dir/lines/<repo+config hash>/``:
   form with ``meta``, and the ``mlx/`` ``{"text"}`` form). A segment holds one file's
   lines (per-file kinds) or one file's RAFT lines, always with ``"changed": false``;
   the miner swaps in ``true`` for changed files.
-* ``index.pkl`` — segment key → :class:`Seg` (offsets, per-line hashes and stats), the
+* ``index.bin`` — segment key → :class:`Seg` (offsets, per-line hashes and stats), the
   per-path name checks, per-blob facts, and the previous mine's file list.
 * ``symbols.sqlite`` — the repo's symbol table (RAFT's uniqueness checks), kept
   incrementally.
@@ -22,8 +22,8 @@ here can be rebuilt; a missing or unreadable store just makes the next mine cold
 from __future__ import annotations
 
 import fcntl
+import marshal
 import os
-import pickle
 import sqlite3
 from array import array
 from dataclasses import dataclass, field
@@ -49,7 +49,7 @@ class Seg(NamedTuple):
 @dataclass
 class Index:
     version: int = STORE_VERSION
-    segs: dict[str, Seg] = field(default_factory=dict)
+    segs: dict[str, tuple] = field(default_factory=dict)  # key → Seg as a plain tuple
     paths: dict[str, tuple[str | None, str, float, int]] = field(default_factory=dict)
     info: dict[str, tuple] = field(default_factory=dict)  # analysis key → facts
     files: dict[str, str] = field(default_factory=dict)  # path → analysis key in symbols.sqlite
@@ -65,12 +65,11 @@ class LineStore:
         self._lock = open(root / "lock", "w")  # noqa: SIM115 (held until close)
         fcntl.flock(self._lock, fcntl.LOCK_EX)
         self.index = Index()
-        try:
-            with open(root / "index.pkl", "rb") as f:
-                idx = pickle.load(f)
-            if isinstance(idx, Index) and idx.version == STORE_VERSION:
-                self.index = idx
-        except (OSError, EOFError, pickle.UnpicklingError, AttributeError, TypeError):
+        try:  # marshal: the index is plain dicts and tuples, and loads ~4× faster than pickle
+            d = marshal.loads((root / "index.bin").read_bytes())
+            if d.get("version") == STORE_VERSION:
+                self.index = Index(**d)
+        except (OSError, EOFError, ValueError, TypeError, AttributeError):
             pass
         if not self.index.segs:  # nothing to keep: start the data files afresh
             self.index = Index()
@@ -91,9 +90,13 @@ class LineStore:
         self.mlx.write(mlx)
         seg = Seg(moff, len(meta), xoff, len(mlx), len(hashes), hashes.tobytes(), stats.tobytes(),
                   kinds, chars, nws)
-        self.index.segs[key] = seg
+        self.index.segs[key] = tuple(seg)
         self.dirty = True
         return seg
+
+    def seg(self, key: str) -> Seg | None:
+        t = self.index.segs.get(key)
+        return None if t is None else Seg._make(t)
 
     def flush(self) -> None:
         self.meta.flush()
@@ -155,20 +158,20 @@ class LineStore:
         """
         self.flush()
         segs = self.index.segs
-        new: dict[str, Seg] = {}
+        new: dict[str, tuple] = {}
         gen = self.index.gen + 1
         meta, mlx = self._open(gen)
         meta.truncate(0)
         mlx.truncate(0)
         moff = xoff = 0
         for key in live:
-            s = segs[key]
+            s = Seg._make(segs[key])
             if key in new:
                 continue
             copy_range(self.meta.fileno(), s.meta_off, s.meta_len, meta.fileno())
             copy_range(self.mlx.fileno(), s.mlx_off, s.mlx_len, mlx.fileno())
-            new[key] = Seg(moff, s.meta_len, xoff, s.mlx_len, s.n, s.hashes, s.stats, s.kinds,
-                           s.chars, s.nws)
+            new[key] = (moff, s.meta_len, xoff, s.mlx_len, s.n, s.hashes, s.stats, s.kinds,
+                        s.chars, s.nws)
             moff += s.meta_len
             xoff += s.mlx_len
         self._old = (self.meta, self.mlx, self.index.gen)
@@ -187,10 +190,9 @@ class LineStore:
                 self.flush()
                 os.fsync(self.meta.fileno())
                 os.fsync(self.mlx.fileno())
-                tmp = self.root / "index.pkl.tmp"
-                with open(tmp, "wb") as f:
-                    pickle.dump(self.index, f, protocol=pickle.HIGHEST_PROTOCOL)
-                os.replace(tmp, self.root / "index.pkl")
+                tmp = self.root / "index.bin.tmp"
+                tmp.write_bytes(marshal.dumps(vars(self.index), 4))
+                os.replace(tmp, self.root / "index.bin")
             if self._old is not None:
                 self._old[0].close()
                 self._old[1].close()
