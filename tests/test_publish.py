@@ -244,6 +244,7 @@ def test_manual_commands_and_helpers(adapters: list[Path]) -> None:
 
 
 @needs_llama
+@pytest.mark.slow
 def test_latest_serves_base_plus_adapter(
     pub: Publisher, double: OllamaDouble, base_tag: str, adapters: list[Path]
 ) -> None:
@@ -251,22 +252,29 @@ def test_latest_serves_base_plus_adapter(
     _create(pub, "serve", 2, base_tag, adapters[1])
     pub.promote("serve", 1)
     client = ollama.Client(double.url)
-    opts = {"temperature": 0, "num_predict": 12, "seed": 1}
-    msgs = [{"role": "user", "content": "Write a Python function that adds two numbers."}]
-    base = client.chat(model=base_tag, messages=msgs, options=opts).message.content
-    v1 = client.chat(model="forged/serve:latest", messages=msgs, options=opts).message.content
+    opts = {"temperature": 0, "num_predict": 8}
+    # The same raw prompt to the base and to :latest: only the weights differ.
+    raw = ("<|im_start|>user\nWrite a Python function that adds two numbers.<|im_end|>\n"
+           "<|im_start|>assistant\n")
+    base = client.generate(model=base_tag, prompt=raw, raw=True, options=opts).response
+    v1 = client.generate(model="forged/serve:latest", prompt=raw, raw=True, options=opts).response
     assert base and v1 and v1 != base
+    # Through the chat template and the system prompt, as an editor would call it.
+    msgs = [{"role": "user", "content": "Write a Python function that adds two numbers."}]
+    chat_v1 = client.chat(model="forged/serve:latest", messages=msgs, options=opts).message.content
+    assert chat_v1
     pub.promote("serve", 2, previous=1)
-    v2 = client.generate(model="forged/serve:latest", prompt=msgs[0]["content"], options=opts).response
-    assert v2 and v2 != v1
+    v2 = client.generate(model="forged/serve:latest", prompt=raw, raw=True, options=opts).response
+    assert v2 and v2 not in (v1, base)
     pub.rollback("serve", 1)
-    assert client.chat(model="forged/serve:latest", messages=msgs, options=opts).message.content == v1
+    assert client.generate(model="forged/serve:latest", prompt=raw, raw=True, options=opts).response == v1
 
-
-def test_keep_alive_forever_is_sent_as_a_number(double: OllamaDouble, base_tag: str, adapters: list[Path]) -> None:
+def test_keep_alive_forever_is_sent_as_a_number(double: OllamaDouble, base_tag: str, tmp_path: Path) -> None:
     # Ollama reads a keep_alive string as a Go duration and rejects a bare "-1".
     p = Publisher(double.url, keep_alive="-1")
-    _create(p, "ka", 1, base_tag, adapters[0])
+    # Its own adapter: Ollama's one runner per base would otherwise keep an earlier
+    # test's model name for the same base + adapter.
+    _create(p, "ka", 1, base_tag, make_lora_adapter(tmp_path / "ka.gguf", seed=7))
     p.promote("ka", 1)
     (loaded,) = [m for m in ollama.Client(double.url).ps().models if m.model == "forged/ka:v1"]
     assert loaded.expires_at is not None and loaded.expires_at.year >= datetime.now().year + 5  # "forever"
