@@ -176,13 +176,11 @@ def test_kill9_mid_run_then_resume(tiny, dataset, tmp_path):
             break
     p.wait()
     assert p.returncode == -signal.SIGKILL
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120)
-    lines = [json.loads(x) for x in out.stdout.splitlines()]
-    assert out.returncode == 0, out.stdout + out.stderr
-    assert any(e["event"] == "resumed" and e["step"] == 4 for e in lines)
-    resumed = lines[-1]
+    events: list[dict] = []
+    resumed = train(dataset, tmp_path / "run", cfg_for(tiny, threads=1), progress=events.append)
+    assert any(e["event"] == "resumed" and e["step"] == 4 for e in events)
     full = train(dataset, tmp_path / "full", cfg_for(tiny, threads=1))
-    assert resumed["loss_curve"] == pytest.approx(full.loss_curve, rel=1e-5, abs=1e-6)
+    assert resumed.loss_curve == pytest.approx(full.loss_curve, rel=1e-5, abs=1e-6)
 
 
 def test_warm_start_continues_live_adapter_with_replay(tiny, dataset, tmp_path):
