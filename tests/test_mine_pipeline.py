@@ -284,3 +284,27 @@ def test_remine_rederives_only_the_changed_file_and_matches_cold(
     assert warm.examples == cold.examples and warm.by_kind == cold.by_kind
     text = (tmp_path / "o4" / "train.jsonl").read_text() + (tmp_path / "o4" / "valid.jsonl").read_text()
     assert "Where is `Engine8" not in text and "Where is `Engine9" in text  # no longer unique
+
+
+def test_store_compaction_and_log_keep_output_identical(repo: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    from forged.mine import store
+
+    c, cache = cfg(), tmp_path / "cache"
+    mine_repo(repo, tmp_path / "o1", c, cache)
+    commit(repo, {"pkg/mod4.py": module(4).replace("total * 2", "total * 5")}, "Five")
+    mine_repo(repo, tmp_path / "o2", c, cache)  # appended: the index log, no compaction
+    (root,) = (cache / "lines").iterdir()
+    assert (root / "index.log").exists()
+    monkeypatch.setattr(store.LineStore, "size", lambda self: 1 << 40)  # compact every time
+    commit(repo, {"pkg/mod4.py": module(4)}, "Back to two")
+    mine_repo(repo, tmp_path / "o3", c, cache)
+    assert (root / "meta.1.bin").exists() and not (root / "meta.0.bin").exists()
+    assert not (root / "index.log").exists()
+    monkeypatch.undo()
+    commit(repo, {"pkg/mod6.py": module(6) + "\n# tail\n"}, "Tail")
+    warm = mine_repo(repo, tmp_path / "o4", c, cache)
+    cold = mine_repo(repo, tmp_path / "o5", c, tmp_path / "cold")
+    assert warm.files_parsed == 1 and warm.examples == cold.examples
+    for name in ("train.jsonl", "valid.jsonl", "mlx/train.jsonl", "mlx/valid.jsonl"):
+        assert (tmp_path / "o4" / name).read_bytes() == (tmp_path / "o5" / name).read_bytes(), name

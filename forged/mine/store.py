@@ -10,8 +10,9 @@ Layout of ``cache_dir/lines/<repo+config hash>/``:
   form with ``meta``, and the ``mlx/`` ``{"text"}`` form). A segment holds one file's
   lines (per-file kinds) or one file's RAFT lines, always with ``"changed": false``;
   the miner swaps in ``true`` for changed files.
-* ``index.bin`` — segment key → :class:`Seg` (offsets, per-line hashes and stats), the
-  per-path name checks, per-blob facts, and the previous mine's file list.
+* ``index.bin`` (+ ``index.log``: what later mines added) — segment key → :class:`Seg`
+  (offsets, per-line hashes and stats), the per-path name checks, per-blob facts, and
+  the previous mine's file list.
 * ``symbols.sqlite`` — the repo's symbol table (RAFT's uniqueness checks), kept
   incrementally.
 
@@ -27,6 +28,7 @@ import os
 import sqlite3
 from array import array
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -65,20 +67,66 @@ class LineStore:
         self._lock = open(root / "lock", "w")  # noqa: SIM115 (held until close)
         fcntl.flock(self._lock, fcntl.LOCK_EX)
         self.index = Index()
-        try:  # marshal: the index is plain dicts and tuples, and loads ~4× faster than pickle
+        # The index is a base (index.bin) plus a log of what later mines added (index.log):
+        # a re-mine then writes kilobytes, not the whole index. marshal: plain dicts and
+        # tuples load ~4× faster than pickle.
+        self._base: tuple[str, int, int, int, dict[str, str]] | None = None
+        try:
             d = marshal.loads((root / "index.bin").read_bytes())
+            token = d.pop("token")
             if d.get("version") == STORE_VERSION:
                 self.index = Index(**d)
-        except (OSError, EOFError, ValueError, TypeError, AttributeError):
-            pass
+                self._base = (token, len(self.index.segs), len(self.index.paths),
+                              len(self.index.info), dict(self.index.files))
+                self._apply_log(token)
+        except (OSError, EOFError, ValueError, TypeError, AttributeError, KeyError):
+            self.index, self._base = Index(), None
         if not self.index.segs:  # nothing to keep: start the data files afresh
-            self.index = Index()
+            self.index, self._base = Index(), None
             for name in self._names(0):
                 (root / name).write_bytes(b"")
         self.meta, self.mlx = self._open(self.index.gen)
         self.dirty = False
         self._old: tuple[Any, Any, int] | None = None
+        self._compacted = False
         self._sym: sqlite3.Connection | None = None
+
+    def _apply_log(self, token: str) -> None:
+        try:
+            log = marshal.loads((self.root / "index.log").read_bytes())
+        except (OSError, EOFError, ValueError, TypeError):
+            return
+        if log.get("token") != token:
+            return
+        idx = self.index
+        idx.segs.update(log["segs"])
+        idx.paths.update(log["paths"])
+        idx.info.update(log["info"])
+        for p, a in log["files"].items():
+            if a is None:
+                idx.files.pop(p, None)
+            else:
+                idx.files[p] = a
+
+    def _save_index(self) -> None:
+        idx, base = self.index, self._base
+        if base is not None and not self._compacted:
+            token, nseg, npath, ninfo, files = base
+            delta = {
+                "token": token,
+                "segs": dict(islice(idx.segs.items(), nseg, None)),
+                "paths": dict(islice(idx.paths.items(), npath, None)),
+                "info": dict(islice(idx.info.items(), ninfo, None)),
+                "files": {**{p: a for p, a in idx.files.items() if files.get(p) != a},
+                          **{p: None for p in files if p not in idx.files}},
+            }
+            if (len(delta["segs"]) + len(delta["paths"]) + len(delta["files"])
+                    <= max(256, nseg // 8)):
+                _write_atomic(self.root / "index.log", marshal.dumps(delta, 4))
+                return
+        _write_atomic(self.root / "index.bin",
+                      marshal.dumps({**vars(idx), "token": os.urandom(8).hex()}, 4))
+        (self.root / "index.log").unlink(missing_ok=True)
 
     # ------------------------------------------------------------ segments
 
@@ -178,6 +226,7 @@ class LineStore:
         self.meta, self.mlx = meta, mlx
         self.index.segs = new
         self.index.gen = gen
+        self._compacted = True
         self.dirty = True
 
     def size(self) -> int:
@@ -190,20 +239,28 @@ class LineStore:
                 self.flush()
                 os.fsync(self.meta.fileno())
                 os.fsync(self.mlx.fileno())
-                tmp = self.root / "index.bin.tmp"
-                tmp.write_bytes(marshal.dumps(vars(self.index), 4))
-                os.replace(tmp, self.root / "index.bin")
+                self._save_index()
+                if self._old is not None:  # the saved index names the new generation
+                    for name in self._names(self._old[2]):
+                        (self.root / name).unlink(missing_ok=True)
+        finally:
             if self._old is not None:
                 self._old[0].close()
                 self._old[1].close()
-                for name in self._names(self._old[2]):
-                    (self.root / name).unlink(missing_ok=True)
-        finally:
             self.meta.close()
             self.mlx.close()
             if self._sym is not None:
                 self._sym.close()
             self._lock.close()
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def copy_range(src: int, off: int, n: int, dst: int) -> None:
