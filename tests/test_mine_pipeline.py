@@ -308,3 +308,10 @@ def test_store_compaction_and_log_keep_output_identical(repo: Path, tmp_path: Pa
     assert warm.files_parsed == 1 and warm.examples == cold.examples
     for name in ("train.jsonl", "valid.jsonl", "mlx/train.jsonl", "mlx/valid.jsonl"):
         assert (tmp_path / "o4" / name).read_bytes() == (tmp_path / "o5" / name).read_bytes(), name
+
+
+def test_config_change_replaces_the_repos_store(repo: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    mine_repo(repo, tmp_path / "o1", cfg(), cache)
+    mine_repo(repo, tmp_path / "o2", cfg(seed=7), cache)
+    assert len(list((cache / "lines").iterdir())) == 1  # the seed-0 store is gone

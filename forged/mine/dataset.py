@@ -80,14 +80,16 @@ def _workers(cfg: MineConfig) -> int:
 
 
 def _store_key(repo: str, cfg: MineConfig, version: str, budget: int) -> str:
-    """Everything a file's finished lines depend on besides its own (path, blob)."""
+    """``<repo hash>-<config hash>``: the config part is everything a file's finished lines
+    depend on besides its own (path, blob)."""
     from forged.mine.store import STORE_VERSION
 
-    parts = [STORE_VERSION, repo, version, budget, asdict(cfg.kinds), cfg.seed,
+    parts = [STORE_VERSION, version, budget, asdict(cfg.kinds), cfg.seed,
              cfg.raft_distractors, cfg.raft_oracle_fraction, sorted(filters.LANGUAGES.items()),
              filters.SECRET_FILE_GLOBS, sorted(filters.VENDORED_DIRS), sorted(filters.LOCK_FILES),
              filters.GENERATED_NAME.pattern]
-    return hashlib.sha1(json.dumps(parts, default=str).encode()).hexdigest()[:20]
+    return (hashlib.sha1(repo.encode("utf-8", "surrogateescape")).hexdigest()[:12] + "-"
+            + hashlib.sha1(json.dumps(parts, default=str).encode()).hexdigest()[:12])
 
 
 _KIND_IX = {k: i for i, k in enumerate(KINDS)}

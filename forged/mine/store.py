@@ -25,6 +25,7 @@ from __future__ import annotations
 import fcntl
 import marshal
 import os
+import shutil
 import sqlite3
 from array import array
 from dataclasses import dataclass, field
@@ -66,6 +67,7 @@ class LineStore:
         self.root = root
         self._lock = open(root / "lock", "w")  # noqa: SIM115 (held until close)
         fcntl.flock(self._lock, fcntl.LOCK_EX)
+        _drop_siblings(root)
         self.index = Index()
         # The index is a base (index.bin) plus a log of what later mines added (index.log):
         # a re-mine then writes kilobytes, not the whole index. marshal: plain dicts and
@@ -252,6 +254,21 @@ class LineStore:
             if self._sym is not None:
                 self._sym.close()
             self._lock.close()
+
+
+def _drop_siblings(root: Path) -> None:
+    """A store is ``<repo hash>-<config hash>``: drop this repo's stores for other configs
+    (a config change would otherwise leave a dataset-sized store behind), unless in use."""
+    repo = root.name.split("-", 1)[0] + "-"
+    for other in root.parent.glob(repo + "*"):
+        if other == root or not other.is_dir():
+            continue
+        try:
+            with open(other / "lock", "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                shutil.rmtree(other, ignore_errors=True)
+        except OSError:
+            continue
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
