@@ -236,33 +236,123 @@ class BaseInfo:
     shapes: dict[str, tuple[int, int]]  # tensor name → numpy shape (out, in)
 
 
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+
+
+@dataclass
+class TensorInfo:
+    """A tensor in a GGUF file: numpy shape (out, in), ggml type id, absolute byte offset."""
+
+    shape: tuple[int, ...]
+    ggml_type: int
+    offset: int
+
+
+def read_gguf_header(path: Path) -> tuple[dict[str, Any], dict[str, TensorInfo]]:
+    """(scalar metadata, tensor name → TensorInfo) of a GGUF file, standard library only.
+
+    ``gguf.GGUFReader`` builds numpy views for every one of the tokenizer's ~100k array
+    entries (15 s of CPU for SmolLM2 on a busy 2-core box); export needs none of them,
+    so arrays are skipped here and the header is read in well under a second.
+    """
+    import struct
+
+    with open(path, "rb") as f:
+
+        def rd(fmt: str) -> Any:
+            size = struct.calcsize("<" + fmt)
+            data = f.read(size)
+            if len(data) != size:
+                raise ExportError(f"{path}: truncated GGUF header")
+            return struct.unpack("<" + fmt, data)[0]
+
+        def rstr() -> str:
+            return f.read(rd("Q")).decode("utf-8", "replace")
+
+        def skip(t: int) -> None:
+            if t in _SCALARS:
+                f.seek(struct.calcsize("<" + _SCALARS[t]), 1)
+            elif t == 8:
+                f.seek(rd("Q"), 1)
+            elif t == 9:
+                sub, n = rd("I"), rd("Q")
+                if sub in _SCALARS:
+                    f.seek(n * struct.calcsize("<" + _SCALARS[sub]), 1)
+                else:
+                    for _ in range(n):
+                        skip(sub)
+            else:
+                raise ExportError(f"{path}: unknown GGUF value type {t}")
+
+        if f.read(4) != b"GGUF":
+            raise ExportError(f"{path}: not a GGUF file (bad magic)")
+        version = rd("I")
+        if version < 2:
+            raise ExportError(f"{path}: GGUF version {version} is too old")
+        n_tensors, n_kv = rd("Q"), rd("Q")
+        kv: dict[str, Any] = {}
+        for _ in range(n_kv):
+            key, t = rstr(), rd("I")
+            if t in _SCALARS:
+                kv[key] = rd(_SCALARS[t])
+            elif t == 8:
+                kv[key] = rstr()
+            else:
+                skip(t)
+        raw: list[tuple[str, tuple[int, ...], int, int]] = []
+        for _ in range(n_tensors):
+            name = rstr()
+            ne = [rd("Q") for _ in range(rd("I"))]
+            raw.append((name, tuple(reversed(ne)), rd("I"), rd("Q")))  # ggml ne (in, out) → numpy
+        align = int(kv.get("general.alignment", 32))
+        start = -(-f.tell() // align) * align
+    tensors = {name: TensorInfo(shape, t, start + off) for name, shape, t, off in raw}
+    return kv, tensors
+
+
+def load_gguf_tensors(path: Path, names: list[str] | None = None) -> dict[str, Any]:
+    """Tensors of a GGUF file as float32 numpy arrays (dequantized), read via mmap."""
+    import gguf
+    import numpy as np
+
+    _, infos = read_gguf_header(path)
+    mm = np.memmap(path, dtype=np.uint8, mode="r")
+    out = {}
+    for name in names if names is not None else list(infos):
+        info = infos[name]
+        qtype = gguf.GGMLQuantizationType(info.ggml_type)
+        block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+        n = int(np.prod(info.shape))
+        raw = mm[info.offset : info.offset + n // block * type_size]
+        if qtype == gguf.GGMLQuantizationType.F32:
+            arr = raw.view(np.float32).reshape(info.shape)
+        elif qtype == gguf.GGMLQuantizationType.F16:
+            arr = raw.view(np.float16).reshape(info.shape).astype(np.float32)
+        else:
+            byte_shape = (*info.shape[:-1], info.shape[-1] // block * type_size)
+            arr = gguf.quants.dequantize(raw.reshape(byte_shape), qtype)
+        out[name] = np.array(arr, dtype=np.float32)
+    return out
+
+
 def read_base(base_gguf: Path) -> BaseInfo:
     """Architecture, head counts and 2-D tensor shapes of a GGUF model file."""
-    import gguf
-
     base_gguf = Path(base_gguf)
     if not base_gguf.is_file():
         raise ExportError(f"{base_gguf}: base GGUF not found")
     try:
-        reader = gguf.GGUFReader(str(base_gguf))
-    except Exception as e:  # gguf raises ValueError/struct errors on junk
+        kv, shapes = read_gguf_header(base_gguf)
+    except (OSError, UnicodeDecodeError) as e:
         raise ExportError(f"{base_gguf}: not a readable GGUF file: {e}") from None
-
-    def field(key: str) -> Any:
-        f = reader.fields.get(key)
-        return None if f is None else f.contents()
-
-    arch = field("general.architecture")
+    arch = kv.get("general.architecture")
     if not arch:
         raise ExportError(f"{base_gguf}: no general.architecture")
-    if field("general.type") == "adapter":
+    if kv.get("general.type") == "adapter":
         raise ExportError(f"{base_gguf}: is an adapter, not a base model")
-    n_head = field(f"{arch}.attention.head_count") or 0
-    n_head_kv = field(f"{arch}.attention.head_count_kv") or n_head
-    shapes = {
-        t.name: (int(t.shape[1]), int(t.shape[0])) for t in reader.tensors if len(t.shape) == 2
-    }
-    return BaseInfo(str(arch), int(n_head), int(n_head_kv), shapes)
+    n_head = kv.get(f"{arch}.attention.head_count") or 0
+    n_head_kv = kv.get(f"{arch}.attention.head_count_kv") or n_head
+    two_d = {name: (int(t.shape[0]), int(t.shape[1])) for name, t in shapes.items() if len(t.shape) == 2}
+    return BaseInfo(str(arch), int(n_head), int(n_head_kv), two_d)
 
 
 def permute_rows(w: Any, n_head: int) -> Any:

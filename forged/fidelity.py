@@ -55,6 +55,7 @@ class FidelityResult:
     n_tokens: int = 0
     top1_agree_adapter: float = 0.0  # share of positions where both engines' argmax agree
     delta_norm_ratio: float = 0.0  # |Δ llama| / |Δ trainer|: ~1 when the scale is right
+    correlation_qk: float | None = None  # the q/k projections' part alone (PEFT adapters)
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -239,6 +240,51 @@ def compare_engines(
     )
 
 
+def _qk_only_gguf(src: Path, dst: Path) -> int:
+    """Copy the attn_q/attn_k tensors (and alpha) of a GGUF adapter; returns how many."""
+    import gguf
+    import numpy as np
+
+    reader = gguf.GGUFReader(str(src))
+    arch = reader.fields["general.architecture"].contents()
+    writer = gguf.GGUFWriter(str(dst), arch)
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(reader.fields[gguf.Keys.Adapter.LORA_ALPHA].contents()))
+    n = 0
+    for t in reader.tensors:
+        if ".attn_q." in t.name or ".attn_k." in t.name:
+            writer.add_tensor(t.name, np.array(t.data))
+            n += 1
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return n
+
+
+def _qk_only_peft(src: Path, dst: Path) -> bool:
+    """Copy a PEFT adapter keeping only q_proj/k_proj; False if it has none (or is not PEFT)."""
+    import json
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    weights = src / "adapter_model.safetensors"
+    if not weights.is_file():
+        return False
+    keep = {k: v for k, v in load_file(str(weights)).items() if ".q_proj." in k or ".k_proj." in k}
+    if not keep:
+        return False
+    dst.mkdir(parents=True, exist_ok=True)
+    save_file(keep, str(dst / "adapter_model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((src / "adapter_config.json").read_text())
+    cfg["target_modules"] = [m for m in ("q_proj", "k_proj") if any(f".{m}." in k for k in keep)]
+    (dst / "adapter_config.json").write_text(json.dumps(cfg))
+    shutil.copy(src / "forged_meta.json", dst / "forged_meta.json")
+    return True
+
+
 def check_fidelity(
     adapter_dir: Path,
     gguf_adapter: Path,
@@ -250,13 +296,45 @@ def check_fidelity(
 ) -> FidelityResult:
     """Load the trained adapter in the trainer's back end and compare it with llama.cpp.
 
+    Two comparisons: the whole adapter, then (PEFT adapters) its q/k part alone. The
+    second exists because a q/k layout mistake (the one transformation only those two
+    projections get) hides in the whole-adapter number: on the tiny test model an
+    export with q/k left un-permuted still correlated 0.953 overall, since v/o/MLP
+    deltas were right and dominated. Both must reach ``min_corr``.
+
     A failed check (``passed=False``) must fail the cycle: the exported file would not
     do in Ollama what the judge measured.
     """
+    import gc
+    import tempfile
+
     from forged.train import load_model
 
     for p, what in ((gguf_adapter, "exported adapter"), (base_gguf, "base GGUF")):
         if not Path(p).is_file():
             raise FidelityError(f"{what} not found: {p}")
     backend = load_model(cfg_train, Path(adapter_dir))
-    return compare_engines(backend, Path(gguf_adapter), Path(base_gguf), texts, min_corr, loss_tolerance)
+    result = compare_engines(backend, Path(gguf_adapter), Path(base_gguf), texts, min_corr, loss_tolerance)
+    del backend
+    gc.collect()
+    if not result.passed:
+        return result
+    with tempfile.TemporaryDirectory(prefix="forged-fid-") as tmp:
+        sub = Path(tmp) / "qk"
+        if not _qk_only_peft(Path(adapter_dir), sub) or not _qk_only_gguf(Path(gguf_adapter), Path(tmp) / "qk.gguf"):
+            return result
+        backend = load_model(cfg_train, sub)
+        qk = compare_engines(backend, Path(tmp) / "qk.gguf", Path(base_gguf), texts, min_corr, loss_tolerance)
+        del backend
+        gc.collect()
+    result.correlation_qk = qk.correlation
+    result.seconds += qk.seconds
+    if not (math.isfinite(qk.correlation) and qk.correlation >= min_corr):
+        result.passed = False
+        result.reason = (
+            f"q/k part of the adapter differs between llama.cpp and the trainer: correlation "
+            f"{qk.correlation:.3f} < {min_corr} (whole adapter {result.correlation:.3f}) — q/k row layout wrong in the export"
+        )
+    else:
+        result.reason += f"; q/k alone {qk.correlation:.3f}"
+    return result
