@@ -58,9 +58,10 @@ class WorkerHandle:
         self.result: dict[str, Any] | None = None
         self.error: str | None = None
         self.stop_reason: str | None = None
-        env = dict(os.environ, FORGED_HOME=os.environ.get("FORGED_HOME", ""))
-        if not env["FORGED_HOME"]:
-            env.pop("FORGED_HOME")
+        env = dict(os.environ)
+        preload = engine.blas_preload()
+        if preload:
+            env["LD_PRELOAD"] = ":".join(filter(None, [preload, env.get("LD_PRELOAD")]))
         self.stderr = open(cycle_dir / f"{stage}.stderr.log", "ab")  # noqa: SIM115 (closed on exit)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "forged", "worker", stage, "--cycle-dir", str(cycle_dir)],
@@ -360,6 +361,16 @@ class Engine:
         if was != self._gates_open:
             self.state.event("gates", data={"open": self._gates_open, "gates": self._gates})
 
+    def blas_preload(self) -> str | None:
+        """MLX on Linux needs OpenBLAS preloaded into the worker to be usable (design.md)."""
+        from forged.train.backend import BackendError, choose_backend, openblas_preload
+
+        try:
+            backend, _ = choose_backend(self.cfg.train)
+        except BackendError:
+            return None
+        return openblas_preload() if backend == "mlx" else None
+
     def _memory_needed(self) -> int:
         """The trainer's peak-memory estimate for this config (pure Python, computed once)."""
         if self._mem_need is None:
@@ -442,7 +453,7 @@ class Engine:
         }
         (cdir / "job.json").write_text(json.dumps(job, indent=1))
         with self.state.tx() as db:
-            db.execute("UPDATE cycles SET stage=?, resume_stage=?, updated_at=? WHERE id=?",
+            db.execute("UPDATE cycles SET stage=?, resume_stage=?, reason=NULL, updated_at=? WHERE id=?",
                        (WORKER_STAGE_NAME[wstage], WORKER_STAGE_NAME[wstage], time.time(), cid))
             cur = db.execute("INSERT INTO jobs(cycle_id, stage, state, started_at) VALUES (?,?,?,?)",
                              (cid, wstage, "running", time.time()))
@@ -517,7 +528,7 @@ class Engine:
     def _publisher(self) -> Any:
         from forged.publish import Publisher
 
-        return Publisher(self.cfg.publish.ollama_host)
+        return Publisher(self.cfg.publish.ollama_host, keep_alive=self.cfg.publish.keep_alive)
 
     def _publish(self, cyc: Row) -> None:
         from forged.publish import (

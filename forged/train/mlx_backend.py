@@ -30,7 +30,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
-from forged.train.backend import BackendError
+from forged.train.backend import BackendError, openblas_preload  # noqa: F401 (re-exported)
 from forged.train.data import encode, start_id
 from forged.train.models import BaseModel, ModelError, load_tokenizer
 from forged.train.packing import IGNORE
@@ -44,17 +44,6 @@ GGUF_NAMES = {
     "ffn_down": "mlp.down_proj",
 }
 GGUF_ARCHS = {"llama", "mistral"}
-
-
-def openblas_preload() -> str | None:
-    """The OpenBLAS library to LD_PRELOAD for MLX on Linux (Debian libopenblas0-pthread), if installed."""
-    if not sys.platform.startswith("linux"):
-        return None
-    for p in ("/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3",
-              "/usr/lib/aarch64-linux-gnu/openblas-pthread/libblas.so.3"):
-        if Path(p).exists():
-            return p
-    return None
 
 
 def _gguf_name(k: str) -> str:
