@@ -252,18 +252,23 @@ def default_home() -> None:
         os.environ["FORGED_HOME"] = str(root / "state")
 
 
-def run_daemon(argv: list[str]) -> int:
-    ap = argparse.ArgumentParser(prog="forged", description="Run the forged daemon in the foreground.")
-    ap.add_argument("--log-level", default=None)
-    ap.parse_args(argv)
-    p = paths.resolve()
+def configured_daemon(p: paths.Paths, prog: str = "forged") -> Daemon | None:
+    """Load the config (a one-line error and None if it is bad), set up logging, build the daemon."""
     try:
         cfg = load_config(p)
     except config.ConfigError as e:
-        print(f"forged: config error: {e}", file=sys.stderr)
-        return 1
+        print(f"{prog}: config error: {e}", file=sys.stderr)
+        return None
     log.setup(p.log_file, cfg.daemon.log_level)
-    d = Daemon(p, cfg)
+    return Daemon(p, cfg)
+
+
+def run_daemon(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="forged", description="Run the forged daemon in the foreground.")
+    ap.parse_args(argv)
+    d = configured_daemon(paths.resolve())
+    if d is None:
+        return 1
     try:
         d.run_forever()
     except (LockHeld, RuntimeError, ValueError, OSError) as e:

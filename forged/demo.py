@@ -15,8 +15,8 @@ import threading
 import time
 from pathlib import Path
 
-from forged import config, log, paths
-from forged.daemon import Daemon, LockHeld
+from forged import config, paths
+from forged.daemon import LockHeld, configured_daemon
 
 # A small budget: the first cycle should finish in ~10 minutes on a 2-core CPU.
 DEMO_CONFIG = """\
@@ -61,13 +61,9 @@ def main(argv: list[str]) -> int:
     if not p.config_file.exists():
         p.config_file.write_text(DEMO_CONFIG.format(repo=repo, name=name))
         print(f"forged demo: wrote {p.config_file}")
-    try:
-        cfg = config.load(p.config_file)
-    except config.ConfigError as e:
-        print(f"forged demo: config error: {e}", file=sys.stderr)
+    d = configured_daemon(p, "forged demo")
+    if d is None:
         return 1
-    log.setup(p.log_file, cfg.daemon.log_level)
-    d = Daemon(p, cfg)
     try:
         d.start()
     except (LockHeld, RuntimeError, OSError) as e:

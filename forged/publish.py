@@ -20,18 +20,18 @@ Errors are split in two, so the caller knows whether waiting helps:
 from __future__ import annotations
 
 import hashlib
-import os
 import random
 import re
 import shlex
-import struct
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO, TypeVar
+from typing import Any, TypeVar
 
 import httpx
 import ollama
+
+from forged.train.models import read_gguf_metadata  # stdlib-only GGUF header reader
 
 NAMESPACE = "forged"
 WARM_KEEP_ALIVE = "30m"  # default: how long Ollama keeps a freshly promoted model loaded
@@ -106,72 +106,11 @@ def format_for_template(template: str | None) -> ChatFormat | None:
     return next((f for f in KNOWN_FORMATS.values() if f.template == template), None)
 
 
-# --- a minimal GGUF header reader (no gguf/numpy in the daemon) ----------------------
-
-_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
-                 10: "<Q", 11: "<q", 12: "<d"}
-_GGUF_STRING, _GGUF_ARRAY = 8, 9
-
-
-def _read(f: BinaryIO, n: int) -> bytes:
-    b = f.read(n)
-    if len(b) != n:
-        raise ValueError("truncated GGUF header")
-    return b
-
-
-def _read_value(f: BinaryIO, vtype: int, keep: bool) -> Any:
-    if vtype in _GGUF_SCALARS:
-        fmt = _GGUF_SCALARS[vtype]
-        return struct.unpack(fmt, _read(f, struct.calcsize(fmt)))[0]
-    if vtype == _GGUF_STRING:
-        (n,) = struct.unpack("<Q", _read(f, 8))
-        raw = _read(f, n)
-        return raw.decode("utf-8", "replace") if keep else None
-    if vtype == _GGUF_ARRAY:
-        itype, count = struct.unpack("<IQ", _read(f, 12))
-        if itype in _GGUF_SCALARS:  # fixed size: skip in one seek
-            size = struct.calcsize(_GGUF_SCALARS[itype])
-            f.seek(size * count, os.SEEK_CUR)
-            return None
-        for _ in range(count):  # strings (the vocabulary): walk them without decoding
-            _read_value(f, itype, keep=False)
-        return None
-    raise ValueError(f"unknown GGUF value type {vtype}")
-
-
-def gguf_metadata(path: Path, keys: set[str] | None = None) -> dict[str, Any]:
-    """Scalar and string metadata of a GGUF file (arrays are skipped).
-
-    ``keys`` limits what is kept (the rest is still walked: GGUF has no index).
-    Raises ``ValueError`` for a file that is not GGUF.
-    """
-    out: dict[str, Any] = {}
-    with open(path, "rb") as raw:
-        f: BinaryIO = raw
-        if _read(f, 4) != b"GGUF":
-            raise ValueError("not a GGUF file (bad magic)")
-        version, _tensors, kv_count = struct.unpack("<IQQ", _read(f, 20))
-        if version < 2:
-            raise ValueError(f"GGUF version {version} is too old")
-        for _ in range(kv_count):
-            (klen,) = struct.unpack("<Q", _read(f, 8))
-            key = _read(f, klen).decode("utf-8", "replace")
-            (vtype,) = struct.unpack("<I", _read(f, 4))
-            want = keys is None or key in keys
-            value = _read_value(f, vtype, keep=want)
-            if want and value is not None:
-                out[key] = value
-            if keys is not None and keys <= out.keys():
-                break
-    return out
-
-
 def base_chat_template(base_gguf: Path) -> str | None:
     """The Ollama (Go) chat template for a base GGUF, or None if its format is unknown."""
     try:
-        meta = gguf_metadata(base_gguf, {"tokenizer.chat_template"})
-    except (OSError, ValueError):
+        meta = read_gguf_metadata(base_gguf)
+    except ValueError:
         return None
     fmt = detect_chat_format(meta.get("tokenizer.chat_template"))
     return fmt.template if fmt else None
@@ -227,9 +166,9 @@ def _check_gguf(path: Path, want_type: str) -> None:
     if not path.is_file():
         raise PublishError(f"{path}: no such file")
     try:
-        meta = gguf_metadata(path, {"general.type"})
-    except (OSError, ValueError) as e:
-        raise PublishError(f"{path}: {e}") from None
+        meta = read_gguf_metadata(path)
+    except ValueError as e:  # ModelError: unreadable, not GGUF, truncated — names the path
+        raise PublishError(str(e)) from None
     kind = meta.get("general.type", "model")  # older model GGUFs carry no general.type
     if kind != want_type:
         raise PublishError(f"{path}: is a GGUF {kind}, expected a GGUF {want_type}")
