@@ -1,0 +1,190 @@
+"""Judge: held-out metrics, the gate, and an end-to-end run on a tiny real model."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from forged.config import JudgeConfig, TrainConfig
+from forged.judge import (
+    JudgeError,
+    answer_matches,
+    edit_similarity,
+    extract_answer,
+    fim_prediction,
+    gate_decision,
+    load_heldout,
+)
+from forged.judge_gate import summary_line
+
+# ---------------------------------------------------------------- gate (pure)
+
+
+def scores(**kw: float | None) -> dict:
+    d = {"bpb": 0.80, "fim_exact": 0.30, "fim_edit_sim": 0.60, "raft_acc_oracle": 0.50,
+         "raft_acc_distractors": 0.20}
+    d.update(kw)
+    return d
+
+
+CFG = JudgeConfig(min_bpb_gain=0.01, tolerance=0.02)
+
+
+def test_gate_passes_a_clear_improvement() -> None:
+    ok, reasons = gate_decision(scores(), None, scores(bpb=0.75, fim_exact=0.29), CFG)
+    assert ok and reasons == []
+
+
+def test_gate_needs_the_bpb_margin_against_live_not_base() -> None:
+    base, live = scores(bpb=0.90), scores(bpb=0.76)
+    ok, reasons = gate_decision(base, live, scores(bpb=0.755), CFG)
+    assert not ok
+    assert len(reasons) == 1 and "live" in reasons[0] and "bits/byte" in reasons[0]
+    ok, _ = gate_decision(base, None, scores(bpb=0.755), CFG)
+    assert ok  # against the base the same candidate is a big gain
+
+
+def test_gate_rejects_regressions_beyond_tolerance_and_names_each() -> None:
+    ok, reasons = gate_decision(scores(), None, scores(bpb=0.7, fim_exact=0.25, raft_acc_oracle=0.40), CFG)
+    assert not ok
+    assert [r.split()[0] for r in reasons] == ["fim_exact", "raft_acc_oracle"]
+
+
+def test_gate_skips_metrics_without_examples_and_fails_without_bpb() -> None:
+    ok, _ = gate_decision(scores(fim_exact=None), None, scores(bpb=0.7, fim_exact=0.0), CFG)
+    assert ok
+    ok, reasons = gate_decision(scores(), None, scores(bpb=None), CFG)
+    assert not ok and "bits per byte" in reasons[0]
+
+
+def test_gate_module_is_light() -> None:
+    """The daemon imports the gate: it must not drag numpy/torch in."""
+    import subprocess
+
+    code = "import sys, forged.judge_gate, forged.judge; print(sorted(m for m in ('numpy','torch','transformers') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_summary_line() -> None:
+    line = summary_line({"base": scores(), "live": None, "candidate": scores(bpb=0.7), "passed": True})
+    assert line.startswith("judge passed (vs base)") and "bpb 0.800→0.700" in line
+
+
+# ---------------------------------------------------------------- metric helpers
+
+
+def test_edit_similarity_and_fim_truncation() -> None:
+    assert edit_similarity("abc", "abc") == 1.0
+    assert edit_similarity("", "") == 1.0
+    assert edit_similarity("kitten", "sitting") == pytest.approx(1 - 3 / 7)
+    assert fim_prediction("x = 1\ny = 2\nz = 3\n", "x = 1\ny = 2\n") == "x = 1\ny = 2"
+
+
+def test_answer_extraction() -> None:
+    gen = "##begin_quote##def f(): ...##end_quote##\nSo it is f.\n<ANSWER>: `src/app.py`\nmore"
+    assert extract_answer(gen) == "src/app.py"
+    assert answer_matches(gen, "src/app.py")
+    assert not answer_matches("no tag here: src/app.py", "src/app.py")
+    assert not answer_matches("<ANSWER>: src/app.pyc", "src/app.py")
+
+
+# ---------------------------------------------------------------- held-out data
+
+TEXTS = [
+    "def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - b\n",
+    "def mul(a, b):\n    return a * b\n\n\ndef div(a, b):\n    return a / b\n",
+    "def neg(a):\n    return -a\n\n\ndef square(a):\n    return a * a\n",
+]
+
+
+def write_dataset(d: Path, n_fim: int = 2, n_raft: int = 2) -> Path:
+    d.mkdir(parents=True, exist_ok=True)
+    recs = [{"text": t, "meta": {"kind": "continuation", "path": f"m{i}.py", "lang": "python"}}
+            for i, t in enumerate(TEXTS)]
+    for i in range(n_fim):
+        recs.append({"prompt": "<fim_prefix>def add(a, b):\n<fim_suffix>\n\ndef sub(a, b):\n    return a - b\n<fim_middle>",
+                     "completion": "    return a + b", "meta": {"kind": "fim", "path": f"f{i}.py"}})
+    for i in range(n_raft):
+        recs.append({"messages": [
+            {"role": "system", "content": "Answer from the documents."},
+            {"role": "user", "content": "Where is add defined?\n<DOCUMENT>math.py: def add(a, b)</DOCUMENT>"},
+            {"role": "assistant", "content": "It is in math.py.\n<ANSWER>: math.py"}],
+            "meta": {"kind": "raft", "answer": "math.py", "oracle": i % 2 == 0}})
+    recs.append({"prompt": "Write docs", "completion": "Adds.", "meta": {"kind": "code_to_doc"}})
+    (d / "valid.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return d
+
+
+def test_load_heldout_sorts_records_and_subsamples(tmp_path: Path) -> None:
+    h = load_heldout(write_dataset(tmp_path, n_fim=5, n_raft=10), max_examples=2, max_generate=4)
+    assert len(h.texts) == 2 and len(h.fim) == 4 and len(h.raft) == 4
+    assert h.skipped == 1
+    assert {r.oracle for r in h.raft} == {True, False}  # the oracle/distractor mix is kept
+    assert all(r.messages[-1]["role"] == "user" and r.reference for r in h.raft)
+    again = load_heldout(tmp_path, max_examples=2, max_generate=4)
+    assert again.texts == h.texts and [f.prompt for f in again.fim] == [f.prompt for f in h.fim]
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "held-out split not found"),
+    ("{not json\n", "valid.jsonl:1: not JSON"),
+    ('{"prompt": 1, "completion": "x", "meta": {"kind": "fim"}}\n', "FIM record needs"),
+    ('{"messages": [], "meta": {"kind": "raft"}}\n', "meta.answer"),
+    ('{"prompt": "a", "completion": "b"}\n', "no scorable held-out records"),
+])
+def test_load_heldout_errors_name_the_problem(tmp_path: Path, content: str | None, message: str) -> None:
+    if content is not None:
+        (tmp_path / "valid.jsonl").write_text(content)
+    with pytest.raises(JudgeError, match=message):
+        load_heldout(tmp_path)
+
+
+# ---------------------------------------------------------------- end to end (tiny real model)
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory: pytest.TempPathFactory):
+    pytest.importorskip("peft")
+    from lora_fixtures import tiny_hf, train_lora
+
+    root = tmp_path_factory.mktemp("judge")
+    base = tiny_hf()  # the HF copy of the tiny GGUF: loads much faster in transformers
+    ds = write_dataset(root / "ds")
+    trained = train_lora(base, root / "trained", TEXTS, steps=30)
+    # Trained on something else: better than the near-uniform random base, worse than `trained`.
+    off_topic = train_lora(base, root / "off", ["zebra zebra zebra zebra zebra zebra zebra"], steps=30)
+    return base, ds, trained, off_topic
+
+
+def test_judge_end_to_end(tiny_setup) -> None:
+    from forged.judge import judge
+
+    base, ds, trained, off_topic = tiny_setup
+    cfg_t = TrainConfig(backend="torch", base_model=str(base))
+    events: list[dict] = []
+    # Generation metrics of a random model are noise; this run checks bpb gating only.
+    loose = JudgeConfig(min_bpb_gain=0.01, tolerance=1.0)
+    res = judge(ds, cfg_t, loose, trained, progress=events.append)
+    assert res.passed, res.reasons
+    assert res.candidate.bpb < res.base.bpb - 0.01
+    assert res.live is None
+    assert res.candidate.n_texts == 3 and res.candidate.n_fim == 2
+    assert res.candidate.n_raft_oracle == 1 and res.candidate.n_raft_distractors == 1
+    for s in (res.base, res.candidate):
+        for v in (s.fim_exact, s.fim_edit_sim, s.raft_acc_oracle, s.raft_acc_distractors):
+            assert 0.0 <= v <= 1.0
+    assert {e["model"] for e in events} == {"base", "candidate"}
+    assert {e["metric"] for e in events} == {"bpb", "fim", "raft"}
+    d = res.to_dict()
+    assert json.loads(json.dumps(d))["candidate"]["bpb"] == pytest.approx(res.candidate.bpb)
+
+    # A candidate worse than the live model is rejected, with the numbers vs live.
+    bad = judge(ds, cfg_t, loose, off_topic, live_adapter=trained)
+    assert not bad.passed
+    assert bad.live is not None and bad.live.bpb == pytest.approx(res.candidate.bpb, rel=1e-5)
+    assert bad.candidate.bpb > bad.live.bpb
+    assert "bits/byte" in bad.reasons[0] and "vs live" in bad.reasons[0]
