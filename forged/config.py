@@ -71,6 +71,7 @@ class DaemonConfig:
     max_concurrent_jobs: int = field(default=1, metadata=_check(_positive))
     max_request_bytes: int = field(default=1_048_576, metadata=_check(_positive))
     retry_seconds: float = field(default=30.0, metadata=_check(_positive))
+    worker_nice: int = field(default=10, metadata=_check(lambda v: None if 0 <= v <= 19 else "must be 0..19"))
 
 
 @dataclass

@@ -108,12 +108,13 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--cycle-dir", required=True, type=Path)
     args = ap.parse_args(argv)
     _die_with_parent()
-    with contextlib.suppress(OSError):
-        os.nice(10)  # background work: the user's foreground apps come first
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     job = json.loads((args.cycle_dir / "job.json").read_text())
+    with contextlib.suppress(OSError):
+        # background work: the user's foreground apps come first
+        os.nice(int(job["config"]["daemon"].get("worker_nice", 10)))
     emit("started", stage=args.stage, pid=os.getpid())
     try:
         result = run_stage(args.stage, args.cycle_dir, job, stop)

@@ -62,6 +62,7 @@ def cycle_config(base: Path, ollama: str, extra: str = "") -> str:
     return textwrap.dedent(f"""\
         [daemon]
         retry_seconds = 1.0
+        worker_nice = 0
         [watch]
         settle_seconds = 0.2
         [thresholds]
