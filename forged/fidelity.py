@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 # Fidelity runs on a handful of held-out texts; longer ones are cut (by characters,
 # before tokenizing) so the check stays a few seconds even on the real base.
 MAX_CHARS = 1500
+QK_MIN_CORR = 0.5  # q/k-only effect: correct 0.87, un-permuted 0.07 on SmolLM2 Q4_1
 ABS_LOSS_FLOOR = 0.01  # nats/token: below this a gain difference is noise, not a bug
 
 
@@ -293,6 +294,7 @@ def check_fidelity(
     texts: list[str],
     min_corr: float = 0.95,
     loss_tolerance: float = 0.25,
+    min_corr_qk: float = QK_MIN_CORR,
 ) -> FidelityResult:
     """Load the trained adapter in the trainer's back end and compare it with llama.cpp.
 
@@ -300,7 +302,9 @@ def check_fidelity(
     second exists because a q/k layout mistake (the one transformation only those two
     projections get) hides in the whole-adapter number: on the tiny test model an
     export with q/k left un-permuted still correlated 0.953 overall, since v/o/MLP
-    deltas were right and dominated. Both must reach ``min_corr``.
+    deltas were right and dominated. The q/k part alone has its own, lower bar
+    (``min_corr_qk``): its effect is small, so the 4-bit base's noise weighs more — on
+    SmolLM2 Q4_1 a correct q/k export correlated 0.87, an un-permuted one 0.07.
 
     A failed check (``passed=False``) must fail the cycle: the exported file would not
     do in Ollama what the judge measured.
@@ -329,11 +333,11 @@ def check_fidelity(
         gc.collect()
     result.correlation_qk = qk.correlation
     result.seconds += qk.seconds
-    if not (math.isfinite(qk.correlation) and qk.correlation >= min_corr):
+    if not (math.isfinite(qk.correlation) and qk.correlation >= min_corr_qk):
         result.passed = False
         result.reason = (
             f"q/k part of the adapter differs between llama.cpp and the trainer: correlation "
-            f"{qk.correlation:.3f} < {min_corr} (whole adapter {result.correlation:.3f}) — q/k row layout wrong in the export"
+            f"{qk.correlation:.3f} < {min_corr_qk} (whole adapter {result.correlation:.3f}) — q/k row layout wrong in the export"
         )
     else:
         result.reason += f"; q/k alone {qk.correlation:.3f}"

@@ -52,7 +52,7 @@ def main() -> int:
     cfg = TrainConfig(backend="torch", method=args.method, max_steps=args.steps, seq_len=256, batch_size=4,
                       learning_rate=2e-4, warmup_steps=1, checkpoint_every=1000)
     t0 = time.monotonic()
-    res = train(ds, out / "train", cfg)
+    res = train(ds, out / "train", cfg, progress=lambda d: print(json.dumps(d, default=str)[:200], file=sys.stderr, flush=True))
     t_train = time.monotonic() - t0
     base = resolve_base(cfg.base_model)
     t0 = time.monotonic()
