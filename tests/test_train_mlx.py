@@ -91,7 +91,6 @@ def test_gguf_base_matches_torch_and_pissa_keeps_function(tiny_gguf, tmp_path):
     before = be.logits(text)
     try:  # same weights through transformers (HF q/k order) give the same logits
         import torch  # noqa: F401
-
         from tiny import make_tiny_llama
 
         # the same weights as an HF directory (faster for transformers than its GGUF reader)
