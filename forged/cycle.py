@@ -80,8 +80,10 @@ class WorkerHandle:
                 continue  # a library printed to stdout; not ours
             kind = msg.pop("event", "")
             if kind == "progress":
-                self.progress = msg
-                if time.time() - last_write > 2.0:
+                # steps come many a second: record them every 2 s; milestones always
+                milestone = msg.get("kind") not in (None, "step", "progress")
+                self.progress = {**self.progress, **msg} if milestone else msg
+                if milestone or time.time() - last_write > 2.0:
                     last_write = time.time()
                     self.engine.state.query("UPDATE jobs SET progress=? WHERE id=?",
                                             (json.dumps(msg), self.job_id))
@@ -124,6 +126,8 @@ class Engine:
         self._gates: dict[str, Any] = {}
         self._gates_open = False
         self._mem_need: int | None = None
+        self._tick_error: str | None = None
+        self._tick_error_at = 0.0
         self._last_tick = time.time()
         self._asking: set[int] = set()
         self._paused_flag = self.paths.state_dir / "paused"
@@ -344,8 +348,17 @@ class Engine:
     def tick(self) -> None:
         try:
             self._tick()
-        except Exception:
-            self.log.exception("tick_failed")
+            self._tick_error = None
+        except Exception as e:
+            # a persistent fault (disk gone, DB locked) fails every tick: log its traceback
+            # once, then one line a minute, not a traceback every few seconds.
+            key = f"{type(e).__name__}: {e}"
+            if key != self._tick_error:
+                self._tick_error, self._tick_error_at = key, time.monotonic()
+                self.log.exception("tick_failed")
+            elif time.monotonic() - self._tick_error_at > 60:
+                self._tick_error_at = time.monotonic()
+                self.log.error("tick_still_failing", error=key)
         for hook in list(self.on_tick):
             hook()
 
@@ -779,7 +792,7 @@ class Engine:
     def repo_detail(self, repo: Row) -> dict[str, Any]:
         out = self._repo_status(repo)
         cycles = self.state.query("SELECT * FROM cycles WHERE repo_id=? ORDER BY id DESC LIMIT 10", (repo["id"],))
-        out["cycles"] = [{k: (json.loads(c[k]) if k == "metrics" and c[k] else c[k]) for k in c}
+        out["cycles"] = [{**dict(c), "metrics": json.loads(c["metrics"]) if c["metrics"] else None}
                          for c in cycles]
         out["versions"] = [dict(v) for v in self.state.query(
             "SELECT version, tag, state, train_commit, created_at FROM model_versions WHERE repo_id=? "

@@ -43,6 +43,15 @@ def _table(rows: list[list[Any]], head: list[str]) -> str:
     return out + "</table>"
 
 
+def _point(i: int, p: Any) -> tuple[float, float]:
+    """A loss-curve entry: a bare loss per step (the trainer's format), a [step, loss] pair or a dict."""
+    if isinstance(p, list | tuple):
+        return float(p[0]), float(p[1])
+    if isinstance(p, dict):
+        return float(p["step"]), float(p["loss"])
+    return float(i + 1), float(p)
+
+
 def write_report(cycle_dir: Path, repo: str, cycle: dict[str, Any]) -> Path:
     metrics = json.loads(cycle.get("metrics") or "{}") if isinstance(cycle.get("metrics"), str) else (
         cycle.get("metrics") or {})
@@ -50,8 +59,7 @@ def write_report(cycle_dir: Path, repo: str, cycle: dict[str, Any]) -> Path:
     judged = _load(cycle_dir / "judge.result.json") or {}
     judge = judged.get("judge") or metrics.get("judge") or {}
     manifest = _load(cycle_dir / "dataset" / "manifest.json") or metrics.get("dataset") or {}
-    curve = [(float(p[0]), float(p[1])) if isinstance(p, list | tuple) else (float(p["step"]), float(p["loss"]))
-             for p in train.get("loss_curve", [])]
+    curve = [_point(i, p) for i, p in enumerate(train.get("loss_curve") or [])]
     parts = [
         "<!doctype html><meta charset=utf-8>",
         f"<title>forged report — {html.escape(repo)} cycle {cycle.get('id')}</title>",

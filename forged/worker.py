@@ -29,8 +29,12 @@ STAGES = ("mine", "train", "judge")
 
 
 def emit(event: str, data: dict[str, Any] | None = None, **more: Any) -> None:
-    # the stage's own keys never override the protocol's
-    msg = {**(data or {}), **more, "event": event, "ts": time.time()}
+    # the protocol's "event" wins; a stage's own event name ("step", "resumed",
+    # "checkpoint") travels as "kind"
+    msg = {**(data or {}), **more}
+    if "event" in msg:
+        msg["kind"] = msg.pop("event")
+    msg.update(event=event, ts=time.time())
     sys.stdout.write(json.dumps(msg, default=str) + "\n")
     sys.stdout.flush()
 

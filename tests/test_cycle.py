@@ -140,7 +140,8 @@ def test_cycle_waits_for_gates_pauses_resumes_and_goes_live(short_tmp: Path, tin
 
             set_idle(fixtures, 20 * 60)
             d.wait_for(lambda st: stage_of(st, "proj") == "awaiting_approval", timeout=400)
-            detail = d.request("GET", "/v1/repos/proj")[1]
+            code, detail = d.request("GET", "/v1/repos/proj")
+            assert code == 200, detail
             cyc = detail["cycles"][0]
             judge = cyc["metrics"]["judge"]
             assert judge["passed"] and judge["candidate"]["bpb"] < judge["base"]["bpb"]
@@ -168,29 +169,38 @@ def test_daemon_kill9_mid_training_recovers_and_never_runs_two_workers(short_tmp
     set_idle(fixtures, 20 * 60)
     d = DaemonProc(short_tmp / "h", cycle_config(tiny_base, "http://127.0.0.1:9", "[publish.x]\n")
                    .replace("[publish.x]\n", ""), env={"FORGED_PROBE_FIXTURES": str(fixtures)}).start()
-    repo = make_repo(short_tmp / "proj", source_files())
-    assert d.ctl("repos", "add", str(repo)).returncode == 0
-    st = d.wait_for(lambda st: st["worker"] and st["worker"]["stage"] == "train"
-                    and (st["worker"]["progress"].get("step") or 0) >= 4 and st, timeout=240)
-    worker_pid = st["worker"]["pid"]
-    d.stop(signal.SIGKILL)
-    # the worker dies with its daemon (PR_SET_PDEATHSIG): no orphan keeps training
-    deadline = time.monotonic() + 40
-    while time.monotonic() < deadline and Path(f"/proc/{worker_pid}").exists():
-        status = Path(f"/proc/{worker_pid}/status").read_text() if Path(f"/proc/{worker_pid}/status").exists() else ""
-        if "State:\tZ" in status:
-            break
-        time.sleep(0.5)
-    assert not Path(f"/proc/{worker_pid}").exists() or "State:\tZ" in Path(f"/proc/{worker_pid}/status").read_text()
-    git(repo, "commit", "--allow-empty", "-q", "-m", "while the daemon was down")
-    d.start()
-    # Ollama is down (port 9): the cycle resumes training, is judged, and waits ready to publish.
-    st = d.wait_for(lambda st: stage_of(st, "proj") in ("ready_to_publish", "rejected", "failed") and st, timeout=400)
-    entry = next(r for r in st["repos"] if r["name"] == "proj")
-    assert entry["stage"] == "ready_to_publish", entry
-    assert "ollama create" in (entry["cycle"]["manual_command"] or "")
-    assert entry["live_version"] is None  # nothing unapproved went live
-    detail = d.request("GET", "/v1/repos/proj")[1]
-    train = detail["cycles"][0]["metrics"]["train"]
-    assert train.get("resumed_from_step", 1) >= 1 or train["steps"] == 24
-    d.stop()
+    try:
+        repo = make_repo(short_tmp / "proj", source_files())
+        assert d.ctl("repos", "add", str(repo)).returncode == 0
+        st = d.wait_for(lambda st: st["worker"] and st["worker"]["stage"] == "train"
+                        and (st["worker"]["progress"].get("step") or 0) >= 4 and st, timeout=240)
+        worker_pid = st["worker"]["pid"]
+        d.stop(signal.SIGKILL)
+        # the worker dies with its daemon (PR_SET_PDEATHSIG): no orphan keeps training
+        deadline = time.monotonic() + 40
+        while time.monotonic() < deadline and Path(f"/proc/{worker_pid}").exists():
+            status = Path(f"/proc/{worker_pid}/status").read_text() if Path(f"/proc/{worker_pid}/status").exists() else ""
+            if "State:\tZ" in status:
+                break
+            time.sleep(0.5)
+        assert not Path(f"/proc/{worker_pid}").exists() or "State:\tZ" in Path(f"/proc/{worker_pid}/status").read_text()
+        git(repo, "commit", "--allow-empty", "-q", "-m", "while the daemon was down")
+        d.start()
+        # Ollama is down (port 9): the cycle resumes training, is judged, and waits ready to publish.
+        st = d.wait_for(lambda st: stage_of(st, "proj") in ("ready_to_publish", "rejected", "failed") and st, timeout=400)
+        entry = next(r for r in st["repos"] if r["name"] == "proj")
+        assert entry["stage"] == "ready_to_publish", entry
+        assert "ollama create" in (entry["cycle"]["manual_command"] or "")
+        assert entry["live_version"] is None  # nothing unapproved went live
+        code, detail = d.request("GET", "/v1/repos/proj")
+        assert code == 200, detail
+        train = detail["cycles"][0]["metrics"]["train"]
+        assert train["steps"] == 24
+        code, events = d.request("GET", "/v1/events?after=0&follow=0")
+        lines = [__import__("json").loads(x) for x in events.decode().splitlines()] if isinstance(events, bytes) \
+            else [events]
+        resumed = [e for e in lines if e.get("kind") == "progress" and e["data"].get("kind") == "resumed"]
+        assert resumed and resumed[0]["data"]["step"] >= 4, "training resumed from its checkpoint, not from 0"
+    finally:
+        if d.proc and d.proc.poll() is None:
+            d.stop()
