@@ -80,6 +80,10 @@ def run_stage(stage: str, cycle_dir: Path, job: dict[str, Any], stop: threading.
         if not verdict.passed:
             return out
         base = resolve_base(cfg.train.base_model)
+        if cfg.publish.export == "fused":
+            out.update(passed=False, export_error="publish.export = 'fused' is not implemented yet; "
+                                                  "use 'adapter' (a GGUF LoRA on the base)")
+            return out
         if base.kind != "gguf":
             out.update(passed=False, export_error=f"export needs a GGUF base; {cfg.train.base_model} is {base.kind}")
             return out
@@ -87,7 +91,8 @@ def run_stage(stage: str, cycle_dir: Path, job: dict[str, Any], stop: threading.
         progress({"stage": "export", "path": str(exported.path)})
         texts = _heldout_texts(cycle_dir / "dataset" / "valid.jsonl", limit=8)
         fid = check_fidelity(adapter, exported.path, Path(base.path), cfg.train, texts,
-                             min_corr=cfg.judge.fidelity_min_corr)
+                             min_corr=cfg.judge.fidelity_min_corr,
+                             loss_tolerance=cfg.judge.fidelity_loss_tolerance)
         out.update(export=exported.to_dict(), fidelity=fid.to_dict(), base_gguf=str(base.path),
                    passed=bool(fid.passed))
         return out

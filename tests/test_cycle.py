@@ -204,3 +204,32 @@ def test_daemon_kill9_mid_training_recovers_and_never_runs_two_workers(short_tmp
     finally:
         if d.proc and d.proc.poll() is None:
             d.stop()
+
+
+def test_worker_kill9_at_each_stage_is_retried_and_cycle_finishes(short_tmp: Path, tiny_base: Path) -> None:
+    import os
+
+    fixtures = short_tmp / "probe"
+    set_idle(fixtures, 20 * 60)
+    d = DaemonProc(short_tmp / "h", cycle_config(tiny_base, "http://127.0.0.1:9"),
+                   env={"FORGED_PROBE_FIXTURES": str(fixtures)}).start()
+    try:
+        repo = make_repo(short_tmp / "proj", source_files())
+        assert d.ctl("repos", "add", str(repo)).returncode == 0
+        killed: list[str] = []
+        for stage in ("mine", "train", "judge"):
+            st = d.wait_for(lambda st, stage=stage: st["worker"] and st["worker"]["stage"] == stage and st,
+                            timeout=300, interval=0.05)
+            os.kill(st["worker"]["pid"], signal.SIGKILL)
+            killed.append(stage)
+            # the crash is recorded as a failure with a retry, never as two workers at once
+            st = d.wait_for(lambda st: stage_of(st, "proj") == "failed" and st, timeout=60, interval=0.05)
+            entry = next(r for r in st["repos"] if r["name"] == "proj")
+            assert entry["cycle"]["attempts"] >= 1 and st["worker"] is None
+        st = d.wait_for(lambda st: stage_of(st, "proj") in ("ready_to_publish", "rejected") and st, timeout=400)
+        entry = next(r for r in st["repos"] if r["name"] == "proj")
+        assert entry["stage"] == "ready_to_publish", entry
+        assert killed == ["mine", "train", "judge"] and entry["live_version"] is None
+    finally:
+        if d.proc and d.proc.poll() is None:
+            d.stop()
