@@ -154,7 +154,7 @@ class JudgeConfig:
     max_examples: int = field(default=200, metadata=_check(_positive))
     fidelity_min_corr: float = field(default=0.95, metadata=_check(_fraction))
     # FIM and RAFT need greedy generation, which dominates judge time: cap them apart.
-    max_generate: int = field(default=64, metadata=_check(_positive))
+    max_generate: int = field(default=32, metadata=_check(_positive))
     # Fidelity: llama.cpp's held-out loss gain may differ from the trainer's by this share.
     fidelity_loss_tolerance: float = field(default=0.25, metadata=_check(_fraction))
 

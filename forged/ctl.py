@@ -99,6 +99,8 @@ def _progress_text(r: dict[str, Any]) -> str:
         eta = f", ETA {int(prog['eta_s'])}s" if prog.get("eta_s") is not None else ""
         loss = f", loss {prog['loss']:.3f}" if isinstance(prog.get("loss"), int | float) else ""
         return f"step {prog['step']}/{total}{loss}{eta}"
+    if prog.get("total") and prog.get("metric"):
+        return f"judging {prog.get('model', '')} {prog['metric']} {prog.get('done', 0)}/{prog['total']}"
     if prog.get("files_total"):
         return f"{prog.get('files_done', 0)}/{prog['files_total']} files"
     return (r.get("progress") or {}).get("text") or "—"

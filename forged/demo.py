@@ -37,6 +37,7 @@ max_commits = 100
 
 [judge]
 max_examples = 24
+max_generate = 8
 
 [[repos]]
 path = "{repo}"

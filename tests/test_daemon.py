@@ -252,3 +252,25 @@ assert need > 100 * 2**20, need
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                        env={**os.environ, "FORGED_HOME": str(tmp_path)})
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+
+
+def test_configuration_reference_documents_every_key() -> None:
+    import dataclasses
+    import typing
+
+    doc = (Path(__file__).parent.parent / "docs" / "configuration.md").read_text()
+    missing = []
+
+    def walk(cls: type, prefix: str) -> None:
+        for name, t in typing.get_type_hints(cls).items():
+            if name in ("source", "repos"):
+                continue
+            if dataclasses.is_dataclass(t):
+                if f"[{prefix}{name}]" not in doc:
+                    missing.append(f"[{prefix}{name}]")
+                walk(t, f"{prefix}{name}.")
+            elif f"`{name}`" not in doc:
+                missing.append(prefix + name)
+
+    walk(config.Config, "")
+    assert not missing, f"docs/configuration.md lacks {missing}"
