@@ -111,8 +111,12 @@ def main(argv: list[str]) -> int:
     threading.Thread(target=follow, daemon=True).start()
     import signal
 
-    signal.signal(signal.SIGTERM, lambda *_: d.stopping.set())
-    signal.signal(signal.SIGINT, lambda *_: d.stopping.set())
+    def on_signal(signum: int, _frame: object) -> None:
+        d.log.info("signal", signal=signal.Signals(signum).name)
+        d.stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     try:
         while not d.stopping.wait(1.0):
             pass
