@@ -50,6 +50,15 @@ class PidLock:
         os.write(fd, str(os.getpid()).encode())
         self.fd = fd
 
+    def intact(self) -> bool:
+        """Whether the lock file we hold is still the one at our path (the home was not deleted)."""
+        if self.fd is None:
+            return False
+        try:
+            return os.stat(self.path).st_ino == os.fstat(self.fd).st_ino
+        except FileNotFoundError:
+            return False
+
     def release(self) -> None:
         if self.fd is not None:
             os.close(self.fd)
@@ -109,10 +118,20 @@ class Daemon:
         signal.signal(signal.SIGINT, on_signal)
         self.start()
         try:
-            while not self.stopping.wait(1.0):
-                pass
+            self.wait()
         finally:
             self.stop()
+
+    def wait(self) -> None:
+        """Run until told to stop, or until our state directory is deleted under us.
+
+        A daemon whose home was removed would otherwise keep running on unlinked files
+        while a new one starts beside it: two daemons for one home.
+        """
+        while not self.stopping.wait(1.0):
+            if not self.lock.intact():
+                self.log.error("home_removed", lock=str(self.lock.path))
+                self.stopping.set()
 
     def _register_config_repos(self) -> None:
         assert self.state is not None

@@ -118,8 +118,7 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
-        while not d.stopping.wait(1.0):
-            pass
+        d.wait()
     finally:
         d.stop()
     return 0

@@ -220,12 +220,14 @@ def test_worker_kill9_at_each_stage_is_retried_and_cycle_finishes(short_tmp: Pat
         for stage in ("mine", "train", "judge"):
             st = d.wait_for(lambda st, stage=stage: st["worker"] and st["worker"]["stage"] == stage and st,
                             timeout=300, interval=0.05)
-            os.kill(st["worker"]["pid"], signal.SIGKILL)
+            killed_pid = st["worker"]["pid"]
+            os.kill(killed_pid, signal.SIGKILL)
             killed.append(stage)
-            # the crash is recorded as a failure with a retry, never as two workers at once
+            # the crash is recorded as a failure with a retry (the retry may already be running)
             st = d.wait_for(lambda st: stage_of(st, "proj") == "failed" and st, timeout=60, interval=0.05)
             entry = next(r for r in st["repos"] if r["name"] == "proj")
-            assert entry["cycle"]["attempts"] >= 1 and st["worker"] is None
+            assert entry["cycle"]["attempts"] >= 1
+            assert st["worker"] is None or st["worker"]["pid"] != killed_pid
         st = d.wait_for(lambda st: stage_of(st, "proj") in ("ready_to_publish", "rejected") and st, timeout=400)
         entry = next(r for r in st["repos"] if r["name"] == "proj")
         assert entry["stage"] == "ready_to_publish", entry

@@ -274,3 +274,12 @@ def test_configuration_reference_documents_every_key() -> None:
 
     walk(config.Config, "")
     assert not missing, f"docs/configuration.md lacks {missing}"
+
+
+def test_daemon_stops_when_its_home_is_deleted(short_tmp: Path) -> None:
+    d = DaemonProc(short_tmp / "h", QUIET).start()
+    shutil.rmtree(d.home)
+    assert d.proc.wait(timeout=30) == 0
+    second = DaemonProc(short_tmp / "h", QUIET).start()  # a fresh one can take over
+    assert second.request("GET", "/v1/status")[0] == 200
+    second.stop()

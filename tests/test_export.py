@@ -302,7 +302,9 @@ def test_real_base_export_and_fidelity(tmp_path: Path, llama_cpp) -> None:
     from forged.fidelity import check_fidelity
 
     base = bundled_gguf()
-    ad = make_peft_adapter(base, tmp_path / "ad", rank=8, alpha=16.0, rslora=True, std=0.02)
+    # std 0.05: a random adapter's effect must stand well above llama.cpp's Q8 activation
+    # rounding for the correlation to measure the layout; at 0.02 it measured 0.937-0.95.
+    ad = make_peft_adapter(base, tmp_path / "ad", rank=8, alpha=16.0, rslora=True, std=0.05)
     res = export_adapter(ad, base, tmp_path / "a.gguf")
     assert res.permuted_qk and res.rank == 8 and res.n_tensors == 2 * 7 * 30
     cfg = TrainConfig(backend="torch", base_model="bundled:smollm2-135m")
