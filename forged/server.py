@@ -201,13 +201,17 @@ class ControlServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         finally:
             os.umask(old)
         os.chmod(path, 0o600)
+        self.sock_ino = path.stat().st_ino
 
     def close(self) -> None:
         self.shutting_down = True
         self.shutdown()
         self.server_close()
+        # Only remove the socket file if it is still ours: another daemon may have
+        # taken over the path (e.g. after our home was deleted and recreated).
         with contextlib.suppress(FileNotFoundError):
-            self.sock_path.unlink()
+            if self.sock_path.stat().st_ino == self.sock_ino:
+                self.sock_path.unlink()
 
 
 def socket_alive(path: Path, timeout: float = 1.0) -> bool:
