@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -197,3 +198,16 @@ def tokenize(tok: Any, records: list[Record], seq_len: int) -> list[Example]:
             pieces = [Example(ex.ids[:seq_len], ex.mask[:seq_len])]
         out.extend(p for p in pieces if p.n_targets > 0)
     return out
+
+
+def score_windows(ids: list[int], ctx: int, start_id: int) -> Iterator[list[int]]:
+    """Windows of at most ``ctx`` tokens that together score every token of ``ids`` once.
+
+    A text longer than the context is scored in consecutive windows, each re-started
+    with the start token (both back ends score held-out loss this way).
+    """
+    for i in range(0, max(len(ids) - 1, 1), ctx - 1):
+        chunk = ids[i : i + ctx] if i == 0 else [start_id, *ids[i + 1 : i + ctx]]
+        if len(chunk) < 2:
+            return
+        yield chunk

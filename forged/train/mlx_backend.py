@@ -31,7 +31,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from forged.train.backend import BackendError, openblas_preload  # noqa: F401 (re-exported)
-from forged.train.data import encode, start_id
+from forged.train.data import encode, score_windows, start_id
 from forged.train.models import BaseModel, ModelError, load_tokenizer
 from forged.train.packing import IGNORE
 from forged.train.pissa import pissa_init, to_plain_lora
@@ -396,10 +396,7 @@ class MLXBackend:
         for text in texts:
             ids = self.input_ids(text)
             total = 0.0
-            for i in range(0, max(len(ids) - 1, 1), ctx - 1):
-                chunk = ids[i : i + ctx] if i == 0 else [self.start_id, *ids[i + 1 : i + ctx]]
-                if len(chunk) < 2:
-                    break
+            for chunk in score_windows(ids, ctx, self.start_id):
                 x = mx.array([chunk])
                 logits = self.model(x)[0, :-1].astype(mx.float32)
                 total += float(nn.losses.cross_entropy(logits, x[0, 1:], reduction="sum"))

@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from forged.train.backend import BackendError
-from forged.train.data import encode, start_id
+from forged.train.data import encode, score_windows, start_id
 from forged.train.models import BaseModel, ModelError, load_tokenizer
 from forged.train.packing import IGNORE
 
@@ -310,11 +310,7 @@ class TorchBackend:
         for text in texts:
             ids = self.input_ids(text)
             total = 0.0
-            # Longer than the context: score in consecutive windows, each re-started.
-            for i in range(0, max(len(ids) - 1, 1), ctx - 1):
-                chunk = ids[i : i + ctx] if i == 0 else [self.start_id, *ids[i + 1 : i + ctx]]
-                if len(chunk) < 2:
-                    break
+            for chunk in score_windows(ids, ctx, self.start_id):
                 x = torch.tensor([chunk], device=self.device)
                 logits = self._core()(input_ids=x).logits[0, :-1].float()
                 total += float(torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="sum"))
