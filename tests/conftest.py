@@ -11,6 +11,18 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _no_leaked_daemons() -> Iterator[None]:
+    """A failing test must not leave a real daemon (and its worker) running after the run."""
+    yield
+    from tests.daemon_proc import STARTED
+
+    for proc in STARTED:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 @pytest.fixture
 def short_tmp() -> Iterator[Path]:
     """A temp dir with a short path: Unix socket paths are limited to ~104 bytes."""

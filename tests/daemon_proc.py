@@ -27,6 +27,9 @@ class UnixHTTP(http.client.HTTPConnection):
         self.sock.connect(self.path_)
 
 
+STARTED: list[subprocess.Popen[bytes]] = []  # conftest kills any a failed test left running
+
+
 class DaemonProc:
     def __init__(self, home: Path, config_text: str | None = None, env: dict[str, str] | None = None) -> None:
         self.home = home
@@ -44,6 +47,7 @@ class DaemonProc:
     def start(self, wait: bool = True) -> DaemonProc:
         self.proc = subprocess.Popen([sys.executable, "-m", "forged"], env=self.env,
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        STARTED.append(self.proc)
         if wait and not wait_for_socket(self.socket, timeout=20):
             out = self.stop()
             raise RuntimeError(f"daemon did not come up: {out}")

@@ -79,18 +79,21 @@ def test_commit_while_stopped_is_seen_on_start_and_missing_repo_recovers(short_t
     # quiet hours all day: the due cycle waits instead of mining while the repo moves
     cfg = CONFIG.replace("idle = false", "idle = false\nquiet_hours = ['00:00-23:59']")
     d = DaemonProc(short_tmp / "h", cfg).start()
-    assert d.ctl("repos", "add", str(repo)).returncode == 0
-    d.wait_for(lambda st: (st["repos"][0]["progress"]["lines"] or 0) >= 1)
-    d.stop()
-    (repo / "b.py").write_text("".join(f"v{i} = {i}\n" for i in range(60)))
-    git(repo, "add", "b.py")
-    git(repo, "commit", "-q", "-m", "while the daemon was down")
-    d.start()
-    d.wait_for(lambda st: st["repos"][0]["progress"]["lines"] == 61 and st["repos"][0]["stage"] == "due")
-    moved = short_tmp / "elsewhere"
-    repo.rename(moved)
-    d.wait_for(lambda st: st["repos"][0]["stage"] == "missing", timeout=30)
-    assert d.ctl("status").returncode == 0
-    moved.rename(repo)
-    d.wait_for(lambda st: st["repos"][0]["stage"] == "due" and not st["repos"][0]["missing"], timeout=30)
-    d.stop()
+    try:
+        assert d.ctl("repos", "add", str(repo)).returncode == 0
+        d.wait_for(lambda st: (st["repos"][0]["progress"]["lines"] or 0) >= 1)
+        d.stop()
+        (repo / "b.py").write_text("".join(f"v{i} = {i}\n" for i in range(60)))
+        git(repo, "add", "b.py")
+        git(repo, "commit", "-q", "-m", "while the daemon was down")
+        d.start()
+        d.wait_for(lambda st: st["repos"][0]["progress"]["lines"] == 61 and st["repos"][0]["stage"] == "due")
+        moved = short_tmp / "elsewhere"
+        repo.rename(moved)
+        d.wait_for(lambda st: st["repos"][0]["stage"] == "missing", timeout=30)
+        assert d.ctl("status").returncode == 0
+        moved.rename(repo)
+        d.wait_for(lambda st: st["repos"][0]["stage"] == "due" and not st["repos"][0]["missing"], timeout=30)
+    finally:
+        if d.proc and d.proc.poll() is None:
+            d.stop()
