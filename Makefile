@@ -32,8 +32,9 @@ $(STAMP): pyproject.toml
 
 # The main job on the embedded default: the daemon in the foreground, this checkout
 # registered, the bundled SmolLM2-135M base, a first forge cycle started at once.
+# `make run ARGS=--exit-after-cycle` stops once that cycle rests (used for timing it).
 run: $(STAMP)
-	FORGED_HOME=$(CURDIR)/state $(VENV)/bin/forged demo
+	FORGED_HOME=$(CURDIR)/state $(VENV)/bin/forged demo $(ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
