@@ -549,6 +549,7 @@ class Engine:
             PublishError,
             base_chat_template,
             manual_commands,
+            system_prompt,
         )
 
         repo = self.state.one("SELECT * FROM repos WHERE id=?", (cyc["repo_id"],))
@@ -569,13 +570,14 @@ class Engine:
                     " metrics, created_at) VALUES (?,?,?,?,?,?,?,?,?)",
                     (repo["id"], version, cid, tag, str(self.cycle_dir(repo["name"], cid) / "train" / "adapter"),
                      cyc["head_commit"], "candidate", cyc["metrics"], time.time()))
-        manual = manual_commands(repo["name"], version, base_gguf, adapter_gguf)
+        manual = manual_commands(repo["name"], version, base_gguf, adapter_gguf,
+                                 temperature=self.cfg.publish.temperature)
         try:
             pub = self._publisher()
             base_tag = pub.ensure_base(base_gguf, _base_name(self.cfg.train.base_model))
             pub.create_version(repo["name"], version, base_tag, adapter_gguf,
                                template=base_chat_template(base_gguf),
-                               system=f"You are a coding assistant that knows the {repo['name']} repository.",
+                               system=system_prompt(repo["name"]),
                                temperature=self.cfg.publish.temperature)
         except (OllamaUnavailable, PublishError, OSError) as e:
             attempts = int(cyc["attempts"]) + 1
