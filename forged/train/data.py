@@ -211,3 +211,11 @@ def score_windows(ids: list[int], ctx: int, start_id: int) -> Iterator[list[int]
         if len(chunk) < 2:
             return
         yield chunk
+
+
+def cut_at_stop(text: str, stop: list[str] | None) -> str:
+    """Generated text up to the first stop string that occurs in it, in the order given."""
+    for s in stop or []:
+        if s and s in text:
+            text = text[: text.index(s)]
+    return text

@@ -31,7 +31,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from forged.train.backend import BackendError, openblas_preload  # noqa: F401 (re-exported)
-from forged.train.data import encode, score_windows, start_id
+from forged.train.data import cut_at_stop, encode, score_windows, start_id
 from forged.train.models import BaseModel, ModelError, load_tokenizer
 from forged.train.packing import IGNORE
 from forged.train.pissa import pissa_init, to_plain_lora
@@ -427,10 +427,7 @@ class MLXBackend:
                 break
             x = mx.array([[nxt]])
         text = self.tok.decode(out, skip_special_tokens=True)
-        for s in stop or []:
-            if s and s in text:
-                text = text[: text.index(s)]
-        return text
+        return cut_at_stop(text, stop)
 
     def chat_prompt(self, messages: list[dict]) -> str:
         return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

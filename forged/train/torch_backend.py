@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from forged.train.backend import BackendError
-from forged.train.data import encode, score_windows, start_id
+from forged.train.data import cut_at_stop, encode, score_windows, start_id
 from forged.train.models import BaseModel, ModelError, load_tokenizer
 from forged.train.packing import IGNORE
 
@@ -333,10 +333,7 @@ class TorchBackend:
         finally:
             m.config.use_cache = False
         text = self.tok.decode(y[0, x.shape[1]:], skip_special_tokens=True)
-        for s in stop or []:
-            if s and s in text:
-                text = text[: text.index(s)]
-        return text
+        return cut_at_stop(text, stop)
 
     def chat_prompt(self, messages: list[dict]) -> str:
         return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
