@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("tree_sitter")
 
 from forged.config import MineConfig  # noqa: E402
-from forged.mine import mine_repo  # noqa: E402
+from forged.mine import linked, mine_repo  # noqa: E402
 from forged.mine.examples import ANSWER, BEGIN_QUOTE, END_QUOTE  # noqa: E402
 from forged.mine.gitio import GitError  # noqa: E402
 
@@ -90,8 +90,13 @@ def cfg(**kw: object) -> MineConfig:
     return c
 
 
+def body(out: Path, name: str) -> bytes:
+    """A dataset file's bytes, whether written plain or linked into the line store."""
+    return linked.read_bytes(out / name)
+
+
 def read(out: Path, name: str) -> list[dict]:
-    return [json.loads(ln) for ln in (out / name).read_text().splitlines()]
+    return [json.loads(ln) for ln in body(out, name).decode().splitlines()]
 
 
 def test_mine_writes_mlx_formats_and_manifest(repo: Path, tmp_path: Path) -> None:
@@ -163,7 +168,7 @@ def test_split_stable_and_disjoint(repo: Path, tmp_path: Path) -> None:
     assert v1 and not (v1 & t1) and not (v2 & t2)
     assert v1 <= v2 and not (v1 & t2)  # held-out files stay held out
     # Held-out code never reaches a training example, not even as a RAFT distractor.
-    train_text = (tmp_path / "o2" / "train.jsonl").read_text()
+    train_text = body(tmp_path / "o2", "train.jsonl").decode()
     for p in v2:
         assert f"path: {p}\\n" not in train_text
 
@@ -234,7 +239,7 @@ def test_process_pool_path_matches_inline(repo: Path, tmp_path: Path,
     monkeypatch.setattr(dataset, "_INLINE_BYTES", 0)  # force the pool even for a tiny repo
     pooled = mine_repo(repo, tmp_path / "b", cfg(workers=2), tmp_path / "cb")
     assert pooled.files_parsed == inline.files_parsed
-    assert (tmp_path / "a" / "train.jsonl").read_text() == (tmp_path / "b" / "train.jsonl").read_text()
+    assert body(tmp_path / "a", "train.jsonl").decode() == body(tmp_path / "b", "train.jsonl").decode()
 
 
 @pytest.mark.parametrize("shards", [1, 8])
@@ -267,7 +272,7 @@ def test_remine_rederives_only_the_changed_file_and_matches_cold(
     cold = mine_repo(repo, tmp_path / "o3", c, tmp_path / "cold-cache", changed_since=base)
     assert len(per_file) == cold.files_mined and len(raft_q) > n_warm_raft
     for name in ("train.jsonl", "valid.jsonl", "mlx/train.jsonl", "mlx/valid.jsonl"):
-        assert (tmp_path / "o2" / name).read_bytes() == (tmp_path / "o3" / name).read_bytes(), name
+        assert body(tmp_path / "o2", name) == body(tmp_path / "o3", name), name
     for k in ("examples", "by_kind", "by_lang", "chars", "tokens_est", "duplicates_removed",
               "chunks", "symbols", "skipped", "redactions", "files_mined", "files_changed"):
         assert getattr(warm, k) == getattr(cold, k), k
@@ -280,9 +285,9 @@ def test_remine_rederives_only_the_changed_file_and_matches_cold(
     warm = mine_repo(repo, tmp_path / "o4", c, cache)
     cold = mine_repo(repo, tmp_path / "o5", c, tmp_path / "cold-cache-2")
     for name in ("train.jsonl", "valid.jsonl", "mlx/train.jsonl", "mlx/valid.jsonl"):
-        assert (tmp_path / "o4" / name).read_bytes() == (tmp_path / "o5" / name).read_bytes(), name
+        assert body(tmp_path / "o4", name) == body(tmp_path / "o5", name), name
     assert warm.examples == cold.examples and warm.by_kind == cold.by_kind
-    text = (tmp_path / "o4" / "train.jsonl").read_text() + (tmp_path / "o4" / "valid.jsonl").read_text()
+    text = body(tmp_path / "o4", "train.jsonl").decode() + body(tmp_path / "o4", "valid.jsonl").decode()
     assert "Where is `Engine8" not in text and "Where is `Engine9" in text  # no longer unique
 
 
@@ -307,7 +312,7 @@ def test_store_compaction_and_log_keep_output_identical(repo: Path, tmp_path: Pa
     cold = mine_repo(repo, tmp_path / "o5", c, tmp_path / "cold")
     assert warm.files_parsed == 1 and warm.examples == cold.examples
     for name in ("train.jsonl", "valid.jsonl", "mlx/train.jsonl", "mlx/valid.jsonl"):
-        assert (tmp_path / "o4" / name).read_bytes() == (tmp_path / "o5" / name).read_bytes(), name
+        assert body(tmp_path / "o4", name) == body(tmp_path / "o5", name), name
 
 
 def test_config_change_replaces_the_repos_store(repo: Path, tmp_path: Path) -> None:
@@ -315,3 +320,46 @@ def test_config_change_replaces_the_repos_store(repo: Path, tmp_path: Path) -> N
     mine_repo(repo, tmp_path / "o1", cfg(), cache)
     mine_repo(repo, tmp_path / "o2", cfg(seed=7), cache)
     assert len(list((cache / "lines").iterdir())) == 1  # the seed-0 store is gone
+
+
+def test_linked_layout_shares_the_store_and_reads_like_plain(repo: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from forged.mine import dataset, store
+    from forged.train.data import load_dataset
+
+    c, cache = cfg(), tmp_path / "cache"
+    mine_repo(repo, tmp_path / "l1", c, cache)
+    plain = tmp_path / "p1"
+    mine_repo(repo, plain, c, tmp_path / "cache-plain", linked=False)
+    l1 = tmp_path / "l1"
+    # Training split linked (hard links into the store, no copy); held-out split plain.
+    assert not (l1 / "train.jsonl").exists() and not (l1 / "mlx" / "train.jsonl").exists()
+    assert (l1 / "valid.jsonl").is_file() and (l1 / "mlx" / "valid.jsonl").is_file()
+    assert all(p.stat().st_nlink >= 2 for p in (l1 / "lines").glob("*-meta.*.bin"))
+    assert not (plain / "linked.json").exists() and (plain / "train.jsonl").is_file()
+    names = ("train.jsonl", "valid.jsonl", "mlx/train.jsonl", "mlx/valid.jsonl")
+    before = {n: body(l1, n) for n in names}
+    assert before == {n: (plain / n).read_bytes() for n in names}
+    ds = load_dataset(l1)  # the trainer's reader takes either form
+    assert len(ds.train) == len(read(plain, "train.jsonl")) and ds.valid
+    # Later mines append to the store and compact it: an earlier linked dataset keeps its
+    # bytes (the store never rewrites a linked file in place).
+    commit(repo, {"pkg/mod2.py": module(2).replace("total * 2", "total * 4")}, "Four")
+    mine_repo(repo, tmp_path / "l2", c, cache)
+    monkeypatch.setattr(store.LineStore, "size", lambda self: 1 << 40)  # compact
+    commit(repo, {"pkg/mod2.py": module(2)}, "Back")
+    mine_repo(repo, tmp_path / "l3", c, cache)
+    monkeypatch.undo()
+    assert {n: body(l1, n) for n in names} == before
+    # A re-mine into the same directory replaces the links; materialize writes plain files.
+    mine_repo(repo, l1, c, cache)
+    assert len(list((l1 / "lines").iterdir())) == 3  # meta, mlx, this mine's own lines
+    now = {n: body(l1, n) for n in names}
+    assert now == {n: body(tmp_path / "l3", n) for n in names}
+    assert linked.materialize(l1) == ["train.jsonl", "mlx/train.jsonl"]
+    assert {n: (l1 / n).read_bytes() for n in names} == now
+    assert not (l1 / "lines").exists() and not (l1 / "linked.json").exists()
+    # A store that cannot be hard-linked (another filesystem): plain files.
+    monkeypatch.setattr(dataset.os, "link", lambda *a: (_ for _ in ()).throw(OSError(18, "EXDEV")))
+    mine_repo(repo, tmp_path / "x", c, cache)
+    assert {n: (tmp_path / "x" / n).read_bytes() for n in names} == now

@@ -53,16 +53,19 @@ class MineReport:
 
 def mine_repo(repo: Path, out_dir: Path, cfg: MineConfig, cache_dir: Path, *, commit: str = "HEAD",
               changed_since: str | None = None,
-              progress: Callable[[dict], None] | None = None) -> MineReport:
+              progress: Callable[[dict], None] | None = None, linked: bool = True) -> MineReport:
     """Mine ``repo`` at ``commit`` into ``out_dir`` (train.jsonl, valid.jsonl, manifest.json).
 
-    Only blobs missing from the cache under ``cache_dir`` are parsed. Raises
+    Only blobs missing from the cache under ``cache_dir`` are parsed. With ``linked`` (the
+    default) the training split is written as links into the line store
+    (:mod:`forged.mine.linked`): read it with :func:`forged.mine.linked.read_bytes`, or
+    :func:`forged.mine.linked.materialize` it into plain files. Raises
     :class:`forged.mine.gitio.GitError` (a one-line message) for a bad repo or commit.
     """
     from forged.mine.dataset import run
 
     return run(Path(repo), Path(out_dir), cfg, Path(cache_dir), commit=commit,
-               changed_since=changed_since, progress=progress)
+               changed_since=changed_since, progress=progress, linked=linked)
 
 
 __all__ = ["KINDS", "MineReport", "mine_repo"]

@@ -17,6 +17,9 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--since", help="mark examples from files changed since this commit")
     ap.add_argument("--commit", default="HEAD", help="commit to mine (default: HEAD)")
     ap.add_argument("--cache", type=Path, help="chunk cache directory (default: forged's cache)")
+    ap.add_argument("--linked", action="store_true",
+                    help="keep the training split as links into the line store (fast re-mines; "
+                         "`python -m forged.mine.linked DIR` writes it out for mlx-lm)")
     ap.add_argument("--quiet", action="store_true", help="no progress on stderr")
     args = ap.parse_args(argv)
 
@@ -43,7 +46,7 @@ def main(argv: list[str]) -> int:
                 print(f"\rmining {d['files_done']}/{d['files_total']} files", end="", file=sys.stderr)
 
         rep = mine_repo(args.repo, out, cfg, cache, commit=sha, changed_since=args.since,
-                        progress=progress)
+                        progress=progress, linked=args.linked)
     except GitError as e:
         print(f"\nforged mine: {e}", file=sys.stderr)
         return 1

@@ -1,12 +1,14 @@
 """The line store: each file's finished JSONL lines, kept between mines of a repo.
 
 A re-mine after a small commit should cost what the commit changed, not the repo: the
-lines of every unchanged file are copied from here into the new dataset (in-kernel,
-``os.copy_file_range``), never rebuilt or re-serialised.
+lines of every unchanged file are referenced from here by the new dataset (hard links and
+byte ranges, :mod:`forged.mine.linked`) or copied in-kernel (``os.copy_file_range``),
+never rebuilt or re-serialised.
 
 Layout of ``cache_dir/lines/<repo+config hash>/``:
 
-* ``meta.N.bin`` / ``mlx.N.bin`` — append-only: segments of JSONL lines (the ``train.jsonl``
+* ``meta.N.bin`` / ``mlx.N.bin`` — append-only, never rewritten in place (linked datasets
+  hard-link them, see :mod:`forged.mine.linked`): segments of JSONL lines (the ``train.jsonl``
   form with ``meta``, and the ``mlx/`` ``{"text"}`` form). A segment holds one file's
   lines (per-file kinds) or one file's RAFT lines, always with ``"changed": false``;
   the miner swaps in ``true`` for changed files.
@@ -86,7 +88,7 @@ class LineStore:
         if not self.index.segs:  # nothing to keep: start the data files afresh
             self.index, self._base = Index(), None
             for name in self._names(0):
-                (root / name).write_bytes(b"")
+                _fresh(root / name)
         self.meta, self.mlx = self._open(self.index.gen)
         self.dirty = False
         self._old: tuple[Any, Any, int] | None = None
@@ -210,9 +212,9 @@ class LineStore:
         segs = self.index.segs
         new: dict[str, tuple] = {}
         gen = self.index.gen + 1
+        for name in self._names(gen):
+            _fresh(self.root / name)
         meta, mlx = self._open(gen)
-        meta.truncate(0)
-        mlx.truncate(0)
         moff = xoff = 0
         for key in live:
             s = Seg._make(segs[key])
@@ -230,6 +232,11 @@ class LineStore:
         self.index.gen = gen
         self._compacted = True
         self.dirty = True
+
+    def data_files(self) -> tuple[Path, Path]:
+        """The current ``meta``/``mlx`` data files (what a linked dataset hard-links)."""
+        m, x = self._names(self.index.gen)
+        return self.root / m, self.root / x
 
     def size(self) -> int:
         self.flush()
@@ -269,6 +276,13 @@ def _drop_siblings(root: Path) -> None:
                 shutil.rmtree(other, ignore_errors=True)
         except OSError:
             continue
+
+
+def _fresh(path: Path) -> None:
+    """An empty data file under a new inode: never truncate one in place, because linked
+    datasets (``forged.mine.linked``) may hold hard links to it."""
+    path.unlink(missing_ok=True)
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

@@ -1,8 +1,10 @@
 """The miner's dataset → token sequences with completion-only loss masks.
 
 A dataset directory holds ``train.jsonl``, ``valid.jsonl`` (optional) and
-``manifest.json``. Each line is ``{"text"}``, ``{"prompt", "completion"}`` or
-``{"messages"}`` plus a ``meta`` object (kind, path, lang, changed).
+``manifest.json`` (the miner may keep ``train.jsonl`` linked into its line store,
+:mod:`forged.mine.linked`; :func:`read_jsonl` reads either form). Each line is
+``{"text"}``, ``{"prompt", "completion"}`` or ``{"messages"}`` plus a ``meta`` object
+(kind, path, lang, changed).
 
 Every sequence starts with one *start token* (see :func:`start_id`) so that the first
 real token is predicted from context, as in the judge's NLL. Loss is taken on all
@@ -50,9 +52,11 @@ class Example:
 
 def read_jsonl(path: Path) -> list[Record]:
     """Parse and validate one JSONL file; any malformed line is an error naming it."""
+    from forged.mine import linked
+
     out: list[Record] = []
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = linked.read_bytes(path).decode("utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
         raise DatasetError(f"{path}: cannot read ({e})") from None
     for n, line in enumerate(lines, 1):
@@ -99,13 +103,15 @@ def load_dataset(dataset_dir: Path) -> Dataset:
     d = Path(dataset_dir)
     if not d.is_dir():
         raise DatasetError(f"dataset directory {d} does not exist (run the miner first)")
+    from forged.mine import linked
+
     train_file = d / "train.jsonl"
-    if not train_file.is_file():
+    if not linked.exists(train_file):
         raise DatasetError(f"{d}: no train.jsonl (is this a forged dataset directory?)")
     train = read_jsonl(train_file)
     if not train:
         raise DatasetError(f"{train_file}: no examples — nothing to train on (did the miner find any source files?)")
-    valid = read_jsonl(d / "valid.jsonl") if (d / "valid.jsonl").is_file() else []
+    valid = read_jsonl(d / "valid.jsonl") if linked.exists(d / "valid.jsonl") else []
     manifest: dict[str, Any] = {}
     if (d / "manifest.json").is_file():
         try:
