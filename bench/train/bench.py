@@ -57,25 +57,83 @@ def _cfg(**kw):
     return TrainConfig(**c)
 
 
+def _mark() -> tuple[float, float]:
+    """(wall, process CPU) seconds: CPU time is the load-robust side of a shared box."""
+    return time.monotonic(), time.process_time()
+
+
+def _rate(marks: list[tuple[float, float, int]]) -> dict:
+    """Useful tokens/s from per-step (wall, cpu, cumulative useful tokens) marks, after the first step."""
+    (w0, c0, n0), (w1, c1, n1) = marks[0], marks[-1]
+    return {"tokens_per_s": round((n1 - n0) / max(w1 - w0, 1e-9), 2),
+            "tokens_per_cpu_s": round((n1 - n0) / max(c1 - c0, 1e-9), 2),
+            "timed_steps": len(marks) - 1, "timed_tokens": n1 - n0, "timed_wall_s": round(w1 - w0, 1)}
+
+
+def keep_layers(n: int, mlx: bool) -> None:
+    """Truncate the model to its first ``n`` decoder layers on both sides (a time-saver on a
+    loaded box: every per-token cost except the LM head shrinks alike; 0 = all layers)."""
+    if not n:
+        return
+
+    def cut_torch(model):
+        model.model.layers = model.model.layers[:n]
+        model.config.num_hidden_layers = n
+        if getattr(model.config, "layer_types", None):
+            model.config.layer_types = model.config.layer_types[:n]
+        return model
+
+    if not mlx:
+        import forged.train.torch_backend as ftb
+
+        init = ftb.TorchBackend.__init__
+
+        def torch_init(self, base, cfg):
+            init(self, base, cfg)
+            cut_torch(self.model)
+
+        ftb.TorchBackend.__init__ = torch_init
+        KEEP["torch"] = cut_torch
+        return
+    import forged.train.mlx_backend as fmb
+
+    load = fmb.load_gguf_model
+
+    def mlx_load(path, quantized):
+        model, info = load(path, quantized)
+        model.model.layers = model.model.layers[:n]
+        model.args.num_hidden_layers = n
+        return model, {**info, "layers": n}
+
+    fmb.load_gguf_model = mlx_load
+
+
+KEEP: dict = {"torch": lambda m: m}
+
+
+def _train_only(ds: Path) -> Path:
+    """The dataset without its valid split: throughput runs need no held-out evals."""
+    out = Path(f"/tmp/forged-bench-trainonly-{os.getpid()}")
+    out.mkdir(exist_ok=True)
+    (out / "train.jsonl").write_text((ds / "train.jsonl").read_text())
+    return out
+
+
 def _forged_run(ds: Path, cfg, backend: str, tag: str) -> dict:
     from forged.train.run import train
 
     out = Path(f"/tmp/forged-bench-{tag}-{os.getpid()}")
     t = time.monotonic()
-    steps: list[dict] = []
+    marks: list[tuple[float, float, int]] = []
+    load0 = os.getloadavg()[0]
     res = train(ds, out, cfg, resume=False, backend_name=backend,
-                progress=lambda e: steps.append(e) if e["event"] == "step" else None)
-    # Rate after the first step (warm-up, allocation) to the last: each step event carries
-    # cumulative tokens and tokens/s since the loop started, so its time is tokens / rate.
-    first, last = steps[0], steps[-1]
-    t_first, t_last = first["tokens"] / first["tokens_per_s"], last["tokens"] / last["tokens_per_s"]
-    span = (last["tokens"] - first["tokens"]) / max(t_last - t_first, 1e-9)
-    return {"useful_tokens": res.tokens, "steps": res.steps, "tokens_per_s_all_steps": steps[-1]["tokens_per_s"],
-            "tokens_per_s_after_first": round(span, 1), "peak_mem": res.peak_mem, "wall_s": round(time.monotonic() - t, 1)}
+                progress=lambda e: marks.append((*_mark(), e["tokens"])) if e["event"] == "step" else None)
+    return {"useful_tokens": res.tokens, "steps": res.steps, **_rate(marks), "peak_mem": res.peak_mem,
+            "wall_s": round(time.monotonic() - t, 1), "load": [load0, os.getloadavg()[0]]}
 
 
-def torch_throughput(ds: Path, steps: int) -> None:
-    """forged's packed PyTorch loop vs a plain transformers Trainer + PEFT LoRA (dynamic padding, no packing)."""
+def _hf_run(ds: Path, cfg, steps: int) -> dict:
+    """A plain transformers Trainer + PEFT LoRA: one example per row, dynamic padding, no packing."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
@@ -83,16 +141,15 @@ def torch_throughput(ds: Path, steps: int) -> None:
     from forged.train.data import load_dataset, tokenize
     from forged.train.models import load_tokenizer, resolve_base
 
-    cfg = _cfg(backend="torch", method="lora", max_steps=steps)
-    ours = _forged_run(ds, cfg, "torch", "torch")
-    print(json.dumps({"bench": "torch-throughput", "side": "forged (packed)", **ours}), flush=True)
-
+    t = time.monotonic()
+    load0 = os.getloadavg()[0]
     base = resolve_base(cfg.base_model)
     tok = load_tokenizer(base)
-    ex = tokenize(tok, load_dataset(ds).train, cfg.seq_len)
+    ex = tokenize(tok, load_dataset(ds).train, cfg.seq_len)  # the very examples forged trains on
     rows = [{"input_ids": e.ids, "labels": [i if m else -100 for i, m in zip(e.ids, e.mask, strict=True)]} for e in ex]
     model = AutoModelForCausalLM.from_pretrained(str(base.path.parent), gguf_file=base.path.name, dtype=torch.float32)
-    model = get_peft_model(model, LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, use_rslora=True,
+    model = KEEP["torch"](model)
+    model = get_peft_model(model, LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, use_rslora=cfg.rslora,
                                              target_modules=list(cfg.target_modules), task_type="CAUSAL_LM"))
     pad = tok.pad_token_id
 
@@ -106,113 +163,190 @@ def torch_throughput(ds: Path, steps: int) -> None:
             ids[i, :n], lab[i, :n], att[i, :n] = torch.tensor(b["input_ids"]), torch.tensor(b["labels"]), 1
         return {"input_ids": ids, "labels": lab, "attention_mask": att}
 
-    useful = {"n": 0, "t0": None, "n0": 0}
+    useful = {"n": 0, "padded": 0}
+    marks: list[tuple[float, float, int]] = []
 
-    class Count(TrainerCallback):
+    class Mark(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
-            if useful["t0"] is None:
-                useful["t0"], useful["n0"] = time.monotonic(), useful["n"]
+            marks.append((*_mark(), useful["n"]))
 
     class CountingTrainer(Trainer):
         def training_step(self, model, inputs, num_items_in_batch=None):
-            useful["n"] += int((inputs["labels"][:, 1:] != -100).sum())
+            useful["n"] += int((inputs["labels"][:, 1:] != -100).sum())  # HF shifts labels by one
+            useful["padded"] += int(inputs["labels"].numel())
             return super().training_step(model, inputs, num_items_in_batch)
 
     args = TrainingArguments(output_dir="/tmp/forged-bench-hf", per_device_train_batch_size=cfg.batch_size,
-                             max_steps=steps, learning_rate=cfg.learning_rate, warmup_steps=2, logging_steps=1000,
-                             save_strategy="no", report_to=[], seed=0, use_cpu=True, disable_tqdm=True,
+                             max_steps=steps, learning_rate=cfg.learning_rate, warmup_steps=cfg.warmup_steps,
+                             weight_decay=0.0, max_grad_norm=cfg.max_grad_norm, logging_steps=1000,
+                             save_strategy="no", report_to=[], seed=cfg.seed, use_cpu=True, disable_tqdm=True,
                              dataloader_num_workers=0)
-    t = time.monotonic()
-    tr = CountingTrainer(model=model, args=args, train_dataset=rows, data_collator=collate, callbacks=[Count()])
-    tr.train()
-    dt = time.monotonic() - useful["t0"]
-    print(json.dumps({"bench": "torch-throughput", "side": "HF Trainer + PEFT (padded, no packing)",
-                      "useful_tokens": useful["n"], "steps": steps,
-                      "tokens_per_s_after_first": round((useful["n"] - useful["n0"]) / dt, 1),
-                      "wall_s": round(time.monotonic() - t, 1)}), flush=True)
+    CountingTrainer(model=model, args=args, train_dataset=rows, data_collator=collate, callbacks=[Mark()]).train()
+    return {"useful_tokens": useful["n"], "padded_tokens": useful["padded"], "steps": steps, **_rate(marks),
+            "wall_s": round(time.monotonic() - t, 1), "load": [load0, os.getloadavg()[0]]}
 
 
-def mlx_throughput(ds: Path, steps: int) -> None:
-    """forged's MLX loop (bucketed by token length) vs mlx_lm.tuner.trainer.train (what mlx_lm.lora runs)."""
+def _summary(bench: str, results: dict[str, list[dict]], ours: str, ref: str) -> None:
+    """Pooled rate over all rounds per side (timed tokens / timed seconds) and the ratio."""
+    out = {"bench": bench, "summary": True}
+    for key, secs in (("tokens_per_s", "timed_wall_s"), ("tokens_per_cpu_s", None)):
+        rates = {}
+        for side in (ours, ref):
+            rs = results[side]
+            if secs:
+                rates[side] = sum(r["timed_tokens"] for r in rs) / max(sum(r[secs] for r in rs), 1e-9)
+            else:
+                rates[side] = sum(r["timed_tokens"] for r in rs) / max(
+                    sum(r["timed_tokens"] / r["tokens_per_cpu_s"] for r in rs), 1e-9)
+        out[key] = {k: round(v, 2) for k, v in rates.items()}
+        out[key + "_ratio"] = round(rates[ours] / rates[ref], 3)
+        out[key + "_ratio_per_round"] = [round(a[key] / b[key], 3) for a, b in zip(results[ours], results[ref], strict=True)]
+    print(json.dumps(out), flush=True)
+
+
+def torch_throughput(ds: Path, steps: int, rounds: int, seq_len: int, threads: int) -> None:
+    """forged's packed PyTorch loop vs a plain transformers Trainer + PEFT LoRA, alternating rounds."""
+    from forged.train.memory import estimate_for
+    from forged.train.models import resolve_base
+
+    cfg = _cfg(backend="torch", method="lora", max_steps=steps, seq_len=seq_len, threads=threads)
+    ds = _train_only(ds)
+    ours, ref = "forged (packed)", "HF Trainer + PEFT (padded, no packing)"
+    results: dict[str, list[dict]] = {ours: [], ref: []}
+    for r in range(rounds):
+        order = (ours, ref) if r % 2 == 0 else (ref, ours)  # alternate who goes first
+        for side in order:
+            res = _forged_run(ds, cfg, "torch", f"torch{r}") if side == ours else _hf_run(ds, cfg, steps)
+            if side == ours and r == 0:  # peak RSS of a process that has run nothing else yet
+                res["predicted_mem"] = estimate_for(resolve_base(cfg.base_model), cfg, "torch")
+            results[side].append(res)
+            print(json.dumps({"bench": "torch-throughput", "round": r, "side": side, "seq_len": seq_len,
+                              "threads": threads, **res}), flush=True)
+    _summary("torch-throughput", results, ours, ref)
+
+
+def _mlxlm_run(ds: Path, cfg, steps: int) -> dict:
+    """mlx_lm.tuner.trainer.train on the same model and data, the way mlx_lm.lora feeds it."""
     import mlx.core as mx
     import mlx.optimizers as optim
     from mlx_lm.tuner import trainer as mt
+    from mlx_lm.tuner.datasets import CacheDataset, TextDataset
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
+    import forged.train.mlx_backend as fmb
     from forged.train.data import load_dataset
-    from forged.train.mlx_backend import load_gguf_model
     from forged.train.models import load_tokenizer, resolve_base
 
-    cfg = _cfg(backend="mlx", method="lora", max_steps=steps, rslora=False, alpha=16.0 * 16)  # scale 16
-    ours = _forged_run(ds, cfg, "mlx", "mlx")
-    print(json.dumps({"bench": "mlx-throughput", "side": "forged (bucketed)", **ours}), flush=True)
-
+    t = time.monotonic()
+    load0 = os.getloadavg()[0]
     base = resolve_base(cfg.base_model)
     tok = load_tokenizer(base)
-    model, _ = load_gguf_model(base.path, quantized=False)
+    model, _ = fmb.load_gguf_model(base.path, quantized=False)  # keep_layers patches it
     model.freeze()
-    keys = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
-    linear_to_lora_layers(model, len(model.model.layers), {"rank": 16, "scale": 16.0, "dropout": 0.0, "keys": keys})
-
-    from mlx_lm.tuner.datasets import CacheDataset, TextDataset
-
+    keys = [f"{'self_attn' if k in ('q_proj', 'k_proj', 'v_proj', 'o_proj') else 'mlp'}.{k}" for k in cfg.target_modules]
+    scale = cfg.alpha / (cfg.rank ** 0.5 if cfg.rslora else cfg.rank)
+    linear_to_lora_layers(model, len(model.model.layers), {"rank": cfg.rank, "scale": scale, "dropout": 0.0, "keys": keys})
     # exactly mlx_lm.lora's path for {"text"} records (incl. its length sort by len(dict))
     data = CacheDataset(TextDataset([{"text": r.data["text"]} for r in load_dataset(ds).train], tok))
-    useful = {"n": 0}
-    orig_iter = mt.iterate_batches
+    per_batch: list[int] = []
 
     def counting_iter(*a, **k):
-        for batch, lengths in orig_iter(*a, **k):
-            useful["n"] += int(mx.sum(lengths[:, 1] - lengths[:, 0] - 1).item()) if lengths.ndim == 2 else 0
+        # train() takes iterate_batches as a default argument: patching the module does not reach it
+        for batch, lengths in mt.iterate_batches(*a, **k):
+            # real next-token targets per row: length - offset - 1 (mlx_lm's own mask counts one
+            # more, the first padding position after each row)
+            per_batch.append(int(mx.sum(lengths[:, 1] - lengths[:, 0] - 1).item()))
             yield batch, lengths
 
-    mt.iterate_batches = counting_iter
-    times: list[float] = []
+    marks: list[tuple[float, float, int]] = []
 
     class CB:
         def on_train_loss_report(self, info):
-            times.append(time.monotonic())
+            marks.append((*_mark(), sum(per_batch[: info["iteration"]])))
 
         def on_val_loss_report(self, info):
             pass
 
     args = mt.TrainingArgs(batch_size=cfg.batch_size, iters=steps, val_batches=0, steps_per_report=1,
                            steps_per_eval=10**9, steps_per_save=10**9, max_seq_length=cfg.seq_len,
-                           adapter_file="/tmp/forged-bench-mlxlm.safetensors")
-    t = time.monotonic()
+                           adapter_file=f"/tmp/forged-bench-mlxlm-{os.getpid()}.safetensors")
     mt.train(model=model, optimizer=optim.Adam(learning_rate=cfg.learning_rate), train_dataset=data,
-             val_dataset=data, args=args, training_callback=CB())
-    per_step = useful["n"] / max(1, steps)
-    rate = per_step * (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else None
-    print(json.dumps({"bench": "mlx-throughput", "side": "mlx_lm trainer (mlx_lm.lora)", "useful_tokens": useful["n"],
-                      "steps": steps, "tokens_per_s_after_first": rate and round(rate, 1),
-                      "wall_s": round(time.monotonic() - t, 1)}), flush=True)
+             val_dataset=None, args=args, training_callback=CB(), iterate_batches=counting_iter)
+    return {"useful_tokens": sum(per_batch[:steps]), "steps": steps, **_rate(marks),
+            "wall_s": round(time.monotonic() - t, 1), "load": [load0, os.getloadavg()[0]]}
 
 
-def pissa(ds: Path, steps: int, eval_every: int, lr: float) -> None:
+def mlx_throughput(ds: Path, steps: int, rounds: int, seq_len: int) -> None:
+    """forged's MLX loop (bucketed by token length) vs mlx_lm.tuner.trainer.train (what mlx_lm.lora runs)."""
+    # mlx-lm's scale is absolute: alpha/r with alpha = 16·r gives scale 16 on both sides
+    cfg = _cfg(backend="mlx", method="lora", max_steps=steps, seq_len=seq_len, rslora=False, alpha=16.0 * 16,
+               max_grad_norm=0.0)  # mlx_lm clips nothing
+    ds = _train_only(ds)
+    ours, ref = "forged (bucketed)", "mlx_lm trainer (mlx_lm.lora)"
+    results: dict[str, list[dict]] = {ours: [], ref: []}
+    for r in range(rounds):
+        order = (ours, ref) if r % 2 == 0 else (ref, ours)
+        for side in order:
+            res = _forged_run(ds, cfg, "mlx", f"mlx{r}") if side == ours else _mlxlm_run(ds, cfg, steps)
+            results[side].append(res)
+            print(json.dumps({"bench": "mlx-throughput", "round": r, "side": side, "seq_len": seq_len, **res}),
+                  flush=True)
+    _summary("mlx-throughput", results, ours, ref)
+
+
+def pissa(ds: Path, steps: int, eval_every: int, lr: float, seq_len: int, threads: int, max_valid: int) -> None:
+    """Held-out loss every ``eval_every`` steps, LoRA then PiSSA (same data order, lr, batch)."""
+    from forged.train.run import train
+
+    if max_valid:
+        small = Path(f"/tmp/forged-bench-pissa-ds-{os.getpid()}")
+        small.mkdir(exist_ok=True)
+        (small / "train.jsonl").write_text((ds / "train.jsonl").read_text())
+        lines = (ds / "valid.jsonl").read_text().splitlines(keepends=True)
+        (small / "valid.jsonl").write_text("".join(lines[:max_valid]))
+        ds = small
+
+    curves = {}
     for method in ("lora", "pissa"):
-        cfg = _cfg(backend="torch", method=method, max_steps=steps, eval_every=eval_every, seq_len=256,
-                   learning_rate=lr)
-        from forged.train.run import train
-
+        cfg = _cfg(backend="torch", method=method, max_steps=steps, eval_every=eval_every, seq_len=seq_len,
+                   learning_rate=lr, threads=threads)
         res = train(ds, Path(f"/tmp/forged-bench-{method}-{os.getpid()}"), cfg, resume=False, backend_name="torch")
         meta = json.loads((res.adapter_dir / "forged_meta.json").read_text())
-        print(json.dumps({"bench": "pissa", "method": method, "lr": lr, "evals": meta["metrics"]["evals"],
-                          "seconds": round(res.seconds, 1)}), flush=True)
+        curves[method] = meta["metrics"]["evals"]
+        print(json.dumps({"bench": "pissa", "method": method, "lr": lr, "seq_len": seq_len, "evals": curves[method],
+                          "seconds": round(res.seconds, 1), "load": os.getloadavg()[0]}), flush=True)
+    # For each evaluated LoRA step N: the first evaluated step at which PiSSA's loss is ≤ LoRA's at N.
+    reach = []
+    for n, lora_loss in curves["lora"][1:]:
+        hit = next((m for m, p_loss in curves["pissa"] if p_loss <= lora_loss), None)
+        reach.append({"lora_step": n, "lora_loss": round(lora_loss, 4), "pissa_step": hit,
+                      "ratio": None if hit is None else round(hit / n, 3)})
+    print(json.dumps({"bench": "pissa", "summary": True, "reach": reach}), flush=True)
 
 
-def memory(ds: Path, steps: int) -> None:
+MEMORY_CONFIGS = [{"batch_size": 4, "seq_len": 512}, {"batch_size": 2, "seq_len": 256},
+                  {"batch_size": 4, "seq_len": 512, "grad_checkpoint": True}]
+
+
+def memory(ds: Path, steps: int, only: int | None, threads: int) -> None:
+    """Predicted vs measured peak RSS; each setting in its own process (ru_maxrss is per process)."""
+    if only is None:
+        import subprocess
+
+        for i in range(len(MEMORY_CONFIGS)):
+            subprocess.run([sys.executable, __file__, "memory", str(ds), "--steps", str(steps), "--only", str(i),
+                            "--threads", str(threads)], check=True)
+        return
     from forged.train.memory import estimate_for
     from forged.train.models import resolve_base
 
-    for backend, kw in (("torch", {}), ("torch", {"batch_size": 2, "seq_len": 256})):
-        cfg = _cfg(backend=backend, method="pissa", max_steps=steps, **kw)
-        pred = estimate_for(resolve_base(cfg.base_model), cfg, backend)
-        ours = _forged_run(ds, cfg, backend, "mem")
-        print(json.dumps({"bench": "memory", "backend": backend, "batch": cfg.batch_size, "seq_len": cfg.seq_len,
-                          "predicted": pred, "measured": ours["peak_mem"],
-                          "ratio": round(ours["peak_mem"] / pred, 3)}), flush=True)
+    kw = MEMORY_CONFIGS[only]
+    cfg = _cfg(backend="torch", method="pissa", max_steps=steps, threads=threads, **kw)
+    pred = estimate_for(resolve_base(cfg.base_model), cfg, "torch")
+    ours = _forged_run(ds, cfg, "torch", f"mem{only}")
+    print(json.dumps({"bench": "memory", "backend": "torch", "method": "pissa", **kw, "predicted": pred,
+                      "measured": ours["peak_mem"], "measured_over_predicted": round(ours["peak_mem"] / pred, 3),
+                      "steps": steps}), flush=True)
 
 
 def main() -> None:
@@ -221,19 +355,29 @@ def main() -> None:
     ap.add_argument("ds", type=Path)
     ap.add_argument("out", type=Path, nargs="?")
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=2, help="alternating forged/reference rounds (throughput modes)")
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--threads", type=int, default=0, help="CPU threads on both sides (0: library default)")
+    ap.add_argument("--layers", type=int, default=0, help="keep only the first N decoder layers, both sides (0: all)")
+    ap.add_argument("--max-valid", type=int, default=0, help="pissa: held-out records used (0: all)")
     ap.add_argument("--eval-every", type=int, default=4)
     ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--only", type=int, default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.threads:  # before torch / MLX / OpenBLAS load: the same thread count on both sides
+        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[var] = str(a.threads)
+    keep_layers(a.layers, mlx=a.mode == "mlx-throughput")
     if a.mode == "dataset":
         make_dataset(a.ds, a.out)
     elif a.mode == "torch-throughput":
-        torch_throughput(a.ds, a.steps)
+        torch_throughput(a.ds, a.steps, a.rounds, a.seq_len, a.threads)
     elif a.mode == "mlx-throughput":
-        mlx_throughput(a.ds, a.steps)
+        mlx_throughput(a.ds, a.steps, a.rounds, a.seq_len)
     elif a.mode == "pissa":
-        pissa(a.ds, a.steps, a.eval_every, a.lr)
+        pissa(a.ds, a.steps, a.eval_every, a.lr, a.seq_len, a.threads, a.max_valid)
     else:
-        memory(a.ds, a.steps)
+        memory(a.ds, a.steps, a.only, a.threads)
 
 
 if __name__ == "__main__":
