@@ -1,13 +1,16 @@
 """bench/mine: forged's chunker against peer chunkers, and the incremental re-mine.
 
-  python bench/mine/bench.py --corpus DIR [--budget 1152] [--peers astchunk,chonkie,...]
+  python bench/mine/bench.py --corpus DIR [--corpus go=DIR ...] [--budget 1152]
+                             [--peers astchunk,chonkie,...] [--failures FILE]
   python bench/mine/bench.py --remine 10000
 
 Metrics at an equal budget of non-whitespace characters (peers that count all characters
 get budget × 1.45, the whitespace ratio of the corpus, so chunk sizes match):
 files/s (chunking only, one process), share of chunks that parse as complete units
-(dedented, tree-sitter finds no ERROR/MISSING node), share of functions under the budget
-kept whole in one chunk, and share of non-whitespace content not found in any chunk.
+(Python dedented; a JS/TS/Java/Rust chunk that fails alone is tried inside a class/impl
+body; tree-sitter finds no ERROR/MISSING node) — of all chunks, and of the chunks that are
+not necessarily partial (see :func:`evaluate`) — share of functions under the budget kept
+whole in one chunk, and share of non-whitespace content not found in any chunk.
 """
 
 from __future__ import annotations
@@ -32,68 +35,129 @@ def nws(s: str) -> str:
     return re.sub(r"\s+", "", s)
 
 
-def evaluate(files: dict[str, str], chunks: dict[str, list[str]], budget: int) -> dict:
+# Function-like nodes ("functions whole") and what a chunk of a class body is wrapped in
+# before parsing (methods are complete units inside their class), per language.
+FUNCS = {
+    "python": {"function_definition"},
+    "javascript": {"function_declaration", "method_definition", "generator_function_declaration"},
+    "typescript": {"function_declaration", "method_definition", "generator_function_declaration"},
+    "go": {"function_declaration", "method_declaration"},
+    "rust": {"function_item"},
+    "java": {"method_declaration", "constructor_declaration"},
+}
+WRAP = {"javascript": ("class _ {\n", "\n}"), "typescript": ("class _ {\n", "\n}"),
+        "java": ("class _ {\n", "\n}"), "rust": ("impl _ {\n", "\n}")}
+EXTS = {"python": (".py",), "javascript": (".js", ".mjs", ".cjs"), "typescript": (".ts",),
+        "go": (".go",), "rust": (".rs",), "java": (".java",)}
+
+
+def _is_token(node) -> bool:
+    t = node.type
+    return "string" in t or "comment" in t or t == "text_block"
+
+
+def parses(parser, lang: str, chunk: str) -> bool:
+    if lang == "python":
+        return not parser.parse(textwrap.dedent(chunk).encode()).root_node.has_error
+    if not parser.parse(chunk.encode()).root_node.has_error:
+        return True
+    pre, post = WRAP.get(lang, ("", ""))
+    return bool(pre) and not parser.parse((pre + chunk + post).encode()).root_node.has_error
+
+
+def evaluate(files: dict[str, str], chunks: dict[str, list[str]], budget: int,
+             lang: str = "python", failures: list | None = None) -> dict:
+    """Parse-complete share (all chunks, and without the necessarily partial ones), functions
+    whole, content lost.
+
+    Necessarily partial: a chunk overlapping one string or comment token larger than the
+    budget. No chunk within the budget can hold that token, so every chunk touching it is a
+    slice of it and cannot parse; the same rule is applied to every chunker.
+    """
     from forged.mine.chunker import parser_for
 
-    parser = parser_for("python")
-    n_chunks = parsed = 0
+    parser = parser_for(lang)
+    funcs_t = FUNCS[lang]
+    n_chunks = parsed = partial = partial_parsed = 0
     total = lost = 0
     funcs = whole = 0
     for path, text in files.items():
+        data = text.encode()
         cs = [c for c in chunks.get(path, []) if c.strip()]
         n_chunks += len(cs)
-        for c in cs:
-            tree = parser.parse(textwrap.dedent(c).encode())
-            parsed += not tree.root_node.has_error
-        # Content lost: walk the file's non-whitespace text, claiming each chunk in order.
+        tree = parser.parse(data)
+        # Non-whitespace offsets: cum[i] = non-whitespace chars in text[:i] (chars, not bytes).
         flat = nws(text)
+        cum, k = [], 0
+        for ch in text:
+            cum.append(k)
+            k += not ch.isspace()
+        cum.append(k)
+        big: list[tuple[int, int]] = []
+        fn_bodies: list[str] = []
+        stack = [tree.root_node]
+        while stack:
+            n = stack.pop()
+            if _is_token(n):
+                s = len(data[:n.start_byte].decode("utf-8", "replace"))
+                e = len(data[:n.end_byte].decode("utf-8", "replace"))
+                if len(data[n.start_byte:n.end_byte].translate(None, b" \t\n\r\x0b\x0c")) > budget:
+                    big.append((cum[s], cum[e]))
+                continue
+            if n.type in funcs_t:
+                body = nws(data[n.start_byte:n.end_byte].decode("utf-8", "replace"))
+                if len(body.encode()) <= budget:
+                    fn_bodies.append(body)
+            stack.extend(n.children)
+        # Content lost: walk the file's non-whitespace text, claiming each chunk in order.
         covered = [False] * len(flat)
         cursor = 0
         for c in cs:
             cn = nws(c)
-            if not cn:
-                continue
-            i = flat.find(cn, cursor)
-            if i < 0:
+            ok = parses(parser, lang, c)
+            parsed += ok
+            i = flat.find(cn, cursor) if cn else -1
+            if i < 0 and cn:
                 i = flat.find(cn)
             if i >= 0:
                 covered[i:i + len(cn)] = [True] * len(cn)
                 cursor = i + len(cn)
+                if any(i < be and bs < i + len(cn) for bs, be in big):
+                    partial += 1
+                    partial_parsed += ok
+                    continue
+            if not ok and failures is not None:
+                failures.append((path, c))
         total += len(flat)
         lost += covered.count(False)
-        # Functions under the budget that appear whole inside one chunk.
-        tree = parser.parse(text.encode())
-        stack = [tree.root_node]
-        while stack:
-            n = stack.pop()
-            for ch in n.children:
-                if ch.type == "function_definition":
-                    body = nws(text.encode()[ch.start_byte:ch.end_byte].decode("utf-8", "replace"))
-                    if len(body.encode()) <= budget:
-                        funcs += 1
-                        whole += any(body in nws(c) for c in cs)
-                if ch.type in ("class_definition", "block", "decorated_definition", "module",
-                               "function_definition", "if_statement"):
-                    stack.append(ch)
+        flat_chunks = [nws(c) for c in cs]
+        funcs += len(fn_bodies)
+        whole += sum(any(b in c for c in flat_chunks) for b in fn_bodies)
+    rest = n_chunks - partial
     return {"chunks": n_chunks, "parse_complete": parsed / max(1, n_chunks),
+            "partial_chunks": partial,
+            "parse_complete_rest": (parsed - partial_parsed) / max(1, rest),
             "functions_whole": whole / max(1, funcs), "content_lost": lost / max(1, total)}
 
 
-def ours(files: dict[str, str], budget: int) -> tuple[float, dict[str, list[str]]]:
+def ours(files: dict[str, str], budget: int, lang: str = "python") -> tuple[float, dict[str, list[str]]]:
     from forged.mine.chunker import chunk_code, parser_for
 
-    parser_for("python")
+    parser_for(lang)
     out = {}
     t = time.process_time()  # CPU seconds: wall time on a shared box measures the neighbours
     for p, text in files.items():
-        out[p] = [c.text for c in chunk_code(p, "python", text.encode(), budget)[0]]
+        out[p] = [c.text for c in chunk_code(p, lang, text.encode(), budget)[0]]
     return time.process_time() - t, out
 
 
-def corpus_files(root: Path, limit: int) -> dict[str, str]:
+def corpus_files(root: Path, limit: int, lang: str = "python") -> dict[str, str]:
     out = {}
-    for p in sorted(root.rglob("*.py")):
-        if "__pycache__" in p.parts or not p.is_file():
+    exts = EXTS[lang]
+    for p in sorted(root.rglob("*")):
+        if p.suffix not in exts or "__pycache__" in p.parts or not p.is_file():
+            continue
+        if p.name.endswith((".d.ts", ".min.js")):
             continue
         try:
             text = p.read_text(encoding="utf-8")
@@ -175,41 +239,48 @@ def remine(n_files: int, rounds: int = 3) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--corpus", type=Path, action="append", default=[])
+    ap.add_argument("--corpus", type=Path, action="append", default=[],
+                    help="a source tree; LANG=DIR for another language than Python")
     ap.add_argument("--budget", type=int, default=1152, help="non-whitespace chars per chunk")
     ap.add_argument("--limit", type=int, default=400)
     ap.add_argument("--peers", default="astchunk,llama-index,chonkie,langchain")
+    ap.add_argument("--failures", type=Path, help="write forged's non-parsing chunks here")
     ap.add_argument("--remine", type=int, default=0)
     ap.add_argument("--full", action="store_true", help="also time a cold mine_repo of the corpus")
     args = ap.parse_args()
     results = []
-    for root in args.corpus:
-        files = corpus_files(root, args.limit)
+    fails: list = []
+    for spec in args.corpus:
+        lang, _, root = str(spec).rpartition("=")
+        lang, root = lang or "python", Path(root)
+        files = corpus_files(root, args.limit, lang)
         listing = Path(tempfile.mkstemp(suffix=".txt")[1])
         listing.write_text("\n".join(files))
         size = sum(len(t.encode()) for t in files.values())
-        secs, chunks = ours(files, args.budget)
-        row = {"corpus": str(root), "files": len(files), "mb": round(size / 1e6, 2)}
+        secs, chunks = ours(files, args.budget, lang)
+        row = {"corpus": str(root), "lang": lang, "files": len(files), "mb": round(size / 1e6, 2)}
         results.append({**row, "chunker": "forged", "files_per_s": round(len(files) / secs),
-                        **evaluate(files, chunks, args.budget)})
+                        **evaluate(files, chunks, args.budget, lang, fails)})
         for peer in [p for p in args.peers.split(",") if p]:
             if not PEERS_PY.exists():
                 break
             p = subprocess.run([str(PEERS_PY), str(Path(__file__).parent / "peers.py"), peer,
-                                str(args.budget), str(listing)], capture_output=True, text=True)
+                                str(args.budget), str(listing), lang], capture_output=True, text=True)
             if p.returncode != 0:
                 results.append({**row, "chunker": peer, "error": p.stderr.strip().splitlines()[-1:]})
                 continue
             got = json.loads(p.stdout)
             results.append({**row, "chunker": peer, "files_per_s": round(len(files) / got["seconds"]),
-                            **evaluate(files, got["chunks"], args.budget)})
+                            **evaluate(files, got["chunks"], args.budget, lang)})
         if args.full:
             results.append({**row, "chunker": "forged mine_repo (cold, everything)",
                             **full_mine(root)})
+    if args.failures:
+        args.failures.write_text("".join(f"=== {p}\n{c}\n" for p, c in fails))
     if args.remine:
         results.append({"remine": remine(args.remine)})
-        results.append({"load_average": Path("/proc/loadavg").read_text().split()[:3]
-                        if Path("/proc/loadavg").exists() else None})
+    results.append({"load_average": Path("/proc/loadavg").read_text().split()[:3]
+                    if Path("/proc/loadavg").exists() else None})
     for r in results:
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}))
 

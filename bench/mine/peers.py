@@ -1,7 +1,7 @@
 """Run one peer chunker over files; print JSON {seconds, chunks: {path: [text...]}}.
 
 Runs inside bench/out/peers-venv (peers never go into forged's venv). Usage:
-  peers-venv/bin/python bench/mine/peers.py NAME BUDGET_NWS FILE_LIST
+  peers-venv/bin/python bench/mine/peers.py NAME BUDGET_NWS FILE_LIST [LANG]
 """
 
 from __future__ import annotations
@@ -11,29 +11,34 @@ import sys
 import time
 from pathlib import Path
 
+LANGCHAIN = {"python": "PYTHON", "javascript": "JS", "typescript": "TS", "go": "GO",
+             "rust": "RUST", "java": "JAVA"}
 
-def make(name: str, budget: int):
+
+def make(name: str, budget: int, lang: str):
     if name == "astchunk":
         from astchunk import ASTChunkBuilder
 
-        b = ASTChunkBuilder(max_chunk_size=budget, language="python", metadata_template="default")
+        if lang not in ("python", "java", "typescript"):
+            raise SystemExit(f"astchunk has no {lang}")
+        b = ASTChunkBuilder(max_chunk_size=budget, language=lang, metadata_template="default")
         return lambda text: [c["content"] if isinstance(c, dict) else str(c)
                              for c in b.chunkify(text)]
     if name == "llama-index":
         from llama_index.core.node_parser import CodeSplitter
 
         # max_chars counts all characters; the ratio below makes budgets comparable.
-        s = CodeSplitter(language="python", max_chars=int(budget * 1.45), chunk_lines=10**6)
+        s = CodeSplitter(language=lang, max_chars=int(budget * 1.45), chunk_lines=10**6)
         return s.split_text
     if name == "chonkie":
         from chonkie import CodeChunker
 
-        c = CodeChunker(language="python", tokenizer="character", chunk_size=int(budget * 1.45))
+        c = CodeChunker(language=lang, tokenizer="character", chunk_size=int(budget * 1.45))
         return lambda text: [x.text for x in c.chunk(text)]
     if name == "langchain":
         from langchain_text_splitters import Language, RecursiveCharacterTextSplitter
 
-        s = RecursiveCharacterTextSplitter.from_language(Language.PYTHON,
+        s = RecursiveCharacterTextSplitter.from_language(Language[LANGCHAIN[lang]],
                                                          chunk_size=int(budget * 1.45), chunk_overlap=0)
         return s.split_text
     raise SystemExit(f"unknown peer {name}")
@@ -41,9 +46,10 @@ def make(name: str, budget: int):
 
 def main() -> None:
     name, budget, listing = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    lang = sys.argv[4] if len(sys.argv) > 4 else "python"
     files = [ln for ln in Path(listing).read_text().splitlines() if ln]
     texts = {f: Path(f).read_text(encoding="utf-8") for f in files}
-    chunk = make(name, budget)
+    chunk = make(name, budget, lang)
     out: dict[str, list[str]] = {}
     t = time.process_time()
     for f, text in texts.items():

@@ -622,10 +622,10 @@ def _write(out_dir: Path, units: list[_Unit], store: LineStore, rep: MineReport,
     """
     from forged.mine.chunker import NWS_PER_TOKEN
 
-    order = [u for u in units if u.split == "valid"] + [u for u in units if u.split == "train"]
-    every = array("Q")
-    for u in order:
-        every.frombytes(u.seg.hashes)
+    by_split = {"valid": [u for u in units if u.split == "valid"],
+                "train": [u for u in units if u.split == "train"]}
+    order = by_split["valid"] + by_split["train"]
+    every = array("Q", b"".join([u.seg.hashes for u in order]))
     drops: dict[int, set[int]] = {}
     if len(set(every)) != len(every):
         # Held-out first: a training example identical to a held-out one is the one dropped.
@@ -636,31 +636,32 @@ def _write(out_dir: Path, units: list[_Unit], store: LineStore, rep: MineReport,
                     drops.setdefault(id(u), set()).add(i)
                 else:
                     seen.add(h)
-    by_kind: dict[str, Counter[str]] = {"train": Counter(), "valid": Counter()}
-    by_lang: dict[str, Counter[str]] = {"train": Counter(), "valid": Counter()}
+    by_kind: dict[str, Counter[str]] = {}
+    by_lang: dict[str, Counter[str]] = {}
     chars: Counter[str] = Counter()
     nws: Counter[str] = Counter()
     counts: Counter[str] = Counter()
-    kind_n: dict[str, list[int]] = {"train": [0] * len(KINDS), "valid": [0] * len(KINDS)}
-    for u in order:
-        seg, d = u.seg, drops.get(id(u), ())
-        n, c, w = seg.n - len(d), seg.chars, seg.nws
-        kn = kind_n[u.split]
-        for k, v in enumerate(seg.kinds):
-            kn[k] += v
-        if d:
-            st = array("I", seg.stats)
-            for i in d:
-                kn[st[3 * i]] -= 1
-                c -= st[3 * i + 1]
-                w -= st[3 * i + 2]
-        counts[u.split] += n
-        chars[u.split] += c
-        nws[u.split] += w
-        if n:
-            by_lang[u.split][u.lang or "none"] += n
-    for split, kn in kind_n.items():
-        by_kind[split].update({KINDS[k]: v for k, v in enumerate(kn) if v})
+    for split, us in by_split.items():
+        segs = [u.seg for u in us]
+        kn = [sum(col) for col in zip(*[s.kinds for s in segs], strict=True)] or [0] * len(KINDS)
+        lang: Counter[str] = Counter()
+        for u, s in zip(us, segs, strict=True):
+            lang[u.lang or "none"] += s.n
+        counts[split] = sum(s.n for s in segs)
+        chars[split] = sum(s.chars for s in segs)
+        nws[split] = sum(s.nws for s in segs)
+        for u in us:  # duplicates removed: take their lines out of the stats
+            d = drops.get(id(u))
+            if d:
+                st = array("I", u.seg.stats)
+                for i in d:
+                    kn[st[3 * i]] -= 1
+                    chars[split] -= st[3 * i + 1]
+                    nws[split] -= st[3 * i + 2]
+                counts[split] -= len(d)
+                lang[u.lang or "none"] -= len(d)
+        by_lang[split] = +lang
+        by_kind[split] = Counter({KINDS[k]: v for k, v in enumerate(kn) if v})
 
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "mlx").mkdir(exist_ok=True)
@@ -674,11 +675,11 @@ def _write(out_dir: Path, units: list[_Unit], store: LineStore, rep: MineReport,
         for mlx, rel in ((False, name), (True, "mlx/" + name)):
             ranges: list[tuple[int, int, int, int]] = []
             for u in mine:
-                d = drops.get(id(u))
+                d = drops.get(id(u)) if drops else None
                 flip = int(not mlx and u.changed and u.data is None)
                 if u.data is None and not d:
-                    src, off, n = (1, u.seg.mlx_off, u.seg.mlx_len) if mlx else \
-                        (0, u.seg.meta_off, u.seg.meta_len)
+                    moff, mlen, xoff, xlen = u.seg[:4]
+                    src, off, n = (1, xoff, xlen) if mlx else (0, moff, mlen)
                 else:
                     if u.data is not None:
                         data = u.data[1] if mlx else u.data[0]
