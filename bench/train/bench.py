@@ -149,6 +149,11 @@ def _hf_run(ds: Path, cfg, steps: int) -> dict:
     rows = [{"input_ids": e.ids, "labels": [i if m else -100 for i, m in zip(e.ids, e.mask, strict=True)]} for e in ex]
     model = AutoModelForCausalLM.from_pretrained(str(base.path.parent), gguf_file=base.path.name, dtype=torch.float32)
     model = KEEP["torch"](model)
+    # transformers tags a GGUF-loaded model as "quantized" (GGUF) although it holds fp32 weights,
+    # and Trainer refuses to train one: drop the tag (forged's own loop does not check it).
+    model.hf_quantizer = None
+    if "is_quantized" in vars(model):
+        model.is_quantized = False
     model = get_peft_model(model, LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, use_rslora=cfg.rslora,
                                              target_modules=list(cfg.target_modules), task_type="CAUSAL_LM"))
     pad = tok.pad_token_id
