@@ -306,7 +306,37 @@ def _ollama_manifest_blob(name: str) -> Path:
     raise ModelError(f"Ollama model {name!r} has no model layer (is it an adapter-only model?)")
 
 
-# ---------------------------------------------------------------- tokenizer (cached)
+# ---------------------------------------------------------------- conversions (cached)
+
+# transformers converts a GGUF to fp32 torch weights in ~25 s (~55 s on a loaded 2-core
+# box) — paid by every worker stage that loads the model (train, judge, fidelity ×2).
+# A safetensors copy loads in ~1 s, so bases up to this size are converted once and
+# kept; larger ones (a 1.5B base would be 6 GB of fp32) are converted on every load.
+DEQUANT_CACHE_MAX_BYTES = 2 << 30
+
+
+def _cached_conversion(kind: str, base: BaseModel, done_marker: str, build: Any) -> Path:
+    """``cache/<kind>/<sha>``, built once by ``build(tmp_dir)`` and renamed into place.
+
+    The rename makes it atomic: a concurrent builder's copy is discarded, a crashed one
+    leaves only a ``.tmp<pid>`` directory that is never read.
+    """
+    from forged.paths import resolve
+
+    cache = resolve().cache_dir / kind / base.sha256[:16]
+    if (cache / done_marker).exists():
+        return cache
+    tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    build(tmp)
+    try:
+        tmp.rename(cache)
+    except OSError:
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return cache
+
 
 def tokenizer_dir(base: BaseModel) -> Path:
     """A HF tokenizer directory for ``base``; GGUF tokenizers are converted once and cached.
@@ -316,24 +346,50 @@ def tokenizer_dir(base: BaseModel) -> Path:
     """
     if base.kind == "hf":
         return base.path
+
+    def build(tmp: Path) -> None:
+        from transformers import AutoTokenizer
+
+        AutoTokenizer.from_pretrained(str(base.path.parent), gguf_file=base.path.name).save_pretrained(tmp)
+
+    return _cached_conversion("tokenizers", base, "tokenizer_config.json", build)
+
+
+def dequantized_dir(base: BaseModel, model: Any) -> Path | None:
+    """Save ``model`` (``base`` converted from GGUF to fp32 torch) as a cached HF directory.
+
+    Returns the directory, or None when the base is too large to keep a copy of
+    (``DEQUANT_CACHE_MAX_BYTES``) or the copy cannot be written (a cache, not a need).
+    """
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    if base.kind != "gguf" or size > DEQUANT_CACHE_MAX_BYTES:
+        return None
+
+    def build(tmp: Path) -> None:
+        import copy
+
+        from safetensors.torch import save_model
+
+        config = copy.deepcopy(model.config)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config  # the weights are plain fp32 now
+        config.save_pretrained(tmp)
+        save_model(model, str(tmp / "model.safetensors"))  # handles tied embeddings
+
+    try:
+        return _cached_conversion("dequantized", base, "model.safetensors", build)
+    except OSError:
+        return None
+
+
+def cached_dequantized(base: BaseModel) -> Path | None:
+    """The cached fp32 HF directory of a GGUF base, if an earlier load wrote one."""
+    if base.kind != "gguf":
+        return None
     from forged.paths import resolve
 
-    cache = resolve().cache_dir / "tokenizers" / base.sha256[:16]
-    if (cache / "tokenizer_config.json").exists():
-        return cache
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(base.path.parent), gguf_file=base.path.name)
-    tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
-    tok.save_pretrained(tmp)
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        tmp.rename(cache)
-    except OSError:
-        import shutil
-
-        shutil.rmtree(tmp, ignore_errors=True)
-    return cache
+    d = resolve().cache_dir / "dequantized" / base.sha256[:16]
+    return d if (d / "model.safetensors").exists() else None
 
 
 def load_tokenizer(base: BaseModel) -> Any:

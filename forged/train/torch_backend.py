@@ -23,7 +23,13 @@ from safetensors.torch import load_file, save_file
 
 from forged.train.backend import BackendError
 from forged.train.data import cut_at_stop, encode, score_windows, start_id
-from forged.train.models import BaseModel, ModelError, load_tokenizer
+from forged.train.models import (
+    BaseModel,
+    ModelError,
+    cached_dequantized,
+    dequantized_dir,
+    load_tokenizer,
+)
 from forged.train.packing import IGNORE
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
@@ -60,8 +66,12 @@ class TorchBackend:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                if base.kind == "gguf":
+                if base.kind == "gguf" and (cached := cached_dequantized(base)) is not None:
+                    model = AutoModelForCausalLM.from_pretrained(str(cached), **kwargs)
+                elif base.kind == "gguf":
                     model = AutoModelForCausalLM.from_pretrained(str(base.path.parent), gguf_file=base.path.name, **kwargs)
+                    if "quantization_config" not in kwargs:
+                        dequantized_dir(base, model)  # the next stage's load takes ~1 s instead of ~25
                 else:
                     model = AutoModelForCausalLM.from_pretrained(str(base.path), **kwargs)
         except (ValueError, KeyError, OSError, RuntimeError) as e:
