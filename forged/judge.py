@@ -10,8 +10,13 @@ Metrics (all on ``valid.jsonl``, which training never sees):
   (greedy decoding rarely stops exactly at the span's end), then compared after
   stripping surrounding whitespace: exact match, and 1 − Levenshtein / max length.
 * ``raft_acc_oracle`` / ``raft_acc_distractors`` — RAFT questions: the model answers
-  the chat, the text after the last ``<ANSWER>:`` (to the end of its line) must equal
-  the record's ``meta.answer``; split by whether the oracle document was in context.
+  the chat, the text after ``<ANSWER>:`` (to the end of its line) must equal the
+  record's ``meta.answer``; split by whether the oracle document was in context.
+  Generation stops at the end of the first answer line, so the first answer counts.
+
+Generation is batched (``Backend.generate_many``): prompts of similar length decode
+together and each row stops as soon as its answer is complete (FIM: the reference's
+number of lines; RAFT: the ``<ANSWER>`` line), or at its token budget.
 
 Generation dominates the cost, so FIM and RAFT are capped at ``max_generate``
 examples each and bpb at ``max_examples`` texts; the subset is chosen once
@@ -49,6 +54,7 @@ ANSWER_TAG = "<ANSWER>:"
 FIM_MAX_NEW = 128
 RAFT_MAX_NEW = 256
 NLL_BATCH = 8  # texts per nll() call: progress granularity, not a speed knob
+GEN_CHUNK = 16  # prompts per generate_many() call: the back end batches within it
 MAX_SIM_CHARS = 2000  # edit distance is O(n·m) in Python; longer spans are cut
 
 
@@ -226,6 +232,18 @@ def extract_answer(generated: str) -> str | None:
     return _norm_answer(generated[at + len(ANSWER_TAG):].split("\n", 1)[0])
 
 
+def _fim_done(reference: str) -> Callable[[str], bool]:
+    """Generation may stop once it has as many complete lines as the reference span."""
+    n_lines = max(1, len(reference.rstrip("\n").split("\n")))
+    return lambda text: text.count("\n") >= n_lines
+
+
+def _answered(text: str) -> bool:
+    """Generation may stop once an ``<ANSWER>:`` line is complete (the first answer given counts)."""
+    at = text.find(ANSWER_TAG)
+    return at >= 0 and "\n" in text[at:]
+
+
 def answer_matches(generated: str, answer: str) -> bool:
     got = extract_answer(generated)
     return got is not None and got == _norm_answer(answer)
@@ -255,27 +273,38 @@ def score_model(
 
     if data.fim:
         exact = sim = 0.0
-        for i, ex in enumerate(data.fim):
-            budget = min(len(backend.encode(ex.completion)) + 8, FIM_MAX_NEW)
-            gen = backend.generate(ex.prompt, max_new_tokens=budget)
-            pred = fim_prediction(gen, ex.completion)
-            exact += float(pred.strip() == ex.completion.strip())
-            sim += edit_similarity(pred.strip(), ex.completion.strip())
-            report({"stage": "judge", "model": name, "metric": "fim", "done": i + 1, "total": len(data.fim)})
+        for i in range(0, len(data.fim), GEN_CHUNK):
+            part = data.fim[i : i + GEN_CHUNK]
+            gens = backend.generate_many(
+                [ex.prompt for ex in part],
+                [min(len(backend.encode(ex.completion)) + 8, FIM_MAX_NEW) for ex in part],
+                [_fim_done(ex.completion) for ex in part],
+            )
+            for ex, gen in zip(part, gens, strict=True):
+                pred = fim_prediction(gen, ex.completion)
+                exact += float(pred.strip() == ex.completion.strip())
+                sim += edit_similarity(pred.strip(), ex.completion.strip())
+            report({"stage": "judge", "model": name, "metric": "fim",
+                    "done": min(i + GEN_CHUNK, len(data.fim)), "total": len(data.fim)})
         s.n_fim = len(data.fim)
         s.fim_exact, s.fim_edit_sim = exact / s.n_fim, sim / s.n_fim
 
     if data.raft:
         hits = {True: 0, False: 0}
         counts = {True: 0, False: 0}
-        for i, ex in enumerate(data.raft):
-            budget = RAFT_MAX_NEW
-            if ex.reference:
-                budget = min(len(backend.encode(ex.reference)) + 16, RAFT_MAX_NEW)
-            gen = backend.generate(backend.chat_prompt(ex.messages), max_new_tokens=budget)
-            counts[ex.oracle] += 1
-            hits[ex.oracle] += int(answer_matches(gen, ex.answer))
-            report({"stage": "judge", "model": name, "metric": "raft", "done": i + 1, "total": len(data.raft)})
+        for i in range(0, len(data.raft), GEN_CHUNK):
+            part = data.raft[i : i + GEN_CHUNK]
+            gens = backend.generate_many(
+                [backend.chat_prompt(ex.messages) for ex in part],
+                [min(len(backend.encode(ex.reference)) + 16, RAFT_MAX_NEW) if ex.reference else RAFT_MAX_NEW
+                 for ex in part],
+                [_answered] * len(part),
+            )
+            for ex, gen in zip(part, gens, strict=True):
+                counts[ex.oracle] += 1
+                hits[ex.oracle] += int(answer_matches(gen, ex.answer))
+            report({"stage": "judge", "model": name, "metric": "raft",
+                    "done": min(i + GEN_CHUNK, len(data.raft)), "total": len(data.raft)})
         s.n_raft_oracle, s.n_raft_distractors = counts[True], counts[False]
         if counts[True]:
             s.raft_acc_oracle = hits[True] / counts[True]
@@ -321,6 +350,7 @@ def judge(
     live = None
     if live_adapter is not None:
         lb = load_model(cfg_train, Path(live_adapter))
+        lb.set_adapter_enabled(True)  # scored exactly as the candidate is (merged, on the torch back end)
         live = score_model(lb, data, "live", progress)
         del lb
         gc.collect()

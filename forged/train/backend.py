@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import platform
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -46,6 +47,12 @@ class Backend(Protocol):
         ...
 
     def generate(self, prompt: str, max_new_tokens: int = 64, stop: list[str] | None = None) -> str: ...
+
+    def generate_many(self, prompts: list[str], max_new_tokens: list[int],
+                      until: list[Callable[[str], bool] | None] | None = None) -> list[str]:
+        """Greedy completions of several prompts (batched where that is faster); row i ends
+        at ``max_new_tokens[i]``, at EOS, or as soon as ``until[i](text so far)`` is true."""
+        ...
 
     def set_adapter_enabled(self, enabled: bool) -> None: ...
 

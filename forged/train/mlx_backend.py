@@ -21,6 +21,7 @@ import json
 import math
 import resource
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -408,7 +409,8 @@ class MLXBackend:
         x = mx.array([self.input_ids(text)])
         return np.array(self.model(x)[0].astype(mx.float32))
 
-    def generate(self, prompt: str, max_new_tokens: int = 64, stop: list[str] | None = None) -> str:
+    def generate(self, prompt: str, max_new_tokens: int = 64, stop: list[str] | None = None,
+                 until: Callable[[str], bool] | None = None) -> str:
         from mlx_lm.models.cache import make_prompt_cache
 
         self.model.eval()
@@ -423,11 +425,17 @@ class MLXBackend:
                 break
             out.append(nxt)
             text = self.tok.decode(out, skip_special_tokens=True)
-            if stop and any(s and s in text for s in stop):
+            if (stop and any(s and s in text for s in stop)) or (until is not None and until(text)):
                 break
             x = mx.array([[nxt]])
         text = self.tok.decode(out, skip_special_tokens=True)
         return cut_at_stop(text, stop)
+
+    def generate_many(self, prompts: list[str], max_new_tokens: list[int],
+                      until: list[Callable[[str], bool] | None] | None = None) -> list[str]:
+        """One prompt at a time: on Apple silicon a single decode stream is already fast."""
+        until = until or [None] * len(prompts)
+        return [self.generate(p, n, until=u) for p, n, u in zip(prompts, max_new_tokens, until, strict=True)]
 
     def chat_prompt(self, messages: list[dict]) -> str:
         return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
