@@ -166,6 +166,7 @@ class PublishConfig:
     auto_approve: bool = False
     approval_timeout_seconds: float = field(default=300.0, metadata=_check(_positive))
     temperature: float = field(default=0.2, metadata=_check(_non_negative))
+    # "adapter": GGUF LoRA on the base; "fused": full GGUF with the adapter merged (forged.export.export_fused)
     export: str = field(default="adapter", metadata=_check(_one_of("adapter", "fused")))
     keep_alive: str = "30m"  # Ollama keep_alive for the warm-up load of a new :latest
 

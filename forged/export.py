@@ -58,7 +58,7 @@ PERMUTED_QK_ARCHS = {"llama"}
 
 _PEFT_KEY = re.compile(
     r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.(lora_A|lora_B|lora_magnitude_vector|lora_bias)"
-    r"(?:\.[\w-]+)?\.weight$"
+    r"(?:\.[\w-]+)?(?:\.weight)?$"  # PEFT saves the DoRA magnitude without ".weight"
 )
 _MLX_KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.(lora_a|lora_b|m)$")
 

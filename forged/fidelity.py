@@ -1,4 +1,4 @@
-"""Check an exported GGUF adapter against the engine Ollama uses (llama.cpp).
+"""Check an exported GGUF adapter (or fused model) against the engine Ollama uses (llama.cpp).
 
 We compare *effects*, not raw predictions: the trainer and llama.cpp see the same base
 weights but compute differently (llama.cpp quantizes activations for its Q4/Q8 matmuls),
@@ -7,6 +7,9 @@ the adapter *changes*: ``Δ = logits(base+adapter) − logits(base)`` in each en
 token by token over held-out text, fed the exact same token ids. A wrong q/k
 permutation, a lost scale (alpha), a transposed or missing tensor all show up as a low
 correlation or a loss change of the wrong size.
+
+A fused export (a full GGUF with the adapter merged, ``general.type`` not ``adapter``)
+is checked the same way, its Δ being ``logits(fused) − logits(base)``.
 
 Two conditions, both required:
 
@@ -104,8 +107,23 @@ def _llama(base_gguf: Path, lora: Path | None, n_ctx: int) -> Any:
                 verbose=False,
             )
     except (ValueError, RuntimeError) as e:
-        what = f"adapter {lora}" if lora else f"base {base_gguf}"
+        what = f"adapter {lora}" if lora else f"model {base_gguf}"
         raise FidelityError(f"llama.cpp could not load {what}: {e}") from None
+
+
+def is_adapter(exported: Path) -> bool:
+    """Whether an export is a GGUF LoRA adapter (else a fused full model)."""
+    from forged.export import ExportError, read_gguf_header
+
+    try:
+        return read_gguf_header(exported).kv.get("general.type") == "adapter"
+    except (OSError, ExportError) as e:
+        raise FidelityError(f"cannot read the export {exported}: {e}") from None
+
+
+def _adapted_llama(exported: Path, base_gguf: Path, n_ctx: int) -> Any:
+    """llama.cpp with the trained weights: base + GGUF adapter, or the fused model alone."""
+    return _llama(base_gguf, exported, n_ctx) if is_adapter(exported) else _llama(exported, None, n_ctx)
 
 
 def llama_logits(llm: Any, ids: list[int]) -> np.ndarray:
@@ -143,13 +161,15 @@ def pearson(x: np.ndarray, y: np.ndarray) -> float:
 
 def compare_engines(
     backend: Any,
-    gguf_adapter: Path,
+    exported: Path,
     base_gguf: Path,
     texts: list[str],
     min_corr: float = 0.95,
     loss_tolerance: float = 0.25,
 ) -> FidelityResult:
     """Fidelity check given a trainer back end that already has the adapter loaded.
+
+    ``exported`` is a GGUF LoRA adapter for ``base_gguf`` or a fused model made from it.
 
     ``backend`` follows ``forged.train``'s Backend protocol (``input_ids``,
     ``logits``, ``set_adapter_enabled``); it decides the token ids, and llama.cpp is
@@ -170,7 +190,7 @@ def compare_engines(
     n_ctx = max(len(ids) for ids in ids_list) + 8
 
     base_llm = _llama(base_gguf, None, n_ctx)
-    ada_llm = _llama(base_gguf, gguf_adapter, n_ctx)
+    ada_llm = _adapted_llama(exported, base_gguf, n_ctx)
     d_llama, d_train = [], []
     sums = dict.fromkeys(("bl", "al", "bt", "at"), 0.0)
     n_tok = agree = 0
@@ -286,9 +306,37 @@ def _qk_only_peft(src: Path, dst: Path) -> bool:
     return True
 
 
+def _qk_only_export(exported: Path, base_gguf: Path, qk_adapter: Path, dst: Path) -> bool:
+    """The q/k part of an export at ``dst``: the adapter's q/k tensors, or a fused model
+    made from the q/k-only adapter dir ``qk_adapter``. False if there is no q/k part."""
+    if is_adapter(exported):
+        return _qk_only_gguf(exported, dst) > 0
+    from forged.export import export_fused
+
+    export_fused(qk_adapter, base_gguf, dst)
+    return True
+
+
+def _load_and_compare(
+    cfg_train: TrainConfig, adapter_dir: Path, exported: Path, base_gguf: Path, texts: list[str],
+    min_corr: float, loss_tolerance: float,
+) -> FidelityResult:
+    """Load ``adapter_dir`` in the trainer's back end, compare it with ``exported``, free it."""
+    import gc
+
+    from forged.train import load_model
+
+    backend = load_model(cfg_train, adapter_dir)
+    try:
+        return compare_engines(backend, exported, base_gguf, texts, min_corr, loss_tolerance)
+    finally:
+        del backend
+        gc.collect()
+
+
 def check_fidelity(
     adapter_dir: Path,
-    gguf_adapter: Path,
+    exported: Path,
     base_gguf: Path,
     cfg_train: TrainConfig,
     texts: list[str],
@@ -298,39 +346,33 @@ def check_fidelity(
 ) -> FidelityResult:
     """Load the trained adapter in the trainer's back end and compare it with llama.cpp.
 
+    ``exported`` is the GGUF LoRA adapter (applied to ``base_gguf``) or the fused model.
     Two comparisons: the whole adapter, then (PEFT adapters) its q/k part alone. The
     second exists because a q/k layout mistake (the one transformation only those two
     projections get) hides in the whole-adapter number: on the tiny test model an
     export with q/k left un-permuted still correlated 0.953 overall, since v/o/MLP
     deltas were right and dominated. The q/k part alone has its own, lower bar
     (``min_corr_qk``): its effect is small, so the 4-bit base's noise weighs more — on
-    SmolLM2 Q4_1 a correct q/k export correlated 0.87, an un-permuted one 0.07.
+    SmolLM2 Q4_1 a correct q/k export correlated 0.87, an un-permuted one 0.07. For a
+    fused export the q/k part is a second fused model made from the q/k-only adapter.
 
     A failed check (``passed=False``) must fail the cycle: the exported file would not
     do in Ollama what the judge measured.
     """
-    import gc
     import tempfile
 
-    from forged.train import load_model
-
-    for p, what in ((gguf_adapter, "exported adapter"), (base_gguf, "base GGUF")):
-        if not Path(p).is_file():
+    adapter_dir, exported, base_gguf = Path(adapter_dir), Path(exported), Path(base_gguf)
+    for p, what in ((exported, "export"), (base_gguf, "base GGUF")):
+        if not p.is_file():
             raise FidelityError(f"{what} not found: {p}")
-    backend = load_model(cfg_train, Path(adapter_dir))
-    result = compare_engines(backend, Path(gguf_adapter), Path(base_gguf), texts, min_corr, loss_tolerance)
-    del backend
-    gc.collect()
+    result = _load_and_compare(cfg_train, adapter_dir, exported, base_gguf, texts, min_corr, loss_tolerance)
     if not result.passed:
         return result
     with tempfile.TemporaryDirectory(prefix="forged-fid-") as tmp:
-        sub = Path(tmp) / "qk"
-        if not _qk_only_peft(Path(adapter_dir), sub) or not _qk_only_gguf(Path(gguf_adapter), Path(tmp) / "qk.gguf"):
+        sub, qk_export = Path(tmp) / "qk", Path(tmp) / "qk.gguf"
+        if not _qk_only_peft(adapter_dir, sub) or not _qk_only_export(exported, base_gguf, sub, qk_export):
             return result
-        backend = load_model(cfg_train, sub)
-        qk = compare_engines(backend, Path(tmp) / "qk.gguf", Path(base_gguf), texts, min_corr, loss_tolerance)
-        del backend
-        gc.collect()
+        qk = _load_and_compare(cfg_train, sub, qk_export, base_gguf, texts, min_corr, loss_tolerance)
     result.correlation_qk = qk.correlation
     result.seconds += qk.seconds
     if not (math.isfinite(qk.correlation) and qk.correlation >= min_corr_qk):

@@ -10,6 +10,11 @@ complete model that has already loaded once. A version is created under its own 
 Ollama is down or fails half-way, ``:latest`` still names the previous model and the
 caller retries the whole, idempotent, operation later.
 
+A version is the base plus a GGUF LoRA adapter (``FROM <base> / ADAPTER <adapter>``) or,
+with ``[publish] export = "fused"``, a full model GGUF with the adapter merged in
+(``FROM <fused>``, no ADAPTER): :meth:`Publisher.create_version` tells the two apart by
+the file (``general.type = adapter``, or a model carrying ``forged.export = fused``).
+
 Errors are split in two, so the caller knows whether waiting helps:
 
 - :class:`OllamaUnavailable` — connection refused, timeout, a dropped connection, a
@@ -60,7 +65,7 @@ class Published:
     tag: str  # "forged/<repo>:v<N>"
     digest: str  # manifest digest as /api/tags reports it (hex, what `ollama list` shows)
     created: bool  # False: the tag already existed with the same adapter
-    adapter_digest: str = ""  # "sha256:<hex>" of the adapter blob
+    adapter_digest: str = ""  # "sha256:<hex>" of the adapter blob (fused: of the model blob)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -172,6 +177,28 @@ def _check_gguf(path: Path, want_type: str) -> None:
     kind = meta.get("general.type", "model")  # older model GGUFs carry no general.type
     if kind != want_type:
         raise PublishError(f"{path}: is a GGUF {kind}, expected a GGUF {want_type}")
+
+
+def is_fused_export(path: Path) -> bool:
+    """Whether ``path`` is a fused model written by forged's export (else an adapter)."""
+    try:
+        meta = read_gguf_metadata(path)
+    except ValueError:
+        return False
+    return meta.get("general.type", "model") == "model" and meta.get("forged.export") == "fused"
+
+
+def _check_export(path: Path) -> bool:
+    """Refuse what is neither a GGUF adapter nor a fused export; True when fused."""
+    if is_fused_export(path):
+        return True
+    try:
+        _check_gguf(path, "adapter")
+    except PublishError as e:
+        if "expected a GGUF adapter" in str(e):
+            raise PublishError(f"{e} (or a fused model written by forged's export)") from None
+        raise
+    return False
 
 
 # --- the publisher -----------------------------------------------------------------
@@ -336,22 +363,24 @@ class Publisher:
     ) -> Published:
         """Create ``forged/<repo>:v<N>`` = base + adapter + template + system + temperature.
 
-        Idempotent: if the tag exists with the same adapter it is left alone
-        (``created=False``). Never touches ``:latest``.
+        ``adapter_gguf`` may instead be a fused export (a full model): then the version
+        is created FROM that file alone, with no ADAPTER, and ``base_tag`` is not used.
+        Idempotent: if the tag exists with the same adapter (fused: same model file) it
+        is left alone (``created=False``). Never touches ``:latest``.
         """
         _check_repo(repo)
         _check_version(version)
         adapter_gguf = Path(adapter_gguf)
-        _check_gguf(adapter_gguf, "adapter")
+        fused = _check_export(adapter_gguf)
         if temperature < 0:
             raise PublishError(f"temperature must be >= 0, got {temperature}")
         tag = tag_for(repo, version)
-        if not self.exists(base_tag):
+        if not fused and not self.exists(base_tag):
             raise PublishError(f"base model {base_tag} is not in Ollama (publish it with ensure_base first)")
         digest = self.upload(adapter_gguf)
 
         if self.exists(tag):
-            if self._layer_digest_of(tag, "ADAPTER") == digest:
+            if self._layer_digest_of(tag, "FROM" if fused else "ADAPTER") == digest:
                 return Published(tag, self._digests_by_tag().get(tag, ""), False, digest)
             if self.live_version(repo) == version:
                 raise PublishError(f"{tag} is live with a different adapter; publish under a new version")
@@ -361,12 +390,13 @@ class Publisher:
         params: dict[str, Any] = {"temperature": temperature}
         if fmt:
             params["stop"] = list(fmt.stop)
+        source: dict[str, Any] = (
+            {"files": {adapter_gguf.name: digest}} if fused  # FROM the fused model, no ADAPTER
+            else {"from_": base_tag, "adapters": {adapter_gguf.name: digest}}
+        )
         self._call(
             f"create {tag}",
-            lambda: self._client.create(
-                model=tag, from_=base_tag, adapters={adapter_gguf.name: digest},
-                template=template, system=system, parameters=params,
-            ),
+            lambda: self._client.create(model=tag, **source, template=template, system=system, parameters=params),
         )
         return Published(tag, self._digests_by_tag().get(tag, ""), True, digest)
 
@@ -470,11 +500,16 @@ def manual_commands(
     repo: str, version: int, base_gguf: Path, adapter_gguf: Path, *,
     system: str | None = None, temperature: float = 0.2,
 ) -> str:
-    """Shell lines that publish a version by hand (printed by `forgectl status`)."""
+    """Shell lines that publish a version by hand (printed by `forgectl status`).
+
+    ``adapter_gguf`` may be a fused export: then the Modelfile is ``FROM`` it, no ADAPTER.
+    """
     tag, latest = tag_for(repo, version), tag_for(repo, "latest")
     mf_path = f"Modelfile.forged-{repo}-v{version}"
+    exported = str(Path(adapter_gguf).resolve())
+    fused = is_fused_export(Path(adapter_gguf))
     text = modelfile(
-        str(Path(base_gguf).resolve()), str(Path(adapter_gguf).resolve()),
+        exported if fused else str(Path(base_gguf).resolve()), None if fused else exported,
         template=base_chat_template(Path(base_gguf)),
         system=system if system is not None else system_prompt(repo), temperature=temperature,
     )

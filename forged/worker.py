@@ -68,7 +68,7 @@ def run_stage(stage: str, cycle_dir: Path, job: dict[str, Any], stop: threading.
                        resume=True, progress=progress, stop=stop)
         return {"train": result.to_dict(), "stopped": bool(result.stopped)}
     if stage == "judge":
-        from forged.export import export_adapter
+        from forged.export import export_adapter, export_fused
         from forged.fidelity import check_fidelity
         from forged.judge import judge
         from forged.train import resolve_base
@@ -80,14 +80,13 @@ def run_stage(stage: str, cycle_dir: Path, job: dict[str, Any], stop: threading.
         if not verdict.passed:
             return out
         base = resolve_base(cfg.train.base_model)
-        if cfg.publish.export == "fused":
-            out.update(passed=False, export_error="publish.export = 'fused' is not implemented yet; "
-                                                  "use 'adapter' (a GGUF LoRA on the base)")
-            return out
         if base.kind != "gguf":
             out.update(passed=False, export_error=f"export needs a GGUF base; {cfg.train.base_model} is {base.kind}")
             return out
-        exported = export_adapter(adapter, Path(base.path), cycle_dir / "export" / "adapter.gguf")
+        if cfg.publish.export == "fused":  # a full GGUF with the adapter merged (published FROM it alone)
+            exported = export_fused(adapter, Path(base.path), cycle_dir / "export" / "model.gguf")
+        else:
+            exported = export_adapter(adapter, Path(base.path), cycle_dir / "export" / "adapter.gguf")
         progress({"stage": "export", "path": str(exported.path)})
         texts = _heldout_texts(cycle_dir / "dataset" / "valid.jsonl", limit=8)
         fid = check_fidelity(adapter, exported.path, Path(base.path), cfg.train, texts,

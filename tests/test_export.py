@@ -22,7 +22,15 @@ from lora_fixtures import (
 )
 from tiny import TINY, bundled_gguf
 
-from forged.export import HF_TO_GGUF, ExportError, export_adapter, load_gguf_tensors
+from forged.export import (
+    HF_TO_GGUF,
+    ExportError,
+    export_adapter,
+    export_fused,
+    load_gguf_tensors,
+    read_gguf_header,
+    rewrite_gguf,
+)
 
 gguf = pytest.importorskip("gguf")
 pytest.importorskip("peft")
@@ -173,6 +181,100 @@ def test_mlx_layout_exports_like_peft(base: Path, hf: Path, tmp_path: Path) -> N
     assert got.keys() == want.keys()
     for k in want:
         np.testing.assert_allclose(got[k], want[k], rtol=1e-6, err_msg=k)
+    # ... and the same fused model
+    want = fused_hf_weights(export_fused(peft_dir, base, tmp_path / "peft-fused.gguf").path)
+    assert_same_weights(fused_hf_weights(export_fused(mlx, base, tmp_path / "mlx-fused.gguf").path), want)
+
+
+# ---------------------------------------------------------------- fused export
+
+
+@pytest.fixture(scope="module")
+def q4_base(base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny base with its projections in Q4_1, as in the bundled SmolLM2 GGUF."""
+    q4 = gguf.GGMLQuantizationType.Q4_1
+    names = [n for n, t in read_gguf_header(base).tensors.items() if n.startswith("blk.") and len(t.shape) == 2]
+    w = load_gguf_tensors(base, names)
+    out = tmp_path_factory.mktemp("q4") / "tiny-q4_1.gguf"
+    rewrite_gguf(base, out, dict.fromkeys(names, q4), lambda n: gguf.quants.quantize(w[n], q4))
+    return out
+
+
+def fused_hf_weights(fused: Path) -> dict[str, np.ndarray]:
+    """The seven projections of a fused GGUF, dequantized, in HF layout (q/k un-permuted)."""
+    out = {}
+    for layer in range(TINY["num_hidden_layers"]):
+        for module, g in HF_TO_GGUF.items():
+            w = load_gguf_tensors(fused, [f"blk.{layer}.{g}.weight"])[f"blk.{layer}.{g}.weight"]
+            out[f"{layer}.{module}"] = unpermute(w, heads(module)) if module in ("q_proj", "k_proj") else w
+    return out
+
+
+def test_fused_export_is_the_base_with_the_delta_merged(base: Path, hf: Path, tmp_path: Path) -> None:
+    ad = make_peft_adapter(hf, tmp_path / "ad", rank=4, alpha=8.0, rslora=True,
+                           rank_pattern={"v_proj": 2}, alpha_pattern={"down_proj": 2.0})
+    res = export_fused(ad, base, tmp_path / "f.gguf")
+    assert res.kind == "fused" and res.permuted_qk and res.n_tensors == len(TARGETS) * TINY["num_hidden_layers"]
+    assert_same_weights(fused_hf_weights(res.path), merged_hf_weights(hf, ad))
+    # Everything else is the base's, byte for byte: metadata (tokenizer, chat template), other tensors.
+    hb, hf_ = read_gguf_header(base), read_gguf_header(res.path)
+    raw_b, raw_f = base.read_bytes(), res.path.read_bytes()
+    assert set(hf_.kv_spans) == set(hb.kv_spans) | {"forged.export", "forged.method", "forged.backend"}
+    for key, (a, b) in hb.kv_spans.items():
+        fa, fb = hf_.kv_spans[key]
+        assert raw_f[fa:fb] == raw_b[a:b], key
+    assert hf_.kv["forged.export"] == "fused" and hf_.kv.get("general.type", "model") == "model"
+    assert list(hf_.tensors) == list(hb.tensors)
+    merged = {f"blk.{i}.{g}.weight" for i in range(TINY["num_hidden_layers"]) for g in HF_TO_GGUF.values()}
+    for name, t in hb.tensors.items():
+        f = hf_.tensors[name]
+        assert f.shape == t.shape and f.ggml_type == t.ggml_type == 0  # F32 base: merged stay F32
+        if name not in merged:
+            n = 4 * int(np.prod(t.shape))
+            assert raw_f[f.offset:f.offset + n] == raw_b[t.offset:t.offset + n], name
+
+
+@pytest.mark.parametrize("which", ["f32", "q4_1"])
+def test_fused_model_in_llama_cpp_equals_base_plus_adapter(
+    base: Path, q4_base: Path, hf: Path, tmp_path: Path, llama_cpp, which: str
+) -> None:
+    """llama.cpp's logits from the fused GGUF equal its own base + GGUF adapter."""
+    from forged.fidelity import _llama, llama_logits, pearson
+
+    b = base if which == "f32" else q4_base
+    ad = make_peft_adapter(hf, tmp_path / "ad", rank=4, alpha=8.0, rslora=True, std=0.2)
+    fused = export_fused(ad, b, tmp_path / "f.gguf").path
+    types = {n: t.ggml_type for n, t in read_gguf_header(fused).tensors.items()}
+    # Q4_1 base: merged projections are F16 (no lossy re-quantization), untouched ones stay Q4_1.
+    assert types["blk.0.attn_q.weight"] == (0 if which == "f32" else 1)
+    lora = export_adapter(ad, b, tmp_path / "a.gguf").path
+    ids = [1, 504, 2734, 3013, 1012, 30, 2367, 28, 258, 4165, 7, 198, 330, 2]
+    z_base = llama_logits(_llama(b, None, 32), ids)
+    z_lora = llama_logits(_llama(b, lora, 32), ids)
+    z_fused = llama_logits(_llama(fused, None, 32), ids)
+    effect = np.abs(z_lora - z_base).max()
+    assert effect > 0.5  # the adapter matters
+    if which == "f32":
+        np.testing.assert_allclose(z_fused, z_lora, atol=1e-3)  # float32 sums in another order
+    else:  # llama.cpp multiplies Q4_1 weights with Q8_1 activations, F16 weights with F16 ones
+        assert np.abs(z_fused - z_lora).max() < 0.05 * effect
+        assert pearson(z_fused - z_base, z_lora - z_base) > 0.999
+
+
+def test_fused_pissa_and_dora(base: Path, hf: Path, tmp_path: Path) -> None:
+    """PiSSA (a rank-2r LoRA on the original base) fuses to the trained weights; DoRA, which a
+    GGUF LoRA cannot carry, fuses to what PEFT's merge_and_unload computes."""
+    ad, effective = make_pissa_adapter(hf, tmp_path / "pissa", rank=4, alpha=4.0)
+    got = fused_hf_weights(export_fused(ad, base, tmp_path / "p.gguf").path)
+    for key, w in effective.items():  # "0.self_attn.q_proj" → "0.q_proj"
+        layer, module = key.split(".")[0], key.rsplit(".", 1)[-1]
+        np.testing.assert_allclose(got[f"{layer}.{module}"], w, rtol=1e-4, atol=2e-4, err_msg=key)
+
+    dora = make_peft_adapter(hf, tmp_path / "dora", rank=4, alpha=8.0, dora=True, std=0.1)
+    res = export_fused(dora, base, tmp_path / "d.gguf")
+    assert_same_weights(fused_hf_weights(res.path), merged_hf_weights(hf, dora))
+    with pytest.raises(ExportError, match="DoRA"):
+        export_adapter(dora, base, tmp_path / "d-lora.gguf")
 
 
 @pytest.mark.parametrize(
