@@ -9,9 +9,13 @@ STAMP  := $(VENV)/.forged-installed
 UNAME  := $(shell uname -s)
 ARCH   := $(shell uname -m)
 
-# Extras: the daemon itself needs none; stages need mine/torch/verify (+mlx on Apple silicon).
+# Extras: the daemon itself needs none; stages need mine/torch/verify, and mlx where MLX
+# has wheels (Apple silicon; Linux through mlx-cpu, so the MLX back end is tested here too).
 EXTRAS := mine,torch,verify,dev
 ifeq ($(UNAME)-$(ARCH),Darwin-arm64)
+EXTRAS := $(EXTRAS),mlx
+endif
+ifeq ($(UNAME),Linux)
 EXTRAS := $(EXTRAS),mlx
 endif
 
@@ -19,7 +23,7 @@ endif
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# Pin torch first: on Linux this takes the CPU build instead of the CUDA stack.

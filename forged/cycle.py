@@ -41,6 +41,20 @@ def backoff(attempts: int, base: float = 30.0) -> float:
     return min(3600.0, base * 2 ** max(0, attempts - 1))
 
 
+def qos_prefix(platform: str = sys.platform, taskpolicy: str = "/usr/sbin/taskpolicy") -> list[str]:
+    """On macOS, start the worker clamped to the *utility* QoS class.
+
+    Utility work yields to anything the user is doing but may still run on the
+    performance cores; *background* QoS (``taskpolicy -b``, or launchd's
+    ProcessType=Background) would confine it to the efficiency cores and make a cycle
+    several times slower. ``taskpolicy`` execs the command, so the pid stays the worker's.
+    Elsewhere ``nice`` (``daemon.worker_nice``, applied by the worker itself) is the tool.
+    """
+    if platform == "darwin" and os.access(taskpolicy, os.X_OK):
+        return [taskpolicy, "-c", "utility"]
+    return []
+
+
 class WorkerHandle:
     """One running ``forged worker`` subprocess and the thread reading its output."""
 
@@ -64,7 +78,7 @@ class WorkerHandle:
             env["LD_PRELOAD"] = ":".join(filter(None, [preload, env.get("LD_PRELOAD")]))
         self.stderr = open(cycle_dir / f"{stage}.stderr.log", "ab")  # noqa: SIM115 (closed on exit)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "forged", "worker", stage, "--cycle-dir", str(cycle_dir)],
+            [*qos_prefix(), sys.executable, "-m", "forged", "worker", stage, "--cycle-dir", str(cycle_dir)],
             stdout=subprocess.PIPE, stderr=self.stderr, stdin=subprocess.DEVNULL, env=env,
         )
         self.thread = threading.Thread(target=self._read, name=f"worker-{stage}", daemon=True)

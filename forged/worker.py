@@ -2,9 +2,10 @@
 
 The daemon starts it, reads its JSON lines from stdout (``{"event": "progress", …}``,
 one ``{"event": "result", …}`` at the end) and can stop it with SIGTERM, which sets a
-stop event the stage checks: training checkpoints and exits (exit code 3). The worker
-dies with the daemon (``PR_SET_PDEATHSIG`` on Linux) so a ``kill -9`` of the daemon
-never leaves two trainers behind.
+stop event: training checkpoints and exits (exit code 3), mining and judging exit at
+once (exit code 3; they rerun from the start). The worker
+dies with the daemon (``PR_SET_PDEATHSIG`` on Linux, a parent watch everywhere) so a
+``kill -9`` of the daemon never leaves two trainers behind.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from forged import config
 
 EXIT_OK, EXIT_FAILED, EXIT_STOPPED = 0, 1, 3
 STAGES = ("mine", "train", "judge")
+STOP_GRACE = 30.0  # seconds a stopping trainer gets to checkpoint (the issue's SIGTERM bound)
 
 
 def emit(event: str, data: dict[str, Any] | None = None, **more: Any) -> None:
@@ -39,7 +41,20 @@ def emit(event: str, data: dict[str, Any] | None = None, **more: Any) -> None:
     sys.stdout.flush()
 
 
-def _die_with_parent() -> None:
+def _stop_when_asked(stop: threading.Event, stage: str, poll: float = 1.0) -> None:
+    """Wire the ways a worker is told to stop to ``stop``, and make stopping finish.
+
+    * SIGTERM/SIGINT from the daemon (a gate closed, or the daemon shuts down);
+    * the daemon dying, so a ``kill -9`` of it never leaves a worker behind: on Linux
+      the kernel sends SIGTERM (``PR_SET_PDEATHSIG``); everywhere (macOS has no such
+      call) a thread notices the re-parenting to launchd/init.
+    Training checkpoints and returns on its own; ``STOP_GRACE`` seconds later the
+    process ends regardless. Mining and judging keep nothing worth saving half-way
+    (they rerun from the start), so they end at once.
+    """
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    parent = os.getppid()
     if sys.platform.startswith("linux"):
         try:
             libc = ctypes.CDLL("libc.so.6", use_errno=True)
@@ -47,6 +62,20 @@ def _die_with_parent() -> None:
             libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
         except OSError:
             pass
+
+    def watch_parent() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll)
+        stop.set()
+
+    def end_when_stopped() -> None:
+        stop.wait()
+        time.sleep(STOP_GRACE if stage == "train" else 0.0)
+        sys.stdout.flush()
+        os._exit(EXIT_STOPPED)
+
+    threading.Thread(target=watch_parent, name="parent-watch", daemon=True).start()
+    threading.Thread(target=end_when_stopped, name="stopper", daemon=True).start()
 
 
 def run_stage(stage: str, cycle_dir: Path, job: dict[str, Any], stop: threading.Event) -> dict[str, Any]:
@@ -115,10 +144,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("stage", choices=STAGES)
     ap.add_argument("--cycle-dir", required=True, type=Path)
     args = ap.parse_args(argv)
-    _die_with_parent()
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    _stop_when_asked(stop, args.stage)
     job = json.loads((args.cycle_dir / "job.json").read_text())
     with contextlib.suppress(OSError):
         # background work: the user's foreground apps come first
