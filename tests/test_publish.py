@@ -296,3 +296,52 @@ def test_base_republished_when_the_file_under_its_name_changes(double: OllamaDou
     assert _blob_posts(double) == posts + 1 and _digest(double, tag) != first
     assert p.ensure_base(copy, "tiny") == tag and _blob_posts(double) == posts + 1
     p.close()
+
+
+def make_fused(tmp: Path) -> Path:
+    """A real fused export of the bundled base: an mlx-layout LoRA on layer 0's q and v
+    (written with numpy, so no torch here) merged by forged.export.export_fused."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from forged.export import export_fused
+
+    rng = np.random.default_rng(0)
+    ad = tmp / "adapter"
+    ad.mkdir()
+    save_file({f"model.layers.0.self_attn.{m}.{p}": rng.normal(0, 0.05, shape).astype(np.float32)
+               for m, out in (("q_proj", 576), ("v_proj", 192))
+               for p, shape in (("lora_a", (576, 4)), ("lora_b", (4, out)))}, str(ad / "adapters.safetensors"))
+    (ad / "adapter_config.json").write_text(json.dumps({"fine_tune_type": "lora", "lora_parameters": {"rank": 4, "scale": 2.0}}))
+    (ad / "forged_meta.json").write_text(json.dumps({"backend": "mlx", "layout": "gguf", "method": "lora"}))
+    return export_fused(ad, bundled_base(), tmp / "model.gguf").path
+
+
+def test_fused_export_is_created_from_itself_without_an_adapter(
+    pub: Publisher, double: OllamaDouble, tmp_path: Path
+) -> None:
+    fused = make_fused(tmp_path)
+    assert publish.is_fused_export(fused) and not publish.is_fused_export(bundled_base())
+    # No base model is needed in Ollama for a fused version: base_tag is not used.
+    first = _create(pub, "fz", 1, "forged/base-nope:latest", fused)
+    assert first.created and first.adapter_digest == pub._digest(fused)
+    manifest = double.read_manifest("forged/fz:v1")
+    kinds = {x["mediaType"].rsplit(".", 1)[-1]: x["digest"] for x in manifest["layers"]}
+    assert kinds["model"] == first.adapter_digest and "adapter" not in kinds
+    assert {"template", "system", "params"} <= kinds.keys()
+    modelfile = ollama.Client(double.url).show("forged/fz:v1").modelfile or ""
+    assert "ADAPTER" not in modelfile and "fz repository" in modelfile
+    assert not _create(pub, "fz", 1, "forged/base-nope:latest", fused).created  # idempotent
+    text = publish.manual_commands("fz", 1, bundled_base(), fused)
+    assert f"FROM {fused.resolve()}" in text and "ADAPTER" not in text
+
+
+@needs_llama
+def test_fused_version_loads_and_goes_live(pub: Publisher, double: OllamaDouble, tmp_path: Path) -> None:
+    _create(pub, "fzl", 1, "unused", make_fused(tmp_path))
+    pub.promote("fzl", 1)  # loads it in llama.cpp under its own tag first
+    assert pub.live_version("fzl") == 1
+    raw = "<|im_start|>user\nWrite a Python function that adds two numbers.<|im_end|>\n<|im_start|>assistant\n"
+    out = ollama.Client(double.url).generate(model="forged/fzl:latest", prompt=raw, raw=True,
+                                             options={"temperature": 0, "num_predict": 4}).response
+    assert out
