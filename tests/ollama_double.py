@@ -19,7 +19,8 @@ expires the runner of the named model's base. Llama instances themselves are cac
 Switches for fault tests: ``down`` (stop listening and cut open connections: the client
 sees connection refused), ``fail_create`` (the next N creates answer 500 after writing
 their layers but no manifest, like a crash half-way), ``corrupt_uploads`` (the next N
-blob uploads are damaged in transit, so the digest check fails), ``fail_load``.
+blob uploads are damaged in transit, so the digest check fails), ``fail_load``,
+``hold_create`` (creates of matching names wait for ``release``: a create in flight).
 """
 
 from __future__ import annotations
@@ -166,6 +167,11 @@ class OllamaDouble:
         self.fail_create = 0
         self.corrupt_uploads = 0
         self.fail_load = 0
+        # Creates of names containing ``hold_create`` wait until ``release`` is set: a test
+        # can kill the client while a create is in flight (``held`` counts the waiters).
+        self.hold_create = ""
+        self.release = threading.Event()
+        self.held = 0
         self.requests: list[tuple[str, str]] = []  # (method, path) of every request served
         self._down = False
         self._port = 0
@@ -323,6 +329,9 @@ class OllamaDouble:
 
     def create(self, req: dict[str, Any]) -> None:
         name = req.get("model") or req.get("name") or ""
+        if self.hold_create and self.hold_create in name:
+            self.held += 1
+            self.release.wait(timeout=300)
         target = self.manifest_path(name)
         layers: list[dict[str, Any]] = []
         if req.get("from"):

@@ -235,3 +235,85 @@ def test_worker_kill9_at_each_stage_is_retried_and_cycle_finishes(short_tmp: Pat
     finally:
         if d.proc and d.proc.poll() is None:
             d.stop()
+
+
+def wait_dead(pid: int, timeout: float = 40) -> bool:
+    """True once ``pid`` is gone (or a zombie: dead, waiting to be reaped)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if "State:\tZ" in Path(f"/proc/{pid}/status").read_text():
+                return True
+        except OSError:
+            return True
+        time.sleep(0.2)
+    return False
+
+
+def test_daemon_kill9_while_mining_judging_and_publishing_recovers(short_tmp: Path, tiny_base: Path) -> None:
+    """kill -9 of the daemon in each remaining stage (training has its own test above):
+    every restart finishes the interrupted stage, no two workers ever overlap, and
+    nothing reaches ``:latest`` until the cycle is approved."""
+    import sqlite3
+
+    pytest.importorskip("llama_cpp")
+    import ollama as ollama_client
+
+    from tests.ollama_double import OllamaDouble
+
+    fixtures = short_tmp / "probe"
+    set_idle(fixtures, 20 * 60)
+    with OllamaDouble(short_tmp / "ollama") as ollama:
+        ollama.hold_create = "forged/proj:v"  # the candidate's create hangs until released
+        d = DaemonProc(short_tmp / "h", cycle_config(tiny_base, ollama.url),
+                       env={"FORGED_PROBE_FIXTURES": str(fixtures)}).start()
+        try:
+            repo = make_repo(short_tmp / "proj", source_files())
+            assert d.ctl("repos", "add", str(repo)).returncode == 0
+            for stage in ("mine", "judge"):
+                st = d.wait_for(lambda st, stage=stage: st["worker"] and st["worker"]["stage"] == stage and st,
+                                timeout=400, interval=0.05)
+                worker_pid = st["worker"]["pid"]
+                d.stop(signal.SIGKILL)
+                assert wait_dead(worker_pid), f"the {stage} worker outlived its daemon"
+                d.start()
+
+            # Publishing runs in the daemon: kill it while the candidate's create is in flight.
+            deadline = time.monotonic() + 400
+            while ollama.held == 0 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert ollama.held == 1, "the candidate was never sent to Ollama"
+            d.stop(signal.SIGKILL)
+            ollama.release.set()  # Ollama finishes the orphaned create on its own
+            tags = {m.model for m in ollama_client.Client(host=ollama.url).list().models}
+            assert "forged/proj:latest" not in tags
+            d.start()
+            st = d.wait_for(lambda st: stage_of(st, "proj") in ("awaiting_approval", "failed", "rejected") and st,
+                            timeout=120)
+            entry = next(r for r in st["repos"] if r["name"] == "proj")
+            assert entry["stage"] == "awaiting_approval", entry
+            assert entry["live_version"] is None
+            tags = {m.model for m in ollama_client.Client(host=ollama.url).list().models}
+            assert "forged/proj:v1" in tags and "forged/proj:latest" not in tags
+
+            assert d.ctl("approve", "proj").returncode == 0
+            st = d.wait_for(lambda st: stage_of(st, "proj") == "watching" and st, timeout=60)
+            entry = next(r for r in st["repos"] if r["name"] == "proj")
+            assert entry["live_version"] == 1
+            tags = {m.model for m in ollama_client.Client(host=ollama.url).list().models}
+            assert "forged/proj:latest" in tags
+
+            # One cycle, one version; the interrupted jobs never overlapped the next one.
+            db = sqlite3.connect(d.home / "state" / "forged.db")
+            jobs = db.execute("SELECT stage, state, started_at, finished_at FROM jobs ORDER BY started_at").fetchall()
+            versions = db.execute("SELECT version, state FROM model_versions").fetchall()
+            db.close()
+            assert [j[:2] for j in jobs if j[1] == "interrupted"] == [("mine", "interrupted"), ("judge", "interrupted")]
+            assert [j[0] for j in jobs if j[1] == "done"] == ["mine", "train", "judge"]
+            for a, b in zip(jobs, jobs[1:], strict=False):
+                assert a[3] is not None and a[3] <= b[2], f"jobs overlap: {a} and {b}"
+            assert versions == [(1, "live")]
+        finally:
+            ollama.release.set()
+            if d.proc and d.proc.poll() is None:
+                d.stop()
