@@ -396,6 +396,25 @@ def test_fidelity_fails_for_broken_exports(base: Path, hf: Path, tmp_path: Path,
     assert "q/k" in fid.reason
 
 
+def test_fidelity_checks_fused_exports(base: Path, hf: Path, tmp_path: Path, llama_cpp, monkeypatch) -> None:
+    """The same check for a fused model: Δ = llama.cpp(fused) − llama.cpp(base), and the q/k
+    part as a fused model of the q/k-only adapter; a q/k layout error still fails it."""
+    import forged.export
+    from forged.fidelity import check_fidelity
+
+    ad = make_peft_adapter(hf, tmp_path / "ad", rank=4, alpha=8.0, rslora=True, std=0.05)
+    fused = export_fused(ad, base, tmp_path / "f.gguf").path
+    fid = check_fidelity(ad, fused, base, _cfg(hf), HELDOUT)
+    assert fid.passed, fid.reason
+    assert fid.correlation >= 0.99 and fid.correlation_qk is not None and fid.correlation_qk >= 0.95
+    assert fid.delta_norm_ratio == pytest.approx(1.0, abs=0.05)
+
+    monkeypatch.setattr(forged.export, "PERMUTED_QK_ARCHS", set())
+    unpermuted = export_fused(ad, base, tmp_path / "noperm.gguf").path
+    fid = check_fidelity(ad, unpermuted, base, _cfg(hf), HELDOUT)
+    assert not fid.passed and "correlation" in fid.reason, fid.reason  # whole (0.94 here) or q/k part
+
+
 @pytest.mark.slow
 def test_real_base_export_and_fidelity(tmp_path: Path, llama_cpp) -> None:
     """SmolLM2-135M (bundled Q4_1 GGUF): an rsLoRA adapter on all seven projections,
