@@ -68,6 +68,20 @@ def test_resolve_bundled_and_dims():
     assert small < big and ckpt < big
 
 
+def test_memory_estimate_covers_measured_peaks():
+    """Peak RSS measured with bench/train/bench.py memory (forged's PyTorch trainer, PiSSA,
+    SmolLM2-135M from the GGUF; docs/benchmarks.md): the estimate is slightly conservative."""
+    from forged.train.memory import estimate_peak_memory
+
+    d = {"layers": 30, "hidden": 576, "intermediate": 1536, "vocab": 49152, "heads": 9, "kv_heads": 3}
+    measured = [({"batch_size": 4, "seq_len": 512}, 7_735_140_352),
+                ({"batch_size": 2, "seq_len": 256}, 3_030_122_496),
+                ({"batch_size": 4, "seq_len": 512, "grad_checkpoint": True}, 4_564_967_424)]
+    for kw, peak in measured:
+        ratio = estimate_peak_memory(d, method="pissa", **kw) / peak
+        assert 1.0 <= ratio <= 1.3, (kw, ratio)
+
+
 def test_resolve_errors_and_ollama_store(tmp_path, monkeypatch):
     with pytest.raises(ModelError, match="not found"):
         resolve_base(str(tmp_path / "nothing"))

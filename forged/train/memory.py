@@ -67,12 +67,18 @@ def estimate_peak_memory(dims: dict[str, Any], *, rank: int = 16, targets: list[
     A = adapter_params(dims, rank, targets)
     adapter = A * 4 * 4 + (L * len(targets) * max(h, i) * 4 * 3 if dora else 0)
     # per token per layer (frozen base: autograd keeps the linear inputs the LoRA
-    # gradients need and the MLP intermediates): ~3 hidden-sized + 2 intermediate-sized
-    # fp32 tensors, the low-rank intermediates, and the attention probabilities over the
-    # row (a custom 4D mask sends PyTorch's SDPA to its math kernel, which keeps them).
-    per_tok_layer = 4 * (3 * h + 2 * i + 2 * rank * len(targets)) + 4 * heads * seq_len
-    layers_kept = 1 if grad_checkpoint else L
-    acts = tokens * per_tok_layer * layers_kept + (tokens * h * 4 * L if grad_checkpoint else 0)
+    # gradients need, the MLP intermediates, norms, RoPE'd q/k and residual sums): ~6
+    # hidden-sized + 4 intermediate-sized fp32 tensors and the low-rank intermediates; plus
+    # the attention probabilities over the row, ~1.5 copies (a custom 4D mask sends PyTorch's
+    # SDPA to its math kernel, which keeps them). Refit to measured peaks of forged's PyTorch
+    # trainer on SmolLM2-135M (4x512, 2x256; docs/benchmarks.md, "Training").
+    per_tok_layer = 4 * (6 * h + 4 * i + 2 * rank * len(targets)) + 6 * heads * seq_len
+    if grad_checkpoint:
+        # one layer recomputed in full, plus what PEFT + transformers' non-reentrant
+        # checkpointing was measured to keep per layer (~3 hidden + 2 intermediate fp32)
+        acts = tokens * per_tok_layer + tokens * L * 4 * (3 * h + 2 * i)
+    else:
+        acts = tokens * per_tok_layer * L
     head = tokens * v * 4 * 4  # logits, fp32 copy, softmax, gradient (upper bound: every token a target)
     total = RUNTIME.get(backend, RUNTIME["torch"]) + weights + adapter + acts + head
     return int(total * 1.1)  # allocator fragmentation: freed blocks stay resident
