@@ -1,13 +1,19 @@
 """Training benchmarks (docs/benchmarks.md, "Training"). Keep runs short on shared machines.
 
-    python bench/train/bench.py dataset SRC_DIR OUT_DIR        # top-level defs/classes → train/valid split by file
+    python bench/train/bench.py dataset SRC_DIR OUT_DIR          # top-level defs/classes → train/valid split by file
     python bench/train/bench.py torch-throughput DS [--steps N]  # forged (packed) vs plain HF Trainer (padded)
     python bench/train/bench.py mlx-throughput DS [--steps N]    # forged MLX (bucketed) vs mlx_lm's trainer
     python bench/train/bench.py pissa DS [--steps N]             # PiSSA vs LoRA held-out loss per step
-    python bench/train/bench.py memory DS                        # predicted vs measured peak
+    python bench/train/bench.py memory DS                        # predicted vs measured peak RSS
+
+Common options: --rounds R (throughput: alternate forged/reference R times), --seq-len,
+--threads (same CPU thread count on both sides), --layers N (keep the first N decoder
+layers on both sides, to fit a loaded box), --max-valid (pissa: held-out records used).
 
 Every mode prints one JSON line per result. Model: the bundled SmolLM2-135M; same
 examples, batch size, max length, rank, targets and learning rate on both sides.
+Throughput rates count useful (target) tokens after the first step, per wall second and
+per process CPU second (the latter is less sensitive to other load on the machine).
 """
 
 from __future__ import annotations
@@ -348,7 +354,7 @@ def memory(ds: Path, steps: int, only: int | None, threads: int) -> None:
     kw = MEMORY_CONFIGS[only]
     cfg = _cfg(backend="torch", method="pissa", max_steps=steps, threads=threads, **kw)
     pred = estimate_for(resolve_base(cfg.base_model), cfg, "torch")
-    ours = _forged_run(ds, cfg, "torch", f"mem{only}")
+    ours = _forged_run(_train_only(ds), cfg, "torch", f"mem{only}")
     print(json.dumps({"bench": "memory", "backend": "torch", "method": "pissa", **kw, "predicted": pred,
                       "measured": ours["peak_mem"], "measured_over_predicted": round(ours["peak_mem"] / pred, 3),
                       "steps": steps}), flush=True)
