@@ -38,6 +38,7 @@ max_commits = 100
 [judge]
 max_examples = 24
 max_generate = 8
+max_raft = 4
 
 [[repos]]
 path = "{repo}"

@@ -19,7 +19,7 @@ together and each row stops as soon as its answer is complete (FIM: the referenc
 number of lines; RAFT: the ``<ANSWER>`` line), or at its token budget.
 
 Generation dominates the cost, so FIM and RAFT are capped at ``max_generate``
-examples each and bpb at ``max_examples`` texts; the subset is chosen once
+(RAFT at ``max_raft`` if set) examples each and bpb at ``max_examples`` texts; the subset is chosen once
 (deterministically) and shared by all models.
 
 This module imports nothing heavy at import time; the model is loaded through
@@ -127,7 +127,8 @@ class JudgeResult:
 # ---------------------------------------------------------------- held-out data
 
 
-def load_heldout(dataset_dir: Path, max_examples: int = 200, max_generate: int = 64, seed: int = 0) -> Heldout:
+def load_heldout(dataset_dir: Path, max_examples: int = 200, max_generate: int = 64, seed: int = 0,
+                 max_raft: int = 0) -> Heldout:
     """Read ``dataset_dir/valid.jsonl`` into the three task families, subsampled.
 
     Raises :class:`JudgeError` naming the file and line of a malformed record.
@@ -179,9 +180,10 @@ def load_heldout(dataset_dir: Path, max_examples: int = 200, max_generate: int =
     # Keep the oracle / distractor mix: sample each side in proportion.
     ora = [r for r in h.raft if r.oracle]
     dis = [r for r in h.raft if not r.oracle]
-    if len(h.raft) > max_generate:
-        k_ora = round(max_generate * len(ora) / len(h.raft))
-        ora, dis = pick(ora, k_ora), pick(dis, max_generate - k_ora)
+    n_raft = max_raft or max_generate
+    if len(h.raft) > n_raft:
+        k_ora = round(n_raft * len(ora) / len(h.raft))
+        ora, dis = pick(ora, k_ora), pick(dis, n_raft - k_ora)
     h.raft = ora + dis
     if not (h.texts or h.fim or h.raft):
         raise JudgeError(f"{path}: no scorable held-out records (text, fim or raft)")
@@ -332,7 +334,7 @@ def judge(
 
     t0 = time.monotonic()
     data = load_heldout(
-        Path(dataset_dir), cfg.max_examples, getattr(cfg, "max_generate", 64), seed=getattr(cfg_train, "seed", 0)
+        Path(dataset_dir), cfg.max_examples, cfg.max_generate, seed=cfg_train.seed, max_raft=cfg.max_raft
     )
     if not Path(candidate_adapter).is_dir():
         raise JudgeError(f"candidate adapter not found: {candidate_adapter}")

@@ -127,6 +127,10 @@ def test_load_heldout_sorts_records_and_subsamples(tmp_path: Path) -> None:
     assert all(r.messages[-1]["role"] == "user" and r.reference for r in h.raft)
     again = load_heldout(tmp_path, max_examples=2, max_generate=4)
     assert again.texts == h.texts and [f.prompt for f in again.fim] == [f.prompt for f in h.fim]
+    # RAFT prompts are ~5x the compute of a FIM example: they have their own cap.
+    capped = load_heldout(tmp_path, max_examples=2, max_generate=4, max_raft=2)
+    assert len(capped.fim) == 4 and len(capped.raft) == 2
+    assert {r.oracle for r in capped.raft} == {True, False}
 
 
 @pytest.mark.parametrize("content, message", [
