@@ -35,7 +35,7 @@ from forged.train.packing import IGNORE
 
 PEFT_WEIGHTS = "adapter_model.safetensors"
 GEN_MAX_BATCH = 8  # rows per generate() call
-GEN_BATCH_TOKENS = 6144  # padded prompt tokens per call: bounds prefill memory (~1 GB for a 135M model)
+GEN_BATCH_TOKENS = 4096  # padded prompt tokens per call: long (RAFT) prompts go alone — prefill gains nothing from batching
 
 
 def _device() -> torch.device:
