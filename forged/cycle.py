@@ -588,7 +588,9 @@ class Engine:
                                  temperature=self.cfg.publish.temperature)
         try:
             pub = self._publisher()
-            base_tag = pub.ensure_base(base_gguf, _base_name(self.cfg.train.base_model))
+            # A fused export is a whole model: its version needs no base in Ollama.
+            fused = (judged.get("export") or {}).get("kind") == "fused"
+            base_tag = "" if fused else pub.ensure_base(base_gguf, _base_name(self.cfg.train.base_model))
             pub.create_version(repo["name"], version, base_tag, adapter_gguf,
                                template=base_chat_template(base_gguf),
                                system=system_prompt(repo["name"]),
