@@ -17,6 +17,7 @@ Everything here runs in the worker subprocess; tree_sitter is imported lazily.
 from __future__ import annotations
 
 import re
+import sys
 from bisect import bisect_left, bisect_right
 from dataclasses import dataclass, field
 from itertools import accumulate
@@ -225,16 +226,19 @@ class _Text:
 
     def __init__(self, data: bytes) -> None:
         self.data = data
-        if len(data) < _NUMPY_BYTES:
+        # Newline offsets from the line lengths: C loops only, no per-byte Python.
+        self.newlines = list(accumulate(map((1).__add__, map(len, data.split(b"\n")[:-1])),
+                                        initial=-1))[1:]
+        if len(data) < _NUMPY_BYTES and "numpy" not in sys.modules:
             # Small files (the one blob a re-mine parses): plain Python, no numpy import.
             self.cum: Any = list(accumulate(data.translate(_NWS_BYTES), initial=0))
-            self.newlines = [i for i, b in enumerate(data) if b == 10]
             return
         import numpy as np
 
-        arr = np.frombuffer(data, dtype=np.uint8)
-        self.cum = np.concatenate(([0], np.cumsum(1 - _ws_table()[arr], dtype=np.int64)))
-        self.newlines = np.flatnonzero(arr == 10).tolist()
+        cum = np.zeros(len(data) + 1, dtype=np.int64)
+        np.cumsum(np.frombuffer(data.translate(_NWS_BYTES), dtype=np.uint8), out=cum[1:])
+        # A memoryview indexes to plain ints at list speed (numpy scalars are ~10x slower).
+        self.cum = memoryview(cum)
 
     def nws(self, s: int, e: int) -> int:
         return int(self.cum[e] - self.cum[s])
@@ -251,34 +255,25 @@ class _Text:
         """Cut points strictly inside (s, e) so each piece fits: at newlines, else inside a line."""
         cuts: list[int] = []
         start = s
-        i = bisect_right(self.newlines, s - 1)
-        nl = self.newlines
-        while self.nws(start, e) > budget:
+        nl, cum, data = self.newlines, self.cum, self.data
+        while cum[e] - cum[start] > budget:
+            # x: the furthest offset with nws(start, x) <= budget (cum never decreases);
+            # x < e since [start, e) is over budget.
+            x = bisect_right(cum, cum[start] + budget, start, e + 1) - 1
             # Furthest line end that keeps [start, cut) within budget.
-            best = -1
-            while i < len(nl) and nl[i] < e and self.nws(start, nl[i] + 1) <= budget:
-                best = nl[i] + 1
-                i += 1
-            if best > start:
-                cut = best
+            k = bisect_right(nl, x - 1) - 1
+            if k >= 0 and nl[k] >= start:
+                cut = nl[k] + 1
             else:  # one line alone is over budget: cut it by bytes at a UTF-8 boundary
-                lo, hi = start, e
-                while hi - lo > 1:  # largest cut with nws(start, cut) <= budget
-                    mid = (lo + hi) // 2
-                    if self.nws(start, mid) <= budget:
-                        lo = mid
-                    else:
-                        hi = mid
-                cut = lo
-                while cut > start and (self.data[cut] & 0xC0) == 0x80:
+                cut = x
+                while cut > start and (data[cut] & 0xC0) == 0x80:
                     cut -= 1
                 if cut <= start:  # pathological; never loop forever
                     cut = start + 1
-                    while cut < e and (self.data[cut] & 0xC0) == 0x80:
+                    while cut < e and (data[cut] & 0xC0) == 0x80:
                         cut += 1
             cuts.append(cut)
             start = cut
-            i = bisect_right(self.newlines, start - 1)
         return cuts
 
 
@@ -292,6 +287,8 @@ class _Piece:
 
 
 def _common(a: tuple, b: tuple) -> tuple:
+    if a is b:
+        return a
     n = 0
     while n < len(a) and n < len(b) and a[n] == b[n]:
         n += 1
@@ -362,52 +359,74 @@ def _signature(node: Any, data: bytes) -> str:
 
 
 class _Chunker:
+    """Pieces are plain tuples here (start, end, scope, defs, comment): this loop runs for
+    every child of every over-budget node, and tuples cost a fraction of objects."""
+
     def __init__(self, text: _Text, lang: str, budget: int) -> None:
         self.t = text
         self.lang = lang
         self.budget = budget
+        self.defs = DEF_TYPES.get(lang, {})
 
-    def split(self, node: Any, scope: tuple) -> list[_Piece]:
+    def pieces(self, root: Any) -> list[_Piece]:
+        return [_Piece(*a) for a in self.split(root, ())]
+
+    def split(self, node: Any, scope: tuple) -> list[tuple]:
         """Pieces of an over-budget node: its children recursively, greedily merged."""
         children = node.children
         if not children:
             cuts = self.t.split_lines(node.start_byte, node.end_byte, self.budget)
             bounds = [node.start_byte, *cuts, node.end_byte]
-            return [_Piece(a, b, scope, ()) for a, b in zip(bounds, bounds[1:], strict=False)]
-        atoms: list[_Piece] = []
+            return [(a, b, scope, (), False) for a, b in zip(bounds, bounds[1:], strict=False)]
+        cum = self.t.cum
+        budget = self.budget
+        lang = self.lang
+        defs = self.defs
+        data = self.t.data
+        atoms: list[tuple] = []
+        has_comment = False
         for child in children:
-            if child.end_byte <= child.start_byte:
+            s, e = child.start_byte, child.end_byte
+            if e <= s:
                 continue  # zero-width (MISSING) nodes carry no text
-            size = self.t.nws(child.start_byte, child.end_byte)
-            d = _unwrap(child, self.lang) if child.type in _WRAPPERS else child
-            kind = _def_kind(d, self.lang)
-            name = _def_name(d, self.lang, self.t.data) if kind else ""
-            if size <= self.budget:
-                atoms.append(_Piece(child.start_byte, child.end_byte, scope,
-                                    (name,) if name else (), child.type in COMMENT_TYPES))
+            ty = child.type
+            d = _unwrap(child, lang) if ty in _WRAPPERS else child
+            dty = ty if d is child else d.type
+            kind = "function" if dty == "variable_declarator" else defs.get(dty)
+            name = _def_name(d, lang, data) if kind else ""
+            if cum[e] - cum[s] <= budget:
+                comment = ty in COMMENT_TYPES
+                has_comment = has_comment or comment
+                atoms.append((s, e, scope, (name,) if name else (), comment))
             else:
-                inner = scope + ((name, _signature(d, self.t.data), child.start_byte),) if name else scope
-                atoms.extend(self.split(child, inner))
-        return self.merge(atoms)
+                inner = scope + ((name, _signature(d, data), s),) if name else scope
+                got = self.split(child, inner)
+                has_comment = has_comment or any(a[4] for a in got)
+                atoms.extend(got)
+        return self.merge(atoms, has_comment)
 
-    def merge(self, atoms: list[_Piece]) -> list[_Piece]:
+    def merge(self, atoms: list[tuple], has_comment: bool = True) -> list[tuple]:
         fits = self.budget
+        cum = self.t.cum
         # Glue comment runs onto the atom they precede (the doc above a function) when that
         # fits, so greedy merging cannot leave a function's comment with the previous chunk.
-        glued: list[_Piece] = []
-        for a in atoms:
-            g = glued[-1] if glued else None
-            if g is not None and g.comment and self.t.nws(g.start, a.end) <= fits:
-                glued[-1] = _Piece(g.start, a.end, _common(g.scope, a.scope), g.defs + a.defs,
-                                   a.comment)
-            else:
-                glued.append(a)
-        out: list[_Piece] = []
-        cur: _Piece | None = None
+        glued: list[tuple] = atoms
+        if has_comment:
+            glued = []
+            g: tuple | None = None
+            for a in atoms:
+                if g is not None and g[4] and cum[a[1]] - cum[g[0]] <= fits:
+                    g = (g[0], a[1], _common(g[2], a[2]), g[3] + a[3], a[4])
+                    glued[-1] = g
+                else:
+                    glued.append(a)
+                    g = a
+        out: list[tuple] = []
+        cur: tuple | None = None
         for a in glued:
-            if cur is not None and self.t.nws(cur.start, a.end) <= fits:
-                cur = _Piece(cur.start, a.end, _common(cur.scope, a.scope), cur.defs + a.defs,
-                             cur.comment and a.comment)
+            if cur is not None and cum[a[1]] - cum[cur[0]] <= fits:
+                sc = cur[2] if cur[2] is a[2] else _common(cur[2], a[2])
+                cur = (cur[0], a[1], sc, cur[3] + a[3], cur[4] and a[4])
                 continue
             if cur is not None:
                 out.append(cur)
@@ -457,8 +476,10 @@ def _finish(t: _Text, pieces: list[_Piece], budget: int, path: str, lang: str,
                 names.append(p.defs[0])
             context = [sig for (_n, sig, ds) in scope if ds < a]
             text = t.data[a:b].decode("utf-8")
-            first = a + (len(text.encode()) - len(text.lstrip().encode()))
-            last = b - (len(text.encode()) - len(text.rstrip().encode()))
+            # Byte offsets of the first and last non-space: encode only what strip removes.
+            n_text = len(text)
+            first = a + len(text[:n_text - len(text.lstrip())].encode())
+            last = b - len(text[len(text.rstrip()):].encode())
             chunks.append(Chunk(path, lang, ".".join(names), t.line_of(first), t.line_of(max(first, last - 1)),
                                 text, context))
     return chunks
@@ -477,7 +498,7 @@ def chunk_code(path: str, lang: str, data: bytes, budget: int) -> tuple[list[Chu
         name = _def_name(d, lang, data) if d is not None and _def_kind(d, lang) else ""
         pieces = [_Piece(0, len(data), (), (name,) if name else ())]
     else:
-        pieces = _Chunker(t, lang, budget).split(root, ())
+        pieces = _Chunker(t, lang, budget).pieces(root)
     return _finish(t, pieces, budget, path, lang), tree
 
 
