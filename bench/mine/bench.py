@@ -1,7 +1,7 @@
 """bench/mine: forged's chunker against peer chunkers, and the incremental re-mine.
 
   python bench/mine/bench.py --corpus DIR [--corpus go=DIR ...] [--budget 1152]
-                             [--peers astchunk,chonkie,...] [--failures FILE]
+                             [--peers astchunk,chonkie,...] [--failures FILE] [--repeat N]
   python bench/mine/bench.py --remine 10000
 
 Metrics at an equal budget of non-whitespace characters (peers that count all characters
@@ -140,16 +140,20 @@ def evaluate(files: dict[str, str], chunks: dict[str, list[str]], budget: int,
             "functions_whole": whole / max(1, funcs), "content_lost": lost / max(1, total)}
 
 
-def ours(files: dict[str, str], budget: int, lang: str = "python") -> tuple[float, dict[str, list[str]]]:
+def ours(files: dict[str, str], budget: int, lang: str = "python",
+         repeat: int = 1) -> tuple[float, dict[str, list[str]]]:
     from forged.mine.chunker import _ws_table, chunk_code, parser_for
 
     parser_for(lang)
     _ws_table()  # one-time numpy import, outside the timing (the peers import theirs too)
     out = {}
-    t = time.process_time()  # CPU seconds: wall time on a shared box measures the neighbours
-    for p, text in files.items():
-        out[p] = [c.text for c in chunk_code(p, lang, text.encode(), budget)[0]]
-    return time.process_time() - t, out
+    best = float("inf")
+    for _ in range(repeat):  # the fastest of `repeat` passes, as for the peers
+        t = time.process_time()  # CPU seconds: wall time on a shared box measures the neighbours
+        for p, text in files.items():
+            out[p] = [c.text for c in chunk_code(p, lang, text.encode(), budget)[0]]
+        best = min(best, time.process_time() - t)
+    return best, out
 
 
 def corpus_files(root: Path, limit: int, lang: str = "python") -> dict[str, str]:
@@ -246,6 +250,8 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=400)
     ap.add_argument("--peers", default="astchunk,llama-index,chonkie,langchain")
     ap.add_argument("--failures", type=Path, help="write forged's non-parsing chunks here")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="time each chunker this many passes and keep the fastest (shared box)")
     ap.add_argument("--remine", type=int, default=0)
     ap.add_argument("--full", action="store_true", help="also time a cold mine_repo of the corpus")
     args = ap.parse_args()
@@ -258,7 +264,7 @@ def main() -> None:
         listing = Path(tempfile.mkstemp(suffix=".txt")[1])
         listing.write_text("\n".join(files))
         size = sum(len(t.encode()) for t in files.values())
-        secs, chunks = ours(files, args.budget, lang)
+        secs, chunks = ours(files, args.budget, lang, args.repeat)
         row = {"corpus": str(root), "lang": lang, "files": len(files), "mb": round(size / 1e6, 2)}
         results.append({**row, "chunker": "forged", "files_per_s": round(len(files) / secs),
                         **evaluate(files, chunks, args.budget, lang, fails)})
@@ -266,7 +272,8 @@ def main() -> None:
             if not PEERS_PY.exists():
                 break
             p = subprocess.run([str(PEERS_PY), str(Path(__file__).parent / "peers.py"), peer,
-                                str(args.budget), str(listing), lang], capture_output=True, text=True)
+                                str(args.budget), str(listing), lang, str(args.repeat)],
+                               capture_output=True, text=True)
             if p.returncode != 0:
                 results.append({**row, "chunker": peer, "error": p.stderr.strip().splitlines()[-1:]})
                 continue

@@ -1,7 +1,7 @@
 """Run one peer chunker over files; print JSON {seconds, chunks: {path: [text...]}}.
 
 Runs inside bench/out/peers-venv (peers never go into forged's venv). Usage:
-  peers-venv/bin/python bench/mine/peers.py NAME BUDGET_NWS FILE_LIST [LANG]
+  peers-venv/bin/python bench/mine/peers.py NAME BUDGET_NWS FILE_LIST [LANG [REPEAT]]
 """
 
 from __future__ import annotations
@@ -49,12 +49,16 @@ def main() -> None:
     lang = sys.argv[4] if len(sys.argv) > 4 else "python"
     files = [ln for ln in Path(listing).read_text().splitlines() if ln]
     texts = {f: Path(f).read_text(encoding="utf-8") for f in files}
+    repeat = int(sys.argv[5]) if len(sys.argv) > 5 else 1
     chunk = make(name, budget, lang)
     out: dict[str, list[str]] = {}
-    t = time.process_time()
-    for f, text in texts.items():
-        out[f] = list(chunk(text))
-    print(json.dumps({"seconds": time.process_time() - t, "chunks": out}))
+    best = float("inf")
+    for _ in range(repeat):  # the fastest of `repeat` passes: the box is shared
+        t = time.process_time()
+        for f, text in texts.items():
+            out[f] = list(chunk(text))
+        best = min(best, time.process_time() - t)
+    print(json.dumps({"seconds": best, "chunks": out}))
 
 
 if __name__ == "__main__":
