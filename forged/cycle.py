@@ -135,6 +135,10 @@ class Engine:
         self.paths = daemon.paths
         self.log = log.get("forged.cycle")
         self._lock = threading.RLock()
+        # Held only while a worker starts or ends together with its stage change (short,
+        # no I/O beyond SQLite), so status gets a consistent (worker, stages) snapshot
+        # without waiting for _lock, which publishing holds across Ollama calls.
+        self._snap = threading.Lock()
         self.worker: WorkerHandle | None = None
         self.watchers: dict[str, Any] = {}
         self._gates: dict[str, Any] = {}
@@ -479,20 +483,21 @@ class Engine:
             "warm_start": None if full else live_adapter, "live_adapter": live_adapter,
         }
         (cdir / "job.json").write_text(json.dumps(job, indent=1))
-        with self.state.tx() as db:
-            db.execute("UPDATE cycles SET stage=?, resume_stage=?, reason=NULL, updated_at=? WHERE id=?",
-                       (WORKER_STAGE_NAME[wstage], WORKER_STAGE_NAME[wstage], time.time(), cid))
-            cur = db.execute("INSERT INTO jobs(cycle_id, stage, state, started_at) VALUES (?,?,?,?)",
-                             (cid, wstage, "running", time.time()))
-            job_id = int(cur.lastrowid or 0)
-            self.state._event(db, "stage", repo["name"], cid, {"stage": WORKER_STAGE_NAME[wstage]})
-        with bound_contextvars(repo=repo["name"], cycle=cid):
-            self.log.info("worker_start", stage=wstage)
-        self.worker = WorkerHandle(self, cyc, repo, wstage, cdir, job_id, bool(cyc["forced"]))
+        with self._snap:
+            with self.state.tx() as db:
+                db.execute("UPDATE cycles SET stage=?, resume_stage=?, reason=NULL, updated_at=? WHERE id=?",
+                           (WORKER_STAGE_NAME[wstage], WORKER_STAGE_NAME[wstage], time.time(), cid))
+                cur = db.execute("INSERT INTO jobs(cycle_id, stage, state, started_at) VALUES (?,?,?,?)",
+                                 (cid, wstage, "running", time.time()))
+                job_id = int(cur.lastrowid or 0)
+                self.state._event(db, "stage", repo["name"], cid, {"stage": WORKER_STAGE_NAME[wstage]})
+            with bound_contextvars(repo=repo["name"], cycle=cid):
+                self.log.info("worker_start", stage=wstage)
+            self.worker = WorkerHandle(self, cyc, repo, wstage, cdir, job_id, bool(cyc["forced"]))
         self.state.query("UPDATE jobs SET pid=? WHERE id=?", (self.worker.proc.pid, job_id))
 
     def _worker_finished(self, w: WorkerHandle, code: int) -> None:
-        with self._lock, bound_contextvars(repo=w.repo, cycle=w.cycle_id):
+        with self._lock, self._snap, bound_contextvars(repo=w.repo, cycle=w.cycle_id):
             self.worker = None
             result = w.result or {}
             jstate = {0: "done", 3: "stopped"}.get(code, "failed")
@@ -752,6 +757,12 @@ class Engine:
     def worker_status(self) -> dict[str, Any] | None:
         w = self.worker
         return w.status() if w is not None else None
+
+    def worker_and_repos(self) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+        """The worker and every repo's stage as of one moment (never a finished worker
+        next to the stage its exit produced)."""
+        with self._snap:
+            return self.worker_status(), self.repo_statuses()
 
     def _live_version_row(self, repo: Row) -> Row | None:
         return self.state.one("SELECT * FROM model_versions WHERE repo_id=? AND state='live'", (repo["id"],))

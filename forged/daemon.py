@@ -172,6 +172,7 @@ class Daemon:
         return row
 
     def status(self) -> dict[str, Any]:
+        worker, repos = self.engine.worker_and_repos()
         return {
             "daemon": {
                 "pid": os.getpid(),
@@ -184,8 +185,8 @@ class Daemon:
                 "socket": str(self.paths.socket),
             },
             "gates": self.engine.gate_status(),
-            "worker": self.engine.worker_status(),
-            "repos": self.engine.repo_statuses(),
+            "worker": worker,
+            "repos": repos,
         }
 
     def add_repo(self, body: dict[str, Any]) -> dict[str, Any]:
