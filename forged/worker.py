@@ -3,9 +3,9 @@
 The daemon starts it, reads its JSON lines from stdout (``{"event": "progress", …}``,
 one ``{"event": "result", …}`` at the end) and can stop it with SIGTERM, which sets a
 stop event: training checkpoints and exits (exit code 3), mining and judging exit at
-once (exit code 3; they rerun from the start). The worker
-dies with the daemon (``PR_SET_PDEATHSIG`` on Linux, a parent watch everywhere) so a
-``kill -9`` of the daemon never leaves two trainers behind.
+once (exit code 3; they rerun from the start). The worker dies with the daemon
+(``PR_SET_PDEATHSIG`` on Linux, a parent watch everywhere) so a ``kill -9`` of the
+daemon never leaves two workers behind.
 """
 
 from __future__ import annotations

@@ -313,6 +313,13 @@ def _ollama_manifest_blob(name: str) -> Path:
 # A safetensors copy loads in ~1 s, so bases up to this size are converted once and
 # kept; larger ones (a 1.5B base would be 6 GB of fp32) are converted on every load.
 DEQUANT_CACHE_MAX_BYTES = 2 << 30
+DEQUANTIZED, DEQUANTIZED_MARKER = "dequantized", "model.safetensors"  # cache kind, file written last
+
+
+def _conversion_dir(kind: str, base: BaseModel) -> Path:
+    from forged.paths import resolve
+
+    return resolve().cache_dir / kind / base.sha256[:16]
 
 
 def _cached_conversion(kind: str, base: BaseModel, done_marker: str, build: Any) -> Path:
@@ -321,9 +328,7 @@ def _cached_conversion(kind: str, base: BaseModel, done_marker: str, build: Any)
     The rename makes it atomic: a concurrent builder's copy is discarded, a crashed one
     leaves only a ``.tmp<pid>`` directory that is never read.
     """
-    from forged.paths import resolve
-
-    cache = resolve().cache_dir / kind / base.sha256[:16]
+    cache = _conversion_dir(kind, base)
     if (cache / done_marker).exists():
         return cache
     tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
@@ -374,10 +379,10 @@ def dequantized_dir(base: BaseModel, model: Any) -> Path | None:
         if hasattr(config, "quantization_config"):
             del config.quantization_config  # the weights are plain fp32 now
         config.save_pretrained(tmp)
-        save_model(model, str(tmp / "model.safetensors"))  # handles tied embeddings
+        save_model(model, str(tmp / DEQUANTIZED_MARKER))  # handles tied embeddings
 
     try:
-        return _cached_conversion("dequantized", base, "model.safetensors", build)
+        return _cached_conversion(DEQUANTIZED, base, DEQUANTIZED_MARKER, build)
     except OSError:
         return None
 
@@ -386,10 +391,8 @@ def cached_dequantized(base: BaseModel) -> Path | None:
     """The cached fp32 HF directory of a GGUF base, if an earlier load wrote one."""
     if base.kind != "gguf":
         return None
-    from forged.paths import resolve
-
-    d = resolve().cache_dir / "dequantized" / base.sha256[:16]
-    return d if (d / "model.safetensors").exists() else None
+    d = _conversion_dir(DEQUANTIZED, base)
+    return d if (d / DEQUANTIZED_MARKER).exists() else None
 
 
 def load_tokenizer(base: BaseModel) -> Any:
