@@ -58,7 +58,16 @@ def test_event_storm_is_debounced_and_socket_stays_responsive(short_tmp: Path) -
             (src / f"f{i}.py").write_text("y = 2\n")
         shutil.rmtree(src)
         storm_s = time.monotonic() - t0
-        time.sleep(2.5)  # settle
+        # Settle: on tmpfs the storm can be written faster than watchdog handles its
+        # events (~90 µs each), so wait for the watcher, not a fixed time — its first
+        # pass, then no new pass for 2 s (settle 0.5 s + batching).
+        deadline = time.monotonic() + 60
+        seen, quiet_since = 0, time.monotonic()
+        while time.monotonic() < deadline and (seen == 0 or time.monotonic() - quiet_since < 2.0):
+            now_passes = repo_entry(d, "storm")["watch"]["passes"] - before
+            if now_passes != seen:
+                seen, quiet_since = now_passes, time.monotonic()
+            time.sleep(0.2)
         stop.set()
         poller.join()
         entry = repo_entry(d, "storm")
