@@ -115,3 +115,14 @@ def test_go_receiver_and_rust_impl() -> None:
     rs = "struct S;\nimpl S {\n    pub fn new() -> S { S }\n}\n"
     syms = {s.qualname: s for s in analyze("a.rs", "rust", rs.encode(), 400).symbols}
     assert syms["S.new"].returns == "S"
+
+
+def test_calls_in_source_order_on_every_parse() -> None:
+    # py-tree-sitter's capture lists are not in source order and differ between two parses
+    # of one text; the facts of a file must not (two cold mines would differ).
+    src = "\n".join(f"def f{i}():\n    a{i}(1)\n    b{i}(2)\n    raise E{i}()\n" for i in range(40))
+    first = analyze("m.py", "python", src.encode(), budget_bytes(384))
+    assert [(c.line, c.callee) for c in first.calls] == sorted((c.line, c.callee) for c in first.calls)
+    for _ in range(3):
+        again = analyze("m.py", "python", src.encode(), budget_bytes(384))
+        assert again.to_dict() == first.to_dict()

@@ -135,3 +135,22 @@ def test_redact_keeps_ordinary_code() -> None:
     code = ('def tokenize(text):\n    token_type = "access_token"\n    password = get_password()\n'
             '    return [t for t in text.split()]\n')
     assert redact(code)[0] == code
+
+
+def test_redact_after_letters_that_lowercase_longer() -> None:
+    # "İ".lower() is two characters: keyword lines found in the lowered text must still be
+    # cut from the original at the right place (they were not, and the password leaked).
+    text = 'name = "İİİİİİİİ"\ndb_password = "correct-h0rse-battery"\n'
+    clean, counts = redact(text, "settings.py")
+    assert "correct-h0rse-battery" not in clean
+    assert clean.startswith('name = "İİİİİİİİ"\n') and counts["keyword_assignment"] == 1
+
+
+def test_redact_skips_keywords_not_assigned_but_finds_later_ones() -> None:
+    # `private` on a line is not a secret; a second keyword on the same line that is
+    # assigned a literal still is.
+    code = ('class A {\n    private final String name;\n'
+            '    private String auth = "x"; private String authToken = "Zq8vX2mP0rT6wY1u";\n}\n')
+    clean, _ = redact(code, "A.java")
+    assert "Zq8vX2mP0rT6wY1u" not in clean
+    assert "private final String name;" in clean

@@ -24,30 +24,16 @@ from itertools import accumulate
 from typing import Any
 
 # Bump when chunk boundaries, symbol facts or redaction change: the cache is keyed by it.
-CHUNKER_VERSION = "forged-cast-3"
+CHUNKER_VERSION = "forged-cast-4"
 
 # chunk_tokens × this = budget in non-whitespace bytes. Measured with the SmolLM2
 # tokenizer on Python (click, httpx): ~3.1 non-whitespace bytes per token.
 NWS_PER_TOKEN = 3.0
 
-_WS: Any = None  # numpy table (1 = whitespace byte), made on first use: a re-mine that
-# parses nothing never imports numpy.
-
-
-_NUMPY_BYTES = 32_768
-# byte → 1 when not whitespace (translate table for the pure-Python path)
+_NUMPY_BYTES = 32_768  # files at least this big get numpy tables (imported on first use:
+# a re-mine that parses one small blob never imports numpy)
+# byte → 1 when not whitespace (translate table)
 _NWS_BYTES = bytes(0 if b in (9, 10, 11, 12, 13, 32) else 1 for b in range(256))
-
-
-def _ws_table() -> Any:
-    global _WS
-    if _WS is None:
-        import numpy as np
-
-        ws = np.zeros(256, dtype=np.int32)
-        ws[[9, 10, 11, 12, 13, 32]] = 1
-        _WS = ws
-    return _WS
 
 COMMENT_TYPES = frozenset({"comment", "line_comment", "block_comment"})
 
@@ -226,19 +212,24 @@ class _Text:
 
     def __init__(self, data: bytes) -> None:
         self.data = data
-        # Newline offsets from the line lengths: C loops only, no per-byte Python.
-        self.newlines = list(accumulate(map((1).__add__, map(len, data.split(b"\n")[:-1])),
-                                        initial=-1))[1:]
         if len(data) < _NUMPY_BYTES and "numpy" not in sys.modules:
             # Small files (the one blob a re-mine parses): plain Python, no numpy import.
+            # Newline offsets from the line lengths: C loops only, no per-byte Python.
+            self.newlines: Any = list(accumulate(
+                map((1).__add__, map(len, data.split(b"\n")[:-1])), initial=-1))[1:]
             self.cum: Any = list(accumulate(data.translate(_NWS_BYTES), initial=0))
             return
         import numpy as np
 
-        cum = np.zeros(len(data) + 1, dtype=np.int64)
+        # int32 is enough (files over the size limit are never read) and halves the
+        # memory traffic; a memoryview indexes to plain ints at list speed (numpy
+        # scalars are ~10x slower), and bisect works on it as on a list.
+        cum = np.empty(len(data) + 1, dtype=np.int32)
+        cum[0] = 0
         np.cumsum(np.frombuffer(data.translate(_NWS_BYTES), dtype=np.uint8), out=cum[1:])
-        # A memoryview indexes to plain ints at list speed (numpy scalars are ~10x slower).
         self.cum = memoryview(cum)
+        nl = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == 10).astype(np.int32)
+        self.newlines = memoryview(nl)
 
     def nws(self, s: int, e: int) -> int:
         return int(self.cum[e] - self.cum[s])
@@ -277,13 +268,11 @@ class _Text:
         return cuts
 
 
-@dataclass
-class _Piece:
-    start: int
-    end: int
-    scope: tuple[tuple[str, str, int], ...]  # (name, signature, def start byte) from outside in
-    defs: tuple[str, ...]  # names of whole definitions inside
-    comment: bool = False
+# A piece of a file while chunking: (start, end, scope, defs, comment) — scope is the
+# enclosing (name, signature, def start byte) from outside in, defs the names of whole
+# definitions inside. Plain tuples: the chunker makes one per child of every over-budget
+# node, and tuples cost a fraction of objects.
+_Piece = tuple[int, int, tuple[tuple[str, str, int], ...], tuple[str, ...], bool]
 
 
 def _common(a: tuple, b: tuple) -> tuple:
@@ -358,54 +347,84 @@ def _signature(node: Any, data: bytes) -> str:
 # --------------------------------------------------------------------- chunking
 
 
-class _Chunker:
-    """Pieces are plain tuples here (start, end, scope, defs, comment): this loop runs for
-    every child of every over-budget node, and tuples cost a fraction of objects."""
+@dataclass(frozen=True)
+class _Kinds:
+    """A grammar's node kind ids for what the chunker looks at: one int compare per child
+    instead of building the node's type string (several kind ids can share one name)."""
 
+    wrappers: frozenset[int]
+    comments: frozenset[int]
+    defs: dict[int, str]  # kind id → definition kind
+
+
+_kinds: dict[str, _Kinds] = {}
+
+
+def _kinds_for(lang: str) -> _Kinds:
+    if lang not in _kinds:
+        lg = parser_for(lang).language
+        ids: dict[str, list[int]] = {}
+        for i in range(lg.node_kind_count):
+            name = lg.node_kind_for_id(i)
+            if name is not None:
+                ids.setdefault(name, []).append(i)
+        defs = {i: kind for ty, kind in DEF_TYPES.get(lang, {}).items() for i in ids.get(ty, ())}
+        # A declarator reached by unwrapping `const f = () => …` is a function definition.
+        defs.update((i, "function") for i in ids.get("variable_declarator", ()))
+        _kinds[lang] = _Kinds(frozenset(i for ty in _WRAPPERS for i in ids.get(ty, ())),
+                              frozenset(i for ty in COMMENT_TYPES for i in ids.get(ty, ())), defs)
+    return _kinds[lang]
+
+
+class _Chunker:
     def __init__(self, text: _Text, lang: str, budget: int) -> None:
         self.t = text
         self.lang = lang
         self.budget = budget
-        self.defs = DEF_TYPES.get(lang, {})
+        self.kinds = _kinds_for(lang)
 
     def pieces(self, root: Any) -> list[_Piece]:
-        return [_Piece(*a) for a in self.split(root, ())]
+        return self.split(root, ())[0]
 
-    def split(self, node: Any, scope: tuple) -> list[tuple]:
-        """Pieces of an over-budget node: its children recursively, greedily merged."""
+    def split(self, node: Any, scope: tuple) -> tuple[list[_Piece], bool]:
+        """Pieces of an over-budget node (its children recursively, greedily merged), and
+        whether any of them is a comment."""
         children = node.children
         if not children:
             cuts = self.t.split_lines(node.start_byte, node.end_byte, self.budget)
             bounds = [node.start_byte, *cuts, node.end_byte]
-            return [(a, b, scope, (), False) for a, b in zip(bounds, bounds[1:], strict=False)]
+            return [(a, b, scope, (), False) for a, b in zip(bounds, bounds[1:], strict=False)], False
         cum = self.t.cum
         budget = self.budget
         lang = self.lang
-        defs = self.defs
+        kinds = self.kinds
+        wrappers, comments, defs = kinds.wrappers, kinds.comments, kinds.defs
         data = self.t.data
-        atoms: list[tuple] = []
+        atoms: list[_Piece] = []
         has_comment = False
         for child in children:
             s, e = child.start_byte, child.end_byte
             if e <= s:
                 continue  # zero-width (MISSING) nodes carry no text
-            ty = child.type
-            d = _unwrap(child, lang) if ty in _WRAPPERS else child
-            dty = ty if d is child else d.type
-            kind = "function" if dty == "variable_declarator" else defs.get(dty)
+            k = child.kind_id
+            if k in wrappers:
+                d = _unwrap(child, lang)
+                kind = defs.get(d.kind_id) if d is not child else None
+            else:
+                d, kind = child, defs.get(k)
             name = _def_name(d, lang, data) if kind else ""
             if cum[e] - cum[s] <= budget:
-                comment = ty in COMMENT_TYPES
+                comment = k in comments
                 has_comment = has_comment or comment
                 atoms.append((s, e, scope, (name,) if name else (), comment))
             else:
                 inner = scope + ((name, _signature(d, data), s),) if name else scope
-                got = self.split(child, inner)
-                has_comment = has_comment or any(a[4] for a in got)
+                got, com = self.split(child, inner)
+                has_comment = has_comment or com
                 atoms.extend(got)
-        return self.merge(atoms, has_comment)
+        return self.merge(atoms, has_comment), has_comment
 
-    def merge(self, atoms: list[tuple], has_comment: bool = True) -> list[tuple]:
+    def merge(self, atoms: list[_Piece], has_comment: bool = True) -> list[_Piece]:
         fits = self.budget
         cum = self.t.cum
         # Glue comment runs onto the atom they precede (the doc above a function) when that
@@ -441,14 +460,15 @@ def _finish(t: _Text, pieces: list[_Piece], budget: int, path: str, lang: str,
     """Make piece boundaries contiguous over the file, enforce the budget, build chunks."""
     n = len(t.data)
     starts: list[int] = []
+    cum = t.cum
     for p in pieces:
-        s = p.start
+        s = p0 = p[0]
         ls = t.line_start(s)
         # Start at the beginning of the line when only indentation precedes the piece.
-        if t.nws(ls, s) == 0 and (not starts or ls > starts[-1]):
+        if cum[s] == cum[ls] and (not starts or ls > starts[-1]):
             s = ls
         if starts and s <= starts[-1]:
-            s = p.start
+            s = p0
         starts.append(s)
     if starts:
         starts[0] = 0
@@ -470,10 +490,10 @@ def _finish(t: _Text, pieces: list[_Piece], budget: int, path: str, lang: str,
                 prev = chunks[-1]
                 prev.text += t.data[a:b].decode("utf-8")
                 continue
-            scope = p.scope if p is not None else ()
+            scope = p[2] if p is not None else ()
             names = [x[0] for x in scope]
-            if scope_symbol and p is not None and len(p.defs) == 1 and not cuts:
-                names.append(p.defs[0])
+            if scope_symbol and p is not None and len(p[3]) == 1 and not cuts:
+                names.append(p[3][0])
             context = [sig for (_n, sig, ds) in scope if ds < a]
             text = t.data[a:b].decode("utf-8")
             # Byte offsets of the first and last non-space: encode only what strip removes.
@@ -496,7 +516,7 @@ def chunk_code(path: str, lang: str, data: bytes, budget: int) -> tuple[list[Chu
         if len(named) == 1:
             d = _unwrap(named[0], lang)
         name = _def_name(d, lang, data) if d is not None and _def_kind(d, lang) else ""
-        pieces = [_Piece(0, len(data), (), (name,) if name else ())]
+        pieces: list[_Piece] = [(0, len(data), (), (name,) if name else (), False)]
     else:
         pieces = _Chunker(t, lang, budget).pieces(root)
     return _finish(t, pieces, budget, path, lang), tree
@@ -548,7 +568,7 @@ def chunk_doc(path: str, lang: str, data: bytes, budget: int) -> list[Chunk]:
     for s, e in bounds:
         sym = ((titles.get(s, ""), "", s),) if titles.get(s) else ()
         if t.nws(s, e) <= budget:
-            atoms.append(_Piece(s, e, sym, ()))
+            atoms.append((s, e, sym, (), False))
             continue
         # Paragraphs (blank-line separated), then lines.
         paras = [m.end() for m in re.finditer(rb"\n[ \t]*\n", data[s:e])]
@@ -556,12 +576,12 @@ def chunk_doc(path: str, lang: str, data: bytes, budget: int) -> list[Chunk]:
         for a, b in zip(edges, edges[1:], strict=False):
             cuts = t.split_lines(a, b, budget)
             ed = [a, *cuts, b]
-            atoms.extend(_Piece(x, y, sym, ()) for x, y in zip(ed, ed[1:], strict=False))
+            atoms.extend((x, y, sym, (), False) for x, y in zip(ed, ed[1:], strict=False))
     merged: list[_Piece] = []
     for a in atoms:
-        if merged and t.nws(merged[-1].start, a.end) <= budget:
+        if merged and t.nws(merged[-1][0], a[1]) <= budget:
             m = merged[-1]
-            merged[-1] = _Piece(m.start, a.end, m.scope or a.scope, ())
+            merged[-1] = (m[0], a[1], m[2] or a[2], (), False)
         else:
             merged.append(a)
     chunks = _finish(t, merged, budget, path, lang)
@@ -661,6 +681,12 @@ def _innermost(spans: list[tuple[int, int]], positions: list[int]) -> list[int]:
     return out
 
 
+def _in_order(nodes: list[Any]) -> list[Any]:
+    """Captures in source order. py-tree-sitter's capture lists are not: two parses of the
+    same text can list them differently, which made two cold mines differ."""
+    return sorted(nodes, key=lambda n: (n.start_byte, n.end_byte))
+
+
 def symbols_of(tree: Any, lang: str, data: bytes, budget: int) -> tuple[list[Symbol], list[Call]]:
     """Definitions with their signature, return type, raised exceptions and doc; and calls."""
     root = tree.root_node
@@ -708,7 +734,7 @@ def symbols_of(tree: Any, lang: str, data: bytes, budget: int) -> tuple[list[Sym
                               line=node.start_point[0] + 1, end_line=node.end_point[0] + 1,
                               signature=sig[:200], returns=returns, doc=doc[:2000], code=code))
     if lang in RAISE_QUERY and nodes:
-        raised = caps.get("raise", [])
+        raised = _in_order(caps.get("raise", []))
         for node, i in zip(raised, _innermost(spans, [n.start_byte for n in raised]), strict=True):
             sym = symbols[i] if i >= 0 else None
             exc = _exception_name(node, data) if sym is not None else ""
@@ -716,7 +742,7 @@ def symbols_of(tree: Any, lang: str, data: bytes, budget: int) -> tuple[list[Sym
                 sym.raises.append(exc)
     calls: list[Call] = []
     if lang in CALL_QUERY and nodes:
-        callees = caps.get("callee", [])
+        callees = _in_order(caps.get("callee", []))
         where = _innermost(spans, [c.start_byte for c in callees])
         for callee, i in zip(callees, where, strict=True):
             if i >= 0 and quals[i]:

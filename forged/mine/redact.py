@@ -119,18 +119,30 @@ def _detect_secrets_values(lines: list[str], path: str) -> list[tuple[str, str]]
     return out
 
 
+# What follows a keyword in every assignment the keyword regexes look for: a line without
+# it cannot match them, and skipping it keeps code full of `private`/`token` cheap.
+_ASSIGN_TAIL = re.compile(r"[\w.\-]*[\"']?\s*(?::=|=>|[:=])")
+_ASCII_LOWER = {c: c + 32 for c in range(ord("A"), ord("Z") + 1)}
+
+
 def _keyword_lines(text: str) -> list[tuple[int, int]]:
-    """(start, end) of each line holding a secret-ish keyword, found by substring search."""
+    """(start, end) of each line where a secret-ish keyword is assigned something, found by
+    substring search (far cheaper than a case-insensitive regex scan of the whole text)."""
     low = text.lower()
+    if len(low) != len(text):  # a few non-ASCII letters lower to two characters
+        low = text.translate(_ASCII_LOWER)
     spans: set[tuple[int, int]] = set()
     for kw in _KEYWORDS:
         i = low.find(kw)
         while i >= 0:
-            s = low.rfind("\n", 0, i) + 1
-            e = low.find("\n", i)
-            e = len(low) if e < 0 else e
-            spans.add((s, e))
-            i = low.find(kw, e)
+            if _ASSIGN_TAIL.match(low, i + len(kw)):
+                s = low.rfind("\n", 0, i) + 1
+                e = low.find("\n", i)
+                e = len(low) if e < 0 else e
+                spans.add((s, e))
+                i = low.find(kw, e)
+            else:
+                i = low.find(kw, i + 1)
     return sorted(spans)
 
 
