@@ -12,7 +12,7 @@ import time
 from array import array
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -181,9 +181,18 @@ def run(repo: Path, out_dir: Path, cfg: MineConfig, cache_dir: Path, *, commit: 
     rep = MineReport(repo=str(repo.resolve()), commit=sha, changed_since=since_sha,
                      chunker_version=f"{CHUNKER_VERSION}+redact{REDACT_VERSION}",
                      budget_tokens=cfg.chunk_tokens, budget_nws_bytes=budget, out_dir=str(out_dir))
-    entries = gitio.ls_tree(repo, sha)
+    # The history and the changed paths are independent of the tree listing: their git
+    # processes run while this one reads the tree (a re-mine is mostly git start-ups).
+    gitpool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mine-git")
+    history_f = gitpool.submit(_history, repo, sha, since_sha, cfg)
+    changed_f = gitpool.submit(gitio.changed_paths, repo, since_sha, sha) if since_sha else None
+    try:
+        entries = gitio.ls_tree(repo, sha)
+        changed = changed_f.result() if changed_f is not None else None
+    except BaseException:
+        gitpool.shutdown(cancel_futures=True)
+        raise
     rep.files_total = len(entries)
-    changed = gitio.changed_paths(repo, since_sha, sha) if since_sha else None
     store = LineStore(cache_dir / "lines" / _store_key(rep.repo, cfg, rep.chunker_version, budget))
     cache = MineCache(cache_dir)
     ok = False
@@ -282,7 +291,7 @@ def run(repo: Path, out_dir: Path, cfg: MineConfig, cache_dir: Path, *, commit: 
         rep.chunks, rep.symbols = chunks, symbols
         stage("load")
 
-        commits = _commits(repo, sha, since_sha, cfg, budget, cache,
+        commits = _commits(repo, history_f.result(), cfg, budget, cache,
                            {f.path: f.split for f in files}, redactions)
         rep.commits = len(commits)
         stage("commits")
@@ -302,6 +311,7 @@ def run(repo: Path, out_dir: Path, cfg: MineConfig, cache_dir: Path, *, commit: 
         _housekeep(store, units, {e.path for e in entries}, {akey for _, _, akey, _ in todo})
         ok = True
     finally:
+        gitpool.shutdown(cancel_futures=True)
         cache.close()
         store.close(save=ok)
     stage("write")
@@ -550,13 +560,21 @@ def _parse(repo: Path, missing: dict[str, tuple[gitio.Entry, str]], budget: int,
     return out
 
 
-def _commits(repo: Path, sha: str, since: str | None, cfg: MineConfig, budget: int,
-             cache: MineCache, split: dict[str, str],
-             redactions: Counter[str]) -> list[dict[str, Any]]:
+def _history(repo: Path, sha: str, since: str | None,
+             cfg: MineConfig) -> tuple[list[str], set[str] | None]:
+    """The commits to mine (newest first) and, on a re-mine, those new since the last."""
     if cfg.kinds.commit_diff <= 0 or cfg.max_commits <= 0:
-        return []
+        return [], None
     shas = gitio.rev_list(repo, sha, cfg.max_commits)
-    in_range = set(gitio.rev_list(repo, sha, 1 << 30, since)) if since else None
+    return shas, set(gitio.rev_list(repo, sha, 1 << 30, since)) if since else None
+
+
+def _commits(repo: Path, history: tuple[list[str], set[str] | None], cfg: MineConfig,
+             budget: int, cache: MineCache, split: dict[str, str],
+             redactions: Counter[str]) -> list[dict[str, Any]]:
+    shas, in_range = history
+    if not shas:
+        return []
     max_diff = budget * 8
     keys = {s: f"{REDACT_VERSION}:{max_diff}:{s}" for s in shas}
     got = cache.get_commits(keys.values())
