@@ -597,12 +597,12 @@ def _docstring(node: Any, lang: str, data: bytes) -> tuple[str, tuple[int, int] 
     """(doc text, byte span of the docstring statement inside the node) — or ("", None)."""
     if lang == "python":
         body = node.child_by_field_name("body")
-        if body is not None and body.named_children:
-            first = body.named_children[0]
-            if first.type == "expression_statement" and first.named_children and \
-                    first.named_children[0].type == "string":
+        first = body.named_child(0) if body is not None else None
+        if first is not None and first.type == "expression_statement":
+            inner = first.named_child(0)
+            if inner is not None and inner.type == "string":
                 raw = data[first.start_byte:first.end_byte].decode("utf-8", "replace")
-                m = re.match(r'^[rRbBuU]*("""|\'\'\'|"|\')(.*)\1$', raw, re.S)
+                m = _PY_DOC.match(raw)
                 if m:
                     return _clean_doc(m.group(2)), (first.start_byte, first.end_byte)
         return "", None
@@ -620,13 +620,19 @@ def _docstring(node: Any, lang: str, data: bytes) -> tuple[str, tuple[int, int] 
         prev = prev.prev_sibling
     if not lines:
         return "", None
-    text = "\n".join(lines)
-    text = re.sub(r"^\s*(/\*\*?|\*/|\*|///?|//!)\s?", "", text, flags=re.M)
-    text = re.sub(r"\*/\s*$", "", text)
+    text = _COMMENT_END.sub("", _COMMENT_MARK.sub("", "\n".join(lines)))
     return _clean_doc(text), None
 
 
+_PY_DOC = re.compile(r'^[rRbBuU]*("""|\'\'\'|"|\')(.*)\1$', re.S)
+_COMMENT_MARK = re.compile(r"^\s*(/\*\*?|\*/|\*|///?|//!)\s?", re.M)
+_COMMENT_END = re.compile(r"\*/\s*$")
+
+
 def _clean_doc(s: str) -> str:
+    """``inspect.cleandoc(s).strip()``, without its per-line loop for one-line docs."""
+    if "\n" not in s:
+        return s.expandtabs().strip()
     import inspect
 
     return inspect.cleandoc(s).strip()
@@ -729,7 +735,9 @@ def symbols_of(tree: Any, lang: str, data: bytes, budget: int) -> tuple[list[Sym
             code = re.sub(r"\n[ \t]*\n", "\n", code, count=1) if span is not None else code
             if len(raw.translate(None, b" \t\n\r\x0b\x0c")) > 2 * budget:
                 code = ""
-        sig = data[node.start_byte:node.end_byte].split(b"\n", 1)[0].decode("utf-8", "replace").rstrip()
+        s, e = node.start_byte, node.end_byte
+        nl = data.find(b"\n", s, e)
+        sig = data[s:e if nl < 0 else nl].decode("utf-8", "replace").rstrip()
         symbols.append(Symbol(name=name.rsplit(".", 1)[-1], qualname=qual, kind=kind,
                               line=node.start_point[0] + 1, end_line=node.end_point[0] + 1,
                               signature=sig[:200], returns=returns, doc=doc[:2000], code=code))
