@@ -104,10 +104,10 @@ class _File:
     split: str
     changed: bool
     shard: int
+    path: str = ""  # entry.path, as a field: read ~5 times per file per mine
 
-    @property
-    def path(self) -> str:
-        return self.entry.path
+    def __post_init__(self) -> None:
+        self.path = self.entry.path
 
 
 @dataclass

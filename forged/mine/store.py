@@ -148,7 +148,8 @@ class LineStore:
 
     def seg(self, key: str) -> Seg | None:
         t = self.index.segs.get(key)
-        return None if t is None else Seg._make(t)
+        # tuple.__new__: the fastest way to view a stored tuple as a Seg (one per file).
+        return None if t is None else tuple.__new__(Seg, t)
 
     def flush(self) -> None:
         self.meta.flush()
