@@ -140,21 +140,59 @@ def evaluate(files: dict[str, str], chunks: dict[str, list[str]], budget: int,
             "functions_whole": whole / max(1, funcs), "content_lost": lost / max(1, total)}
 
 
-def ours(files: dict[str, str], budget: int, lang: str = "python",
-         repeat: int = 1) -> tuple[float, dict[str, list[str]]]:
+class _Peer:
+    """A peer chunker in its own venv, timed one pass at a time (see peers.py)."""
+
+    def __init__(self, name: str, budget: int, listing: Path, lang: str) -> None:
+        self.name = name
+        self.proc = subprocess.Popen(
+            [str(PEERS_PY), str(Path(__file__).parent / "peers.py"), name, str(budget),
+             str(listing), lang], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.error = json.loads(self.proc.stdout.readline() or '{"error": "died"}').get("error")
+
+    def ask(self, what: str) -> dict:
+        self.proc.stdin.write(what + "\n")
+        self.proc.stdin.flush()
+        return json.loads(self.proc.stdout.readline())
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+def timed_rounds(files: dict[str, str], budget: int, lang: str, peers: list[str],
+                 listing: Path, repeat: int) -> tuple[dict[str, dict], dict[str, dict]]:
+    """forged's chunker and every peer, one pass each per round, `repeat` rounds: the
+    fastest pass of each (CPU and wall seconds), and each one's chunks.
+
+    Interleaving matters on a shared box: neighbours come and go, and back-to-back runs
+    of one chunker after another measured different machines (±30–50% swings)."""
     import numpy  # noqa: F401  one-time import outside the timing (the peers import theirs too)
 
     from forged.mine.chunker import chunk_code, parser_for
 
     parser_for(lang)
-    out = {}
-    best = float("inf")
-    for _ in range(repeat):  # the fastest of `repeat` passes, as for the peers
-        t = time.process_time()  # CPU seconds: wall time on a shared box measures the neighbours
-        for p, text in files.items():
-            out[p] = [c.text for c in chunk_code(p, lang, text.encode(), budget)[0]]
-        best = min(best, time.process_time() - t)
-    return best, out
+    live = [_Peer(name, budget, listing, lang) for name in peers] if PEERS_PY.exists() else []
+    times: dict[str, dict] = {"forged": {"seconds": float("inf"), "wall": float("inf")}}
+    times.update({p.name: {"error": p.error} if p.error else
+                  {"seconds": float("inf"), "wall": float("inf")} for p in live})
+    live = [p for p in live if not p.error]
+    ours: dict[str, list[str]] = {}
+    try:
+        for _ in range(repeat):
+            t, w = time.process_time(), time.perf_counter()
+            for p, text in files.items():
+                ours[p] = [c.text for c in chunk_code(p, lang, text.encode(), budget)[0]]
+            got = {"forged": {"seconds": time.process_time() - t, "wall": time.perf_counter() - w}}
+            got.update({p.name: p.ask("pass") for p in live})
+            for name, g in got.items():
+                for k in ("seconds", "wall"):
+                    times[name][k] = min(times[name][k], g[k])
+        chunks = {"forged": ours, **{p.name: p.ask("chunks")["chunks"] for p in live}}
+    finally:
+        for p in live:
+            p.close()
+    return times, chunks
 
 
 def corpus_files(root: Path, limit: int, lang: str = "python") -> dict[str, str]:
@@ -197,14 +235,26 @@ def full_mine(root: Path) -> dict:
                 "examples": rep.examples}
 
 
+_COLD_PASS = """
+import json, sys, time
+from pathlib import Path
+from forged import filters
+from forged.mine import dataset, gitio
+repo, sha, budget, workers = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+missing = {e.path: (e, filters.language_of(e.path) or "") for e in gitio.ls_tree(repo, sha)}
+t = time.perf_counter()
+got = dataset._parse(repo, missing, budget, workers, 0, len(missing), lambda _: None)
+print(json.dumps({"wall": time.perf_counter() - t, "files": len(got)}))
+"""
+
+
 def cold_parse(files: dict[str, str], budget: int, repeat: int) -> dict:
     """forged's cold-mine parse stage as `mine_repo` runs it on cache misses: blobs read
-    from git, secret scan, chunks and symbols, in a process pool of one worker per core.
-    Wall seconds (the pool's CPU is in other processes), fastest of `repeat` passes, for
-    the pool and for one process."""
+    from git, secret scan, chunks and symbols, in a process pool of one worker per core,
+    and in one process. Each pass is a fresh interpreter (what a cold mine pays: the
+    workers' imports of tree-sitter, numpy and detect-secrets included), wall seconds
+    around the stage only, the fastest of `repeat` passes, interleaved."""
     import os
-
-    from forged.mine import dataset, gitio
 
     with tempfile.TemporaryDirectory() as d:
         repo = Path(d) / "repo"
@@ -217,19 +267,18 @@ def cold_parse(files: dict[str, str], budget: int, repeat: int) -> dict:
         git(repo, "add", "-A")
         git(repo, "-c", "user.email=b@e", "-c", "user.name=b", "commit", "-qm", "corpus")
         sha = git(repo, "rev-parse", "HEAD")
-        from forged import filters
-
-        missing = {e.path: (e, filters.language_of(e.path) or "") for e in gitio.ls_tree(repo, sha)}
-        out = {"workers": os.cpu_count()}
-        for name, workers in (("pool", os.cpu_count() or 1), ("one_process", 1)):
-            best = float("inf")
-            for _ in range(repeat):
-                t = time.perf_counter()
-                got = dataset._parse(repo, missing, budget, workers, 0, len(missing), lambda _: None)
-                best = min(best, time.perf_counter() - t)
-            assert len(got) == len(files)
-            out[f"{name}_files_per_s"] = round(len(files) / best)
-        return out
+        runs = {"pool": os.cpu_count() or 1, "one_process": 1}
+        best = dict.fromkeys(runs, float("inf"))
+        for _ in range(repeat):
+            for name, workers in runs.items():
+                p = subprocess.run([sys.executable, "-c", _COLD_PASS, str(repo), sha, str(budget),
+                                    str(workers)], capture_output=True, text=True, check=True,
+                                   cwd=ROOT)
+                got = json.loads(p.stdout)
+                assert got["files"] == len(files), got
+                best[name] = min(best[name], got["wall"])
+        return {"workers": runs["pool"],
+                **{f"{k}_files_per_s": round(len(files) / v) for k, v in best.items()}}
 
 
 def remine(n_files: int, rounds: int = 3) -> dict:
@@ -287,7 +336,7 @@ def main() -> None:
     ap.add_argument("--peers", default="astchunk,llama-index,chonkie,langchain")
     ap.add_argument("--failures", type=Path, help="write forged's non-parsing chunks here")
     ap.add_argument("--repeat", type=int, default=1,
-                    help="time each chunker this many passes and keep the fastest (shared box)")
+                    help="rounds: one pass of every chunker per round, the fastest kept")
     ap.add_argument("--remine", type=int, default=0)
     ap.add_argument("--full", action="store_true", help="also time a cold mine_repo of the corpus")
     ap.add_argument("--cold", action="store_true",
@@ -303,26 +352,23 @@ def main() -> None:
         listing = Path(tempfile.mkstemp(suffix=".txt")[1])
         listing.write_text("\n".join(files))
         size = sum(len(t.encode()) for t in files.values())
-        secs, chunks = ours(files, args.budget, lang, args.repeat)
+        peers = [p for p in args.peers.split(",") if p]
+        times, chunks = timed_rounds(files, args.budget, lang, peers, listing, args.repeat)
         row = {"corpus": str(root), "lang": lang, "files": len(files), "mb": round(size / 1e6, 2)}
-        results.append({**row, "chunker": "forged", "files_per_s": round(len(files) / secs),
-                        **evaluate(files, chunks, args.budget, lang, fails)})
+        for name in ["forged", *peers]:
+            t = times.get(name)
+            if t is None:  # no peers venv
+                continue
+            if "error" in t:
+                results.append({**row, "chunker": name, "error": t["error"]})
+                continue
+            results.append({**row, "chunker": name, "files_per_s": round(len(files) / t["seconds"]),
+                            "wall_files_per_s": round(len(files) / t["wall"]),
+                            **evaluate(files, chunks[name], args.budget, lang,
+                                       fails if name == "forged" else None)})
         if args.cold:
             results.append({**row, "chunker": "forged cold-mine parse stage (wall)",
                             **cold_parse(files, args.budget, args.repeat)})
-        for peer in [p for p in args.peers.split(",") if p]:
-            if not PEERS_PY.exists():
-                break
-            p = subprocess.run([str(PEERS_PY), str(Path(__file__).parent / "peers.py"), peer,
-                                str(args.budget), str(listing), lang, str(args.repeat)],
-                               capture_output=True, text=True)
-            if p.returncode != 0:
-                results.append({**row, "chunker": peer, "error": p.stderr.strip().splitlines()[-1:]})
-                continue
-            got = json.loads(p.stdout)
-            results.append({**row, "chunker": peer, "files_per_s": round(len(files) / got["seconds"]),
-                            "wall_files_per_s": round(len(files) / got["wall"]),
-                            **evaluate(files, got["chunks"], args.budget, lang)})
         if args.full:
             results.append({**row, "chunker": "forged mine_repo (cold, everything)",
                             **full_mine(root)})

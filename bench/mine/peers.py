@@ -1,7 +1,9 @@
-"""Run one peer chunker over files; print JSON {seconds, wall, chunks: {path: [text...]}}.
+"""Serve one peer chunker over files to bench.py: one timed pass per request.
 
 Runs inside bench/out/peers-venv (peers never go into forged's venv). Usage:
-  peers-venv/bin/python bench/mine/peers.py NAME BUDGET_NWS FILE_LIST [LANG [REPEAT]]
+  peers-venv/bin/python bench/mine/peers.py NAME BUDGET_NWS FILE_LIST [LANG]
+then on stdin: "pass" (prints {seconds, wall} of one pass over all files), repeated, and
+"chunks" (prints {chunks: {path: [text...]}} of the last pass and exits).
 """
 
 from __future__ import annotations
@@ -49,17 +51,25 @@ def main() -> None:
     lang = sys.argv[4] if len(sys.argv) > 4 else "python"
     files = [ln for ln in Path(listing).read_text().splitlines() if ln]
     texts = {f: Path(f).read_text(encoding="utf-8") for f in files}
-    repeat = int(sys.argv[5]) if len(sys.argv) > 5 else 1
-    chunk = make(name, budget, lang)
+    try:
+        chunk = make(name, budget, lang)
+    except BaseException as e:  # noqa: BLE001 - reported to the bench, which goes on
+        print(json.dumps({"error": f"{type(e).__name__}: {e}"}), flush=True)
+        return
+    print(json.dumps({"ready": True}), flush=True)
     out: dict[str, list[str]] = {}
-    best = wall = float("inf")
-    for _ in range(repeat):  # the fastest of `repeat` passes: the box is shared
-        t, w = time.process_time(), time.perf_counter()
-        for f, text in texts.items():
-            out[f] = list(chunk(text))
-        best = min(best, time.process_time() - t)
-        wall = min(wall, time.perf_counter() - w)
-    print(json.dumps({"seconds": best, "wall": wall, "chunks": out}))
+    # One timed pass per "pass" line on stdin, so the bench can interleave the chunkers
+    # round by round (the box is shared: back-to-back runs see different neighbours).
+    for line in sys.stdin:
+        if line.strip() == "pass":
+            t, w = time.process_time(), time.perf_counter()
+            for f, text in texts.items():
+                out[f] = list(chunk(text))
+            print(json.dumps({"seconds": time.process_time() - t,
+                              "wall": time.perf_counter() - w}), flush=True)
+        elif line.strip() == "chunks":
+            print(json.dumps({"chunks": out}), flush=True)
+            return
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ _NUMPY_BYTES = 32_768  # files at least this big get numpy tables (imported on f
 # a re-mine that parses one small blob never imports numpy)
 # byte → 1 when not whitespace (translate table)
 _NWS_BYTES = bytes(0 if b in (9, 10, 11, 12, 13, 32) else 1 for b in range(256))
+_WS_CHARS = b" \t\n\r\x0b\x0c"  # deleted by translate: what is left counts against the budget
 
 COMMENT_TYPES = frozenset({"comment", "line_comment", "block_comment"})
 
@@ -496,10 +497,7 @@ def _finish(t: _Text, pieces: list[_Piece], budget: int, path: str, lang: str,
                 names.append(p[3][0])
             context = [sig for (_n, sig, ds) in scope if ds < a]
             text = t.data[a:b].decode("utf-8")
-            # Byte offsets of the first and last non-space: encode only what strip removes.
-            n_text = len(text)
-            first = a + len(text[:n_text - len(text.lstrip())].encode())
-            last = b - len(text[len(text.rstrip()):].encode())
+            first, last = _content_span(text, a, b)
             chunks.append(Chunk(path, lang, ".".join(names), t.line_of(first), t.line_of(max(first, last - 1)),
                                 text, context))
     return chunks
@@ -507,19 +505,29 @@ def _finish(t: _Text, pieces: list[_Piece], budget: int, path: str, lang: str,
 
 def chunk_code(path: str, lang: str, data: bytes, budget: int) -> tuple[list[Chunk], Any]:
     """Chunks of one source file (and its syntax tree, for the symbol pass)."""
-    t = _Text(data)
     tree = parser_for(lang).parse(data)
     root = tree.root_node
-    if t.nws(0, len(data)) <= budget:
-        d = None
-        named = [c for c in root.named_children if c.type not in COMMENT_TYPES]
-        if len(named) == 1:
-            d = _unwrap(named[0], lang)
-        name = _def_name(d, lang, data) if d is not None and _def_kind(d, lang) else ""
-        pieces: list[_Piece] = [(0, len(data), (), (name,) if name else (), False)]
-    else:
-        pieces = _Chunker(t, lang, budget).pieces(root)
-    return _finish(t, pieces, budget, path, lang), tree
+    if len(data.translate(None, _WS_CHARS)) > budget:
+        t = _Text(data)
+        return _finish(t, _Chunker(t, lang, budget).pieces(root), budget, path, lang), tree
+    # The whole file is one chunk (a third of the files of a typical repo): no tables.
+    d = None
+    named = [c for c in root.named_children if c.type not in COMMENT_TYPES]
+    if len(named) == 1:
+        d = _unwrap(named[0], lang)
+    name = _def_name(d, lang, data) if d is not None and _def_kind(d, lang) else ""
+    text = data.decode("utf-8")
+    first, last = _content_span(text, 0, len(data))
+    return [Chunk(path, lang, name, data.count(b"\n", 0, first) + 1,
+                  data.count(b"\n", 0, max(first, last - 1)) + 1, text, [])], tree
+
+
+def _content_span(text: str, a: int, b: int) -> tuple[int, int]:
+    """Byte offsets of the first non-space of ``text`` (the bytes [a, b) decoded) and just
+    past its last: encodes only what strip removes."""
+    n = len(text)
+    return (a + len(text[:n - len(text.lstrip())].encode()),
+            b - len(text[len(text.rstrip()):].encode()))
 
 
 # ------------------------------------------------------------------------- docs
