@@ -356,6 +356,10 @@ class _Kinds:
     wrappers: frozenset[int]
     comments: frozenset[int]
     defs: dict[int, str]  # kind id → definition kind
+    special: frozenset[int] = frozenset()  # any of the above
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "special", self.wrappers | self.comments | frozenset(self.defs))
 
 
 _kinds: dict[str, _Kinds] = {}
@@ -399,7 +403,7 @@ class _Chunker:
         budget = self.budget
         lang = self.lang
         kinds = self.kinds
-        wrappers, comments, defs = kinds.wrappers, kinds.comments, kinds.defs
+        wrappers, comments, defs, special = kinds.wrappers, kinds.comments, kinds.defs, kinds.special
         data = self.t.data
         atoms: list[_Piece] = []
         has_comment = False
@@ -408,6 +412,11 @@ class _Chunker:
             if e <= s:
                 continue  # zero-width (MISSING) nodes carry no text
             k = child.kind_id
+            if k not in special and (e - s <= budget or cum[e] - cum[s] <= budget):
+                # Most children: no definition, no comment, within the budget (a span of
+                # at most `budget` bytes cannot hold more non-whitespace bytes than that).
+                atoms.append((s, e, scope, (), False))
+                continue
             if k in wrappers:
                 d = _unwrap(child, lang)
                 kind = defs.get(d.kind_id) if d is not child else None
