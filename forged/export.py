@@ -42,6 +42,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from forged.train import models
+from forged.train.models import GGUFHeader, TensorInfo
+
 # Hugging Face module name → llama.cpp tensor name (per block).
 HF_TO_GGUF = {
     "q_proj": "attn_q",
@@ -260,92 +263,13 @@ class BaseInfo:
     shapes: dict[str, tuple[int, int]]  # tensor name → numpy shape (out, in)
 
 
-_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-
-
-@dataclass
-class TensorInfo:
-    """A tensor in a GGUF file: numpy shape (out, in), ggml type id, absolute byte offset."""
-
-    shape: tuple[int, ...]
-    ggml_type: int
-    offset: int
-
-
-@dataclass
-class GGUFHeader:
-    """A GGUF file's header: scalar metadata, where each key/value entry lies, its tensors."""
-
-    version: int
-    kv: dict[str, Any]  # scalars and strings; arrays (the vocabulary) are skipped
-    kv_spans: dict[str, tuple[int, int]]  # key → byte range of its whole entry, for verbatim copies
-    tensors: dict[str, TensorInfo]  # in file order
-    alignment: int
-
-
 def read_gguf_header(path: Path) -> GGUFHeader:
-    """The header of a GGUF file, standard library only.
-
-    ``gguf.GGUFReader`` builds numpy views for every one of the tokenizer's ~100k array
-    entries (15 s of CPU for SmolLM2 on a busy 2-core box); export needs none of them,
-    so arrays are skipped here and the header is read in well under a second.
-    """
-    import struct
-
-    with open(path, "rb") as f:
-
-        def rd(fmt: str) -> Any:
-            size = struct.calcsize("<" + fmt)
-            data = f.read(size)
-            if len(data) != size:
-                raise ExportError(f"{path}: truncated GGUF header")
-            return struct.unpack("<" + fmt, data)[0]
-
-        def rstr() -> str:
-            return f.read(rd("Q")).decode("utf-8", "replace")
-
-        def skip(t: int) -> None:
-            if t in _SCALARS:
-                f.seek(struct.calcsize("<" + _SCALARS[t]), 1)
-            elif t == 8:
-                f.seek(rd("Q"), 1)
-            elif t == 9:
-                sub, n = rd("I"), rd("Q")
-                if sub in _SCALARS:
-                    f.seek(n * struct.calcsize("<" + _SCALARS[sub]), 1)
-                else:
-                    for _ in range(n):
-                        skip(sub)
-            else:
-                raise ExportError(f"{path}: unknown GGUF value type {t}")
-
-        if f.read(4) != b"GGUF":
-            raise ExportError(f"{path}: not a GGUF file (bad magic)")
-        version = rd("I")
-        if version < 2:
-            raise ExportError(f"{path}: GGUF version {version} is too old")
-        n_tensors, n_kv = rd("Q"), rd("Q")
-        kv: dict[str, Any] = {}
-        spans: dict[str, tuple[int, int]] = {}
-        for _ in range(n_kv):
-            start = f.tell()
-            key, t = rstr(), rd("I")
-            if t in _SCALARS:
-                kv[key] = rd(_SCALARS[t])
-            elif t == 8:
-                kv[key] = rstr()
-            else:
-                skip(t)
-            spans[key] = (start, f.tell())
-        raw: list[tuple[str, tuple[int, ...], int, int]] = []
-        for _ in range(n_tensors):
-            name = rstr()
-            ne = [rd("Q") for _ in range(rd("I"))]
-            raw.append((name, tuple(reversed(ne)), rd("I"), rd("Q")))  # ggml ne (in, out) → numpy
-        align = int(kv.get("general.alignment", 32))
-        start = -(-f.tell() // align) * align
-    tensors = {name: TensorInfo(shape, t, start + off) for name, shape, t, off in raw}
-    return GGUFHeader(version, kv, spans, tensors, align)
+    """The header of a GGUF file (:func:`forged.train.models.read_gguf_header`), its
+    errors as :class:`ExportError`."""
+    try:
+        return models.read_gguf_header(path)
+    except models.ModelError as e:
+        raise ExportError(str(e)) from None
 
 
 def _nbytes(shape: tuple[int, ...], ggml_type: int) -> int:

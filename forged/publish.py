@@ -166,15 +166,27 @@ def _check_version(version: int) -> None:
         raise PublishError(f"version must be a positive integer, got {version!r}")
 
 
-def _check_gguf(path: Path, want_type: str) -> None:
-    """Refuse a file that is missing, not GGUF, or not the kind (model/adapter) expected."""
+def _gguf_meta(path: Path) -> dict[str, Any]:
+    """A GGUF file's metadata; PublishError naming the path when missing or not GGUF."""
     if not path.is_file():
         raise PublishError(f"{path}: no such file")
     try:
-        meta = read_gguf_metadata(path)
+        return read_gguf_metadata(path)
     except ValueError as e:  # ModelError: unreadable, not GGUF, truncated — names the path
         raise PublishError(str(e)) from None
-    kind = meta.get("general.type", "model")  # older model GGUFs carry no general.type
+
+
+def _kind(meta: dict[str, Any]) -> str:
+    return meta.get("general.type", "model")  # older model GGUFs carry no general.type
+
+
+def _is_fused(meta: dict[str, Any]) -> bool:
+    return _kind(meta) == "model" and meta.get("forged.export") == "fused"
+
+
+def _check_gguf(path: Path, want_type: str) -> None:
+    """Refuse a file that is missing, not GGUF, or not the kind (model/adapter) expected."""
+    kind = _kind(_gguf_meta(path))
     if kind != want_type:
         raise PublishError(f"{path}: is a GGUF {kind}, expected a GGUF {want_type}")
 
@@ -182,22 +194,19 @@ def _check_gguf(path: Path, want_type: str) -> None:
 def is_fused_export(path: Path) -> bool:
     """Whether ``path`` is a fused model written by forged's export (else an adapter)."""
     try:
-        meta = read_gguf_metadata(path)
-    except ValueError:
+        return _is_fused(_gguf_meta(path))
+    except PublishError:
         return False
-    return meta.get("general.type", "model") == "model" and meta.get("forged.export") == "fused"
 
 
 def _check_export(path: Path) -> bool:
     """Refuse what is neither a GGUF adapter nor a fused export; True when fused."""
-    if is_fused_export(path):
+    meta = _gguf_meta(path)
+    if _is_fused(meta):
         return True
-    try:
-        _check_gguf(path, "adapter")
-    except PublishError as e:
-        if "expected a GGUF adapter" in str(e):
-            raise PublishError(f"{e} (or a fused model written by forged's export)") from None
-        raise
+    if _kind(meta) != "adapter":
+        raise PublishError(f"{path}: is a GGUF {_kind(meta)}, expected a GGUF adapter "
+                           "(or a fused model written by forged's export)")
     return False
 
 

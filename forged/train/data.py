@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -217,6 +217,12 @@ def score_windows(ids: list[int], ctx: int, start_id: int) -> Iterator[list[int]
         if len(chunk) < 2:
             return
         yield chunk
+
+
+def stop_hit(stop: list[str] | None) -> Callable[[str], bool] | None:
+    """A predicate: does generated text contain one of the stop strings (None when none)."""
+    stop = [s for s in stop or [] if s]
+    return (lambda text: any(s in text for s in stop)) if stop else None
 
 
 def cut_at_stop(text: str, stop: list[str] | None) -> str:

@@ -32,7 +32,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from forged.train.backend import BackendError, openblas_preload  # noqa: F401 (re-exported)
-from forged.train.data import cut_at_stop, encode, score_windows, start_id
+from forged.train.data import cut_at_stop, encode, score_windows, start_id, stop_hit
 from forged.train.models import BaseModel, ModelError, load_tokenizer
 from forged.train.packing import IGNORE
 from forged.train.pissa import pissa_init, to_plain_lora
@@ -418,6 +418,7 @@ class MLXBackend:
         x = mx.array([self.input_ids(prompt)])
         out: list[int] = []
         eos = {self.tok.eos_token_id}
+        hit = stop_hit(stop)
         for _ in range(max_new_tokens):
             logits = self.model(x, cache=cache)[0, -1]
             nxt = int(mx.argmax(logits))
@@ -425,7 +426,7 @@ class MLXBackend:
                 break
             out.append(nxt)
             text = self.tok.decode(out, skip_special_tokens=True)
-            if (stop and any(s and s in text for s in stop)) or (until is not None and until(text)):
+            if (hit is not None and hit(text)) or (until is not None and until(text)):
                 break
             x = mx.array([[nxt]])
         text = self.tok.decode(out, skip_special_tokens=True)

@@ -151,17 +151,40 @@ def file_sha256(path: Path) -> str:
 _GGUF_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 
 
-def read_gguf_metadata(path: Path, *, skip_arrays: bool = True) -> dict[str, Any]:
-    """Key/value metadata of a GGUF file, parsed with the standard library only.
+@dataclass
+class TensorInfo:
+    """A tensor in a GGUF file: numpy shape (out, in), ggml type id, absolute byte offset."""
 
-    Arrays (the tokenizer's 50k-entry lists) are skipped unless ``skip_arrays`` is False;
-    this keeps the daemon's memory estimate cheap and import-free.
+    shape: tuple[int, ...]
+    ggml_type: int
+    offset: int
+
+
+@dataclass
+class GGUFHeader:
+    """A GGUF file's header: metadata, where each key/value entry lies, its tensors."""
+
+    version: int
+    kv: dict[str, Any]  # scalars and strings; arrays only when read with arrays=True
+    kv_spans: dict[str, tuple[int, int]]  # key → byte range of its whole entry, for verbatim copies
+    tensors: dict[str, TensorInfo]  # in file order
+    alignment: int
+
+
+def read_gguf_header(path: Path, *, arrays: bool = False) -> GGUFHeader:
+    """The header of a GGUF file, parsed with the standard library only (the daemon reads
+    metadata too, and must not import ML libraries).
+
+    Arrays (the tokenizer's 50–100k-entry lists) are skipped unless ``arrays``:
+    ``gguf.GGUFReader`` builds numpy views for every entry (15 s of CPU for SmolLM2 on a
+    busy 2-core box), and nothing but a vocabulary count needs them.
     """
     try:
         f = open(path, "rb")  # noqa: SIM115 - closed by the with below
     except OSError as e:
         raise ModelError(f"{path}: cannot read ({e})") from None
     with f:
+
         def rd(fmt: str) -> Any:
             size = struct.calcsize("<" + fmt)
             data = f.read(size)
@@ -170,24 +193,26 @@ def read_gguf_metadata(path: Path, *, skip_arrays: bool = True) -> dict[str, Any
             return struct.unpack("<" + fmt, data)[0]
 
         def rstr() -> str:
-            n = rd("Q")
-            return f.read(n).decode("utf-8", "replace")
+            return f.read(rd("Q")).decode("utf-8", "replace")
 
-        def rval(t: int) -> Any:
+        def rval(t: int, keep: bool) -> Any:
             if t in _GGUF_SCALARS:
                 return rd(_GGUF_SCALARS[t])
             if t == 8:
-                return rstr()
+                if keep:
+                    return rstr()
+                f.seek(rd("Q"), 1)
+                return None
             if t == 9:
                 sub, n = rd("I"), rd("Q")
-                if skip_arrays:
-                    if sub in _GGUF_SCALARS:
-                        f.seek(n * struct.calcsize("<" + _GGUF_SCALARS[sub]), 1)
-                    else:
-                        for _ in range(n):
-                            rval(sub)
-                    return None
-                return [rval(sub) for _ in range(n)]
+                if keep:
+                    return [rval(sub, True) for _ in range(n)]
+                if sub in _GGUF_SCALARS:
+                    f.seek(n * struct.calcsize("<" + _GGUF_SCALARS[sub]), 1)
+                else:
+                    for _ in range(n):
+                        rval(sub, False)
+                return None
             raise ModelError(f"{path}: unknown GGUF value type {t}")
 
         if f.read(4) != b"GGUF":
@@ -195,13 +220,31 @@ def read_gguf_metadata(path: Path, *, skip_arrays: bool = True) -> dict[str, Any
         version = rd("I")
         if version < 2:
             raise ModelError(f"{path}: GGUF version {version} is too old")
-        rd("Q")  # tensor count
-        n_kv = rd("Q")
-        out: dict[str, Any] = {}
+        n_tensors, n_kv = rd("Q"), rd("Q")
+        kv: dict[str, Any] = {}
+        spans: dict[str, tuple[int, int]] = {}
         for _ in range(n_kv):
-            key = rstr()
-            out[key] = rval(rd("I"))
-        return out
+            start = f.tell()
+            key, t = rstr(), rd("I")
+            if t == 9 and not arrays:
+                rval(t, False)
+            else:
+                kv[key] = rval(t, True)
+            spans[key] = (start, f.tell())
+        raw: list[tuple[str, tuple[int, ...], int, int]] = []
+        for _ in range(n_tensors):
+            name = rstr()
+            ne = [rd("Q") for _ in range(rd("I"))]
+            raw.append((name, tuple(reversed(ne)), rd("I"), rd("Q")))  # ggml ne (in, out) → numpy
+        align = int(kv.get("general.alignment", 32))
+        start = -(-f.tell() // align) * align
+    tensors = {name: TensorInfo(shape, t, start + off) for name, shape, t, off in raw}
+    return GGUFHeader(version, kv, spans, tensors, align)
+
+
+def read_gguf_metadata(path: Path, *, skip_arrays: bool = True) -> dict[str, Any]:
+    """Key/value metadata of a GGUF file (arrays left out unless ``skip_arrays`` is False)."""
+    return read_gguf_header(path, arrays=not skip_arrays).kv
 
 
 def model_dims(base: BaseModel | Path | str) -> dict[str, Any]:

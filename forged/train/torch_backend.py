@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from forged.train.backend import BackendError
-from forged.train.data import cut_at_stop, encode, score_windows, start_id
+from forged.train.data import cut_at_stop, encode, score_windows, start_id, stop_hit
 from forged.train.models import (
     BaseModel,
     ModelError,
@@ -346,8 +346,7 @@ class TorchBackend:
 
     @torch.no_grad()
     def generate(self, prompt: str, max_new_tokens: int = 64, stop: list[str] | None = None) -> str:
-        hit = (lambda t: any(x and x in t for x in stop)) if stop else None
-        return cut_at_stop(self.generate_many([prompt], [max_new_tokens], [hit])[0], stop)
+        return cut_at_stop(self.generate_many([prompt], [max_new_tokens], [stop_hit(stop)])[0], stop)
 
     @torch.no_grad()
     def generate_many(self, prompts: list[str], max_new_tokens: list[int],
