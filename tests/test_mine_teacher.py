@@ -423,3 +423,10 @@ def test_selection_is_deterministic_and_seeded() -> None:
     assert not keys & {it.key for it in teacher.select(mf, 1.0, 0, "other-model")}
     md = MinedFile("README.md", "markdown", "blob", fa, False, "train")
     assert teacher.select(md, 1.0, 0, "m") == []  # code chunks only
+    # The cache key follows the chunk, not where it sits: lines added above it keep it.
+    c = fa.chunks[3]
+    moved = Chunk(c.path, c.lang, c.symbol, c.start_line + 40, c.end_line + 40, c.text, c.context)
+    assert teacher.cache_key("m", teacher.prompt(c, "python")) == \
+        teacher.cache_key("m", teacher.prompt(moved, "python"))
+    assert teacher.cache_key("m", teacher.prompt(c, "python")) != \
+        teacher.cache_key("m", teacher.prompt(moved, "rust"))

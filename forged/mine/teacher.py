@@ -24,8 +24,8 @@ answer that names nothing the code defines or uses is not about this code). With
 file a repeated question is a duplicate. Every rejection is counted by reason.
 
 Answers are cached in the miner's SQLite cache keyed by (model, :data:`PROMPT_VERSION`,
-hash of the prompt, which holds the path and the chunk text): a re-mine never asks again
-for a chunk whose prompt did not change. The standard library only at import time; the
+hash of the prompt, which holds the path and the rendered chunk but no line numbers): a
+re-mine never asks again for a chunk whose prompt did not change. The standard library only at import time; the
 ``ollama`` client is imported when a call is actually made.
 """
 
@@ -107,8 +107,10 @@ def anchors(chunk: Chunk, names: Iterable[str]) -> frozenset[str]:
 
 
 def prompt(chunk: Chunk, lang: str) -> list[dict[str, str]]:
-    user = (f"File `{chunk.path}` ({lang}), lines {chunk.start_line}-{chunk.end_line}:\n\n"
-            f"```{lang}\n{chunk.render()}```\n\n"
+    """The chat messages for one chunk: its path, its enclosing signatures and its text, and
+    nothing that moves when unrelated lines of the file change (no line numbers), so the
+    answer stays cached while the chunk does."""
+    user = (f"File `{chunk.path}` ({lang}):\n\n```{lang}\n{chunk.render()}```\n\n"
             "Write one question about this code and its answer, as JSON.")
     return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": user}]
 
