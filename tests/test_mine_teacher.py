@@ -231,6 +231,27 @@ def test_no_planted_secret_reaches_teacher_examples(od: OllamaDouble, tag: str, 
             assert value not in text, f"{kind} leaked into the {where}"
 
 
+def test_worker_mine_stage_asks_at_the_publish_host(od: OllamaDouble, tag: str, repo: Path,
+                                                    tmp_path: Path) -> None:
+    """The daemon's worker passes ``[publish] ollama_host`` to the miner; the teacher's
+    report travels in the stage result (the cycle report) and the manifest."""
+    import threading
+
+    from forged import config
+    from forged.worker import run_stage
+
+    od.chat_reply = grounded
+    cfg_ = config.Config()
+    cfg_.mine = cfg(tag, teacher_max_calls=2)
+    cfg_.publish.ollama_host = od.url
+    job = {"config": config.to_dict(cfg_), "repo_path": str(repo), "cache_dir": str(tmp_path / "cache"),
+           "head_commit": git(repo, "rev-parse", "HEAD"), "base_commit": None}
+    result = run_stage("mine", tmp_path / "cycle", job, threading.Event())
+    t = result["manifest"]["teacher"]
+    assert t["model"] == tag and t["asked"] == 2 == len(od.chats) and t["status"] == "partial"
+    assert json.loads((tmp_path / "cycle" / "dataset" / "manifest.json").read_text())["teacher"] == t
+
+
 # ------------------------------------------------------------------ failing
 
 

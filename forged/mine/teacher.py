@@ -261,7 +261,10 @@ class Teacher:
         import httpx
         import ollama
 
-        self._client = ollama.Client(host=self.host, timeout=self.timeout)
+        # A host that does not answer at all (a laptop's Ollama on another machine, asleep)
+        # costs at most 10 s to find out, not a whole call's timeout.
+        self._client = ollama.Client(host=self.host,
+                                     timeout=httpx.Timeout(self.timeout, connect=min(10.0, self.timeout)))
         try:
             loaded = {_base_name(m.model or "") for m in self._client.ps().models}
             self._was_loaded = _base_name(self.model) in loaded
