@@ -97,6 +97,7 @@ class MineKinds:
     code_to_doc: float = field(default=0.5, metadata=_check(_non_negative))
     raft: float = field(default=1.0, metadata=_check(_non_negative))
     commit_diff: float = field(default=0.5, metadata=_check(_non_negative))
+    teacher: float = field(default=0.25, metadata=_check(_non_negative))  # needs [mine] teacher
 
 
 @dataclass
@@ -110,6 +111,9 @@ class MineConfig:
     workers: int = field(default=0, metadata=_check(_non_negative))  # 0 = one per core
     seed: int = 0
     teacher: str = ""  # an Ollama model that writes extra Q/A; "" = off
+    teacher_max_calls: int = field(default=100, metadata=_check(_non_negative))  # per mine; 0 = cached answers only
+    teacher_max_minutes: float = field(default=15.0, metadata=_check(_positive))  # asking time per mine
+    teacher_timeout_seconds: float = field(default=120.0, metadata=_check(_positive))  # one teacher call
     kinds: MineKinds = field(default_factory=MineKinds)
 
 

@@ -101,6 +101,8 @@ def _progress_text(r: dict[str, Any]) -> str:
         return f"step {prog['step']}/{total}{loss}{eta}"
     if prog.get("total") and prog.get("metric"):
         return f"judging {prog.get('model', '')} {prog['metric']} {prog.get('done', 0)}/{prog['total']}"
+    if prog.get("questions_total"):
+        return f"teacher {prog.get('questions_done', 0)}/{prog['questions_total']} questions"
     if prog.get("files_total"):
         return f"{prog.get('files_done', 0)}/{prog['files_total']} files"
     return (r.get("progress") or {}).get("text") or "—"

@@ -87,6 +87,7 @@ def run_stage(stage: str, cycle_dir: Path, job: dict[str, Any], stop: threading.
         report = mine_repo(
             Path(job["repo_path"]), cycle_dir / "dataset", cfg.mine, Path(job["cache_dir"]),
             commit=job["head_commit"], changed_since=job.get("base_commit"), progress=progress,
+            ollama_host=cfg.publish.ollama_host,  # only for [mine] teacher
         )
         return {"manifest": report.to_dict()}
     if stage == "train":

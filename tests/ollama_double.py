@@ -10,6 +10,10 @@ Layers carry Ollama's media types (application/vnd.ollama.image.model, .adapter,
 .template, .system, .params). Blob uploads are hashed and rejected with 400 on a digest
 mismatch. /api/generate and /api/chat run llama.cpp (llama-cpp-python) on the model's
 base GGUF plus its adapter, rendering the ChatML Go template the way Ollama would.
+Structured outputs work as in Ollama: ``format: "json"`` or ``format: {JSON schema}``
+constrains sampling with a grammar (llama.cpp's, built by ``LlamaGrammar``), so even a
+random-weight model returns JSON that parses and follows the schema; any other string
+is refused. ``num_predict`` is honoured up to what the context (``n_ctx``) leaves.
 
 Loaded models are tracked like Ollama's scheduler: one runner per base model file, so
 loading another adapter on the same base replaces the runner, and ``keep_alive: 0``
@@ -20,7 +24,11 @@ Switches for fault tests: ``down`` (stop listening and cut open connections: the
 sees connection refused), ``fail_create`` (the next N creates answer 500 after writing
 their layers but no manifest, like a crash half-way), ``corrupt_uploads`` (the next N
 blob uploads are damaged in transit, so the digest check fails), ``fail_load``,
-``hold_create`` (creates of matching names wait for ``release``: a create in flight).
+``hold_create`` (creates of matching names wait for ``release``: a create in flight),
+``chat_reply`` (a function of the request body: when it returns a string, /api/chat and
+/api/generate answer with it instead of sampling, after the model is found and loaded
+as usual; a test that needs a controlled answer, or a slow one, sets it).
+``chats`` keeps the body of every /api/chat and /api/generate request with content.
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ import struct
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -158,12 +167,13 @@ def parse_keep_alive(v: Any) -> float | None:
 class OllamaDouble:
     """Context manager: ``with OllamaDouble(tmp) as od: Client(od.url)...``."""
 
-    def __init__(self, store: Path | None = None, *, n_threads: int = 1) -> None:
+    def __init__(self, store: Path | None = None, *, n_threads: int = 1, n_ctx: int = 512) -> None:
         self._tmp = None if store else tempfile.TemporaryDirectory(prefix="ollama-double-")
         self.store = Path(store or self._tmp.name)  # type: ignore[union-attr]
         (self.store / "blobs").mkdir(parents=True, exist_ok=True)
         (self.store / "manifests" / REGISTRY).mkdir(parents=True, exist_ok=True)
         self.n_threads = n_threads
+        self.n_ctx = n_ctx  # every runner's context (Ollama's num_ctx; 512 keeps tests quick)
         self.fail_create = 0
         self.corrupt_uploads = 0
         self.fail_load = 0
@@ -173,6 +183,9 @@ class OllamaDouble:
         self.release = threading.Event()
         self.held = 0
         self.requests: list[tuple[str, str]] = []  # (method, path) of every request served
+        self.chats: list[dict[str, Any]] = []  # bodies of /api/chat and /api/generate with content
+        self.chat_reply: Callable[[dict[str, Any]], str | None] | None = None
+        self._grammars: dict[str, Any] = {}
         self._down = False
         self._port = 0
         self._server: ThreadingHTTPServer | None = None
@@ -489,7 +502,7 @@ class OllamaDouble:
             self._llamas[key] = Llama(
                 model_path=str(self.blob_path(model_digest)),
                 lora_path=str(self.blob_path(adapter_digest)) if adapter_digest else None,
-                n_ctx=512, n_threads=self.n_threads, n_batch=128, seed=0, verbose=False,
+                n_ctx=self.n_ctx, n_threads=self.n_threads, n_batch=128, seed=0, verbose=False,
             )
         return self._llamas[key]
 
@@ -531,19 +544,47 @@ class OllamaDouble:
         return "".join(f"<|im_start|>{x['role']}\n{x.get('content', '')}<|im_end|>\n" for x in messages) \
             + "<|im_start|>assistant\n"
 
-    def complete(self, runner: dict[str, Any], prompt: str, options: dict[str, Any]) -> tuple[str, int, str]:
+    def grammar(self, fmt: Any) -> Any:
+        """Ollama's ``format`` → a llama.cpp grammar (None: unconstrained).
+
+        As Ollama's server does: "" / null mean no format, "json" is the JSON grammar, an
+        object is a JSON schema turned into a grammar; anything else is refused.
+        """
+        if fmt in (None, ""):
+            return None
+        if not (fmt == "json" or isinstance(fmt, dict)):
+            raise ApiError(400, f'invalid format: {json.dumps(fmt)}; expected "json" or a valid JSON Schema object')
+        key = json.dumps(fmt, sort_keys=True)
+        if key not in self._grammars:
+            from llama_cpp import LlamaGrammar
+            from llama_cpp.llama_grammar import JSON_GBNF
+
+            try:
+                self._grammars[key] = (LlamaGrammar.from_string(JSON_GBNF, verbose=False) if fmt == "json"
+                                       else LlamaGrammar.from_json_schema(json.dumps(fmt), verbose=False))
+            except Exception as e:  # noqa: BLE001 - the schema converter raises assorted errors
+                raise ApiError(400, f"invalid JSON schema in format: {e}") from None
+        return self._grammars[key]
+
+    def complete(self, runner: dict[str, Any], prompt: str, options: dict[str, Any],
+                 fmt: Any = None) -> tuple[str, int, str]:
         if runner["llama"] is None:
             raise ApiError(500, "llama-cpp-python is not installed in the test environment")
         opts = {**self.params(runner["manifest"]), **(options or {})}
         stop = opts.get("stop") or []
         num_predict = int(opts.get("num_predict", -1))
+        grammar = self.grammar(fmt)
         with self._llama_lock:
-            out = runner["llama"].create_completion(
+            llama = runner["llama"]
+            room = llama.n_ctx() - len(llama.tokenize(prompt.encode("utf-8"), special=True))
+            if room <= 0:
+                raise ApiError(500, f"the prompt does not fit the context ({llama.n_ctx()} tokens)")
+            out = llama.create_completion(
                 # Ollama's default -1 means "until a stop"; the double caps it to stay quick.
-                prompt, max_tokens=num_predict if 0 < num_predict <= 256 else 64,
+                prompt, max_tokens=min(num_predict if num_predict > 0 else 64, room),
                 temperature=float(opts.get("temperature", 0.8)), top_k=int(opts.get("top_k", 40)),
                 top_p=float(opts.get("top_p", 0.9)), seed=int(opts.get("seed", 0)),
-                stop=[stop] if isinstance(stop, str) else list(stop),
+                stop=[stop] if isinstance(stop, str) else list(stop), grammar=grammar,
             )
         choice = out["choices"][0]
         return choice["text"], out["usage"]["completion_tokens"], "stop" if choice["finish_reason"] == "stop" else "length"
@@ -571,7 +612,12 @@ class OllamaDouble:
             prompt = req["prompt"]
         else:
             prompt = self.render(m, [{"role": "user", "content": req["prompt"]}], req.get("system"), req.get("template"))
-        text, n, reason = self.complete(runner, prompt, req.get("options") or {})
+        self.chats.append(req)
+        reply = self.chat_reply(req) if self.chat_reply is not None else None
+        if reply is not None:
+            text, n, reason = reply, 0, "stop"
+        else:
+            text, n, reason = self.complete(runner, prompt, req.get("options") or {}, req.get("format"))
         dur = int((time.perf_counter() - t0) * 1e9)
         stats = {"done_reason": reason, "total_duration": dur, "eval_count": n, "eval_duration": dur}
         if chat:
@@ -636,7 +682,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         if self.command != "HEAD":
-            self.wfile.write(data)
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # the client gave up (timeout)
+                self.wfile.write(data)
 
     def _dispatch(self) -> None:
         od = self.od

@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from forged.config import MineConfig
 
-KINDS = ("continuation", "fim", "doc_to_code", "code_to_doc", "raft", "commit_diff")
+# Appended only: stored lines record a kind by its index here.
+KINDS = ("continuation", "fim", "doc_to_code", "code_to_doc", "raft", "commit_diff", "teacher")
+DEFAULT_OLLAMA_HOST = "http://127.0.0.1:11434"
 
 
 @dataclass
@@ -44,6 +46,11 @@ class MineReport:
     tokens_est: dict[str, int] = field(default_factory=dict)  # split → estimated tokens
     duplicates_removed: int = 0
     heldout_files: int = 0
+    # The optional teacher (forged.mine.teacher): {"status": "off"} unless [mine] teacher is
+    # set; then model, status (ok | partial | unavailable), reason, and this mine's counts:
+    # files_revisited, selected, cached, asked, accepted, rejected (reason → n), errors,
+    # pending, redactions, seconds.
+    teacher: dict[str, Any] = field(default_factory=dict)
     durations: dict[str, float] = field(default_factory=dict)  # stage → seconds
     out_dir: str = ""
 
@@ -53,7 +60,8 @@ class MineReport:
 
 def mine_repo(repo: Path, out_dir: Path, cfg: MineConfig, cache_dir: Path, *, commit: str = "HEAD",
               changed_since: str | None = None,
-              progress: Callable[[dict], None] | None = None, linked: bool = True) -> MineReport:
+              progress: Callable[[dict], None] | None = None, linked: bool = True,
+              ollama_host: str = DEFAULT_OLLAMA_HOST) -> MineReport:
     """Mine ``repo`` at ``commit`` into ``out_dir`` (train.jsonl, valid.jsonl, manifest.json).
 
     Only blobs missing from the cache under ``cache_dir`` are parsed. With ``linked`` (the
@@ -61,11 +69,15 @@ def mine_repo(repo: Path, out_dir: Path, cfg: MineConfig, cache_dir: Path, *, co
     (:mod:`forged.mine.linked`): read it with :func:`forged.mine.linked.read_bytes`, or
     :func:`forged.mine.linked.materialize` it into plain files. Raises
     :class:`forged.mine.gitio.GitError` (a one-line message) for a bad repo or commit.
+
+    ``ollama_host`` (``[publish] ollama_host``) is used only when ``cfg.teacher`` names a
+    model; the mine completes whether or not the teacher answers (see ``rep.teacher``).
     """
     from forged.mine.dataset import run
 
     return run(Path(repo), Path(out_dir), cfg, Path(cache_dir), commit=commit,
-               changed_since=changed_since, progress=progress, linked=linked)
+               changed_since=changed_since, progress=progress, linked=linked,
+               ollama_host=ollama_host)
 
 
 __all__ = ["KINDS", "MineReport", "mine_repo"]

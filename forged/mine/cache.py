@@ -1,4 +1,5 @@
-"""The miner's cache: per-blob analyses and per-commit diffs (SQLite), and the sticky split."""
+"""The miner's cache: per-blob analyses, per-commit diffs and teacher answers (SQLite), and
+the sticky split."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from typing import Any
 
 
 class MineCache:
-    """Everything here can be rebuilt, except the sticky held-out set (which only grows)."""
+    """Everything here can be rebuilt, except the sticky held-out set (which only grows);
+    teacher answers only by asking the teacher again."""
 
     def __init__(self, cache_dir: Path) -> None:
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -22,6 +24,7 @@ class MineCache:
             """
             CREATE TABLE IF NOT EXISTS analysis (key TEXT PRIMARY KEY, data BLOB NOT NULL);
             CREATE TABLE IF NOT EXISTS commit_diff (key TEXT PRIMARY KEY, data BLOB NOT NULL);
+            CREATE TABLE IF NOT EXISTS teacher (key TEXT PRIMARY KEY, data BLOB NOT NULL);
             CREATE TABLE IF NOT EXISTS heldout (repo TEXT NOT NULL, path TEXT NOT NULL,
                                                 PRIMARY KEY (repo, path));
             """
@@ -68,6 +71,13 @@ class MineCache:
 
     def put_commits(self, items: dict[str, Any]) -> None:
         self._put("commit_diff", items)
+
+    def get_teacher(self, keys: Iterable[str]) -> dict[str, Any]:
+        """Teacher answers by :func:`forged.mine.teacher.cache_key` (redacted replies)."""
+        return self._get("teacher", keys)
+
+    def put_teacher(self, items: dict[str, Any]) -> None:
+        self._put("teacher", items)
 
     def heldout(self, repo: str) -> set[str]:
         return {p for (p,) in self.db.execute("SELECT path FROM heldout WHERE repo=?", (repo,))}

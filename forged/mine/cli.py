@@ -28,13 +28,14 @@ def main(argv: list[str]) -> int:
     from forged.mine.gitio import GitError, resolve
 
     try:
-        cfg = config.load(args.config, check_paths=False).mine if args.config else config.MineConfig()
+        full = config.load(args.config, check_paths=False) if args.config else config.Config()
     except config.ConfigError as e:
         print(f"forged mine: {e}", file=sys.stderr)
         return 2
     if args.config and not args.config.exists():
         print(f"forged mine: {args.config}: no such config file", file=sys.stderr)
         return 2
+    cfg = full.mine
     p = paths.resolve()
     cache = args.cache or p.cache_dir / "mine"
     try:
@@ -44,9 +45,13 @@ def main(argv: list[str]) -> int:
         def progress(d: dict) -> None:
             if not args.quiet and d.get("stage") == "mine":
                 print(f"\rmining {d['files_done']}/{d['files_total']} files", end="", file=sys.stderr)
+            elif not args.quiet and d.get("stage") == "teacher":
+                print(f"\rteacher {d['questions_done']}/{d['questions_total']} questions", end="",
+                      file=sys.stderr)
 
         rep = mine_repo(args.repo, out, cfg, cache, commit=sha, changed_since=args.since,
-                        progress=progress, linked=args.linked)
+                        progress=progress, linked=args.linked,
+                        ollama_host=full.publish.ollama_host)
     except GitError as e:
         print(f"\nforged mine: {e}", file=sys.stderr)
         return 1
@@ -54,6 +59,8 @@ def main(argv: list[str]) -> int:
         print(file=sys.stderr)
     summary = {k: getattr(rep, k) for k in ("commit", "files_total", "files_mined", "files_parsed",
                                             "chunks", "examples", "skipped", "redactions")}
+    if rep.teacher.get("status", "off") != "off":
+        summary["teacher"] = rep.teacher
     summary["seconds"] = rep.durations.get("total")
     print(json.dumps(summary, indent=1))
     print(f"dataset written to {out}")

@@ -19,7 +19,7 @@ from typing import Any
 
 from forged import filters
 from forged.config import MineConfig
-from forged.mine import KINDS, MineReport, examples, gitio
+from forged.mine import DEFAULT_OLLAMA_HOST, KINDS, MineReport, examples, gitio
 from forged.mine import linked as linked_layout
 from forged.mine.cache import MineCache
 from forged.mine.chunker import CHUNKER_VERSION, FileAnalysis, budget_bytes
@@ -160,7 +160,7 @@ def _seg_of(exs: Iterable[examples.Example]) -> tuple[Seg, tuple[bytes, bytes]]:
 
 def run(repo: Path, out_dir: Path, cfg: MineConfig, cache_dir: Path, *, commit: str = "HEAD",
         changed_since: str | None = None, progress: Callable[[dict], None] | None = None,
-        linked: bool = True) -> MineReport:
+        linked: bool = True, ollama_host: str = DEFAULT_OLLAMA_HOST) -> MineReport:
     t0 = time.perf_counter()
     tick = t0
     durations: dict[str, float] = {}
@@ -299,6 +299,12 @@ def run(repo: Path, out_dir: Path, cfg: MineConfig, cache_dir: Path, *, commit: 
         units = _file_units(files, results, store, cfg)
         units += _raft_units(files, results, store, cfg, analyses)
         stage("examples")
+        if cfg.teacher and cfg.kinds.teacher > 0:
+            units += _teacher_units(files, results, store, cfg, analyses, cache, rep, ollama_host,
+                                    report_progress)
+            stage("teacher")
+        else:
+            rep.teacher = {"status": "off"}
         for split in ("valid", "train"):
             for ex in examples.commit_examples(commits, cfg.kinds.commit_diff, cfg.seed):
                 if ex.split == split:
@@ -513,6 +519,105 @@ def _raft_units(files: list[_File], results: dict[str, Any], store: LineStore, c
             seg = store.seg(keys[f.path])
             if seg is not None and seg.n:
                 out.append(_Unit(f.split, f.changed, f.lang, seg, keys[f.path]))
+    return out
+
+
+def _teacher_units(files: list[_File], results: dict[str, Any], store: LineStore, cfg: MineConfig,
+                   analyses: Callable[[dict[str, tuple[gitio.Entry, str]]], None], cache: MineCache,
+                   rep: MineReport, host: str, progress: Callable[[dict], None]) -> list[_Unit]:
+    """Teacher lines per file (:mod:`forged.mine.teacher`), asked for only where missing.
+
+    A file's teacher lines are stored under (analysis key, path, split, model, versions)
+    once every chunk selected in it has a cached answer (accepted or rejected): such a
+    file is never looked at again until its blob changes. The other files are *revisited*:
+    their analyses are loaded, their missing answers asked for (changed files first, within
+    the call cap and time budget), and their lines written from memory until complete.
+    Answers go to the cache as they arrive, so a stopped mine keeps what it was told.
+    """
+    from forged.mine import teacher
+
+    model, idx = cfg.teacher, store.index
+    keys = {f.path: "teacher\0" + hashlib.sha1(json.dumps(
+        [f.akey, f.path, f.split, model, teacher.PROMPT_VERSION, teacher.RULES_VERSION]).encode(
+            "utf-8", "surrogateescape")).hexdigest() for f in files}
+    revisit = [f for f in files if keys[f.path] not in idx.segs]
+    analyses({f.akey: (f.entry, f.lang) for f in revisit})
+    plans = []
+    for f in revisit:
+        mf = _mined_file(f, results[f.akey])
+        mf.changed = f.changed
+        plans.append((f, mf, teacher.select(mf, cfg.kinds.teacher, cfg.seed, model)))
+    answers = cache.get_teacher({it.key for _, _, items in plans for it in items})
+    cached = sum(it.key in answers for _, _, items in plans for it in items)
+    # Ask order (what the call cap keeps): changed files first, then a seeded shuffle over
+    # the whole repo, so a capped first mine samples everywhere rather than the first paths.
+    order = sorted(((not f.changed, hashlib.sha1(f"{cfg.seed}:{it.key}".encode()).digest(), it.key,
+                     it.messages) for f, _mf, items in plans for it in items if it.key not in answers),
+                   key=lambda t: t[:3])
+    todo: dict[str, list[dict[str, str]]] = {}
+    for _c, _h, key, msgs in order:
+        todo.setdefault(key, msgs)
+    fresh: set[str] = set()
+    redactions: Counter[str] = Counter()
+    session = teacher.Teacher(host, model, cfg.teacher_timeout_seconds, cfg.teacher_max_calls,
+                              cfg.teacher_max_minutes * 60, cfg.seed)
+    try:
+        for n, (key, msgs) in enumerate(todo.items()):
+            progress({"stage": "teacher", "questions_done": n, "questions_total": len(todo)})
+            try:
+                text, why = session.ask(msgs)
+            except teacher.Stop:
+                break
+            if why == "error":
+                continue
+            entry, red = teacher.parse_reply(text, why)
+            redactions.update(red)
+            cache.put_teacher({key: entry})  # now: a stopped mine keeps its answers
+            answers[key] = entry
+            fresh.add(key)
+    finally:
+        session.close()
+    rejected: Counter[str] = Counter()
+    accepted = 0
+    made: dict[str, tuple[list[examples.Example], bool]] = {}
+    for f, mf, items in plans:
+        exs, verdicts = teacher.examples(mf, items, answers, model)
+        for it, v in zip(items, verdicts, strict=True):
+            if it.key in fresh:
+                accepted += v is None
+                rejected.update([v] if v else [])
+        made[f.path] = (exs, "pending" not in verdicts)
+    out = []
+    for f in files:
+        key = keys[f.path]
+        if f.path in made:
+            exs, complete = made[f.path]
+            if complete:  # stored lines say "changed": false; the writer flips them
+                for ex in exs:
+                    ex.changed = False
+                seg = store.add(key, *_serialize(exs))
+            else:
+                seg, data = _seg_of(exs)
+                if seg.n:
+                    out.append(_Unit(f.split, f.changed, f.lang, seg, data=data))
+                continue
+        else:
+            seg = store.seg(key)
+        if seg is not None and seg.n:
+            out.append(_Unit(f.split, f.changed, f.lang, seg, key))
+    pending = len(todo) - len(fresh)
+    status = ("ok" if not pending else "unavailable" if session.unavailable and not fresh
+              else "partial")
+    reason = session.reason if pending else ""
+    if pending and not reason:
+        reason = f"{session.errors} teacher calls failed"
+    rep.teacher = {
+        "model": model, "status": status, "reason": reason, "files_revisited": len(revisit),
+        "selected": sum(len(items) for _, _, items in plans), "cached": cached,
+        "asked": session.asked, "accepted": accepted, "rejected": dict(sorted(rejected.items())),
+        "errors": session.errors, "error_kinds": dict(sorted(session.error_kinds.items())),
+        "pending": pending, "redactions": dict(sorted(redactions.items())),
+        "seconds": round(session.seconds, 3)}
     return out
 
 
@@ -784,7 +889,8 @@ def _housekeep(store: LineStore, units: list[_Unit], paths: set[str], akeys: set
     idx = store.index
     if store.size() <= 2 * live_bytes + (32 << 20) and len(idx.paths) <= 2 * len(paths) + 1024:
         return
-    keep = set(live) | {k for k, s in idx.segs.items() if not Seg._make(s).n and k.startswith("raft")}
+    keep = set(live) | {k for k, s in idx.segs.items()
+                        if not Seg._make(s).n and k.startswith(("raft", "teacher"))}
     store.compact([k for k in live] + sorted(keep - set(live)))
     idx.paths = {p: v for p, v in idx.paths.items() if p in paths}
     idx.info = {k: v for k, v in idx.info.items() if k in akeys}

@@ -35,7 +35,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any, NamedTuple
 
-STORE_VERSION = 1
+STORE_VERSION = 2  # 2: a seventh example kind (teacher) in the per-line stats
 
 
 class Seg(NamedTuple):
