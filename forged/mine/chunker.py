@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 import sys
-from bisect import bisect_left, bisect_right
+from bisect import bisect_right
 from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import Any
@@ -209,15 +209,13 @@ def budget_bytes(chunk_tokens: int) -> int:
 
 
 class _Text:
-    """A file as bytes with O(1) non-whitespace counts and line lookups."""
+    """A file as bytes with O(1) non-whitespace counts (prefix sums) and line lookups."""
 
     def __init__(self, data: bytes) -> None:
         self.data = data
+        self._newlines: Any = None
         if len(data) < _NUMPY_BYTES and "numpy" not in sys.modules:
             # Small files (the one blob a re-mine parses): plain Python, no numpy import.
-            # Newline offsets from the line lengths: C loops only, no per-byte Python.
-            self.newlines: Any = list(accumulate(
-                map((1).__add__, map(len, data.split(b"\n")[:-1])), initial=-1))[1:]
             self.cum: Any = list(accumulate(data.translate(_NWS_BYTES), initial=0))
             return
         import numpy as np
@@ -229,19 +227,27 @@ class _Text:
         cum[0] = 0
         np.cumsum(np.frombuffer(data.translate(_NWS_BYTES), dtype=np.uint8), out=cum[1:])
         self.cum = memoryview(cum)
-        nl = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == 10).astype(np.int32)
-        self.newlines = memoryview(nl)
+
+    @property
+    def newlines(self) -> Any:
+        """Newline offsets, made on first use (only cutting by lines needs them)."""
+        if self._newlines is None:
+            data = self.data
+            if "numpy" in sys.modules:
+                import numpy as np
+
+                nl = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == 10).astype(np.int32)
+                self._newlines = memoryview(nl)
+            else:  # from the line lengths: C loops only, no per-byte Python
+                self._newlines = list(accumulate(
+                    map((1).__add__, map(len, data.split(b"\n")[:-1])), initial=-1))[1:]
+        return self._newlines
 
     def nws(self, s: int, e: int) -> int:
         return int(self.cum[e] - self.cum[s])
 
-    def line_of(self, b: int) -> int:
-        """1-based line of byte offset b."""
-        return bisect_left(self.newlines, b) + 1
-
     def line_start(self, b: int) -> int:
-        i = bisect_left(self.newlines, b)
-        return self.newlines[i - 1] + 1 if i else 0
+        return self.data.rfind(b"\n", 0, b) + 1
 
     def split_lines(self, s: int, e: int, budget: int) -> list[int]:
         """Cut points strictly inside (s, e) so each piece fits: at newlines, else inside a line."""
@@ -489,6 +495,8 @@ def _finish(t: _Text, pieces: list[_Piece], budget: int, path: str, lang: str,
     if not bounds and n:
         bounds = [(0, n, None)]
     chunks: list[Chunk] = []
+    data = t.data
+    pos, line = 0, 1  # line number of byte offset pos
     for s, e, p in bounds:
         # Gaps between siblings are whitespace in every grammar we ship, but enforce the
         # budget anyway: a span over it is cut by lines.
@@ -507,8 +515,12 @@ def _finish(t: _Text, pieces: list[_Piece], budget: int, path: str, lang: str,
             context = [sig for (_n, sig, ds) in scope if ds < a]
             text = t.data[a:b].decode("utf-8")
             first, last = _content_span(text, a, b)
-            chunks.append(Chunk(path, lang, ".".join(names), t.line_of(first), t.line_of(max(first, last - 1)),
-                                text, context))
+            # Lines by counting newlines since the previous lookup: offsets only grow here.
+            line += data.count(b"\n", pos, first)
+            tail = max(first, last - 1)
+            end_line = line + data.count(b"\n", first, tail)
+            chunks.append(Chunk(path, lang, ".".join(names), line, end_line, text, context))
+            pos, line = tail, end_line
     return chunks
 
 
