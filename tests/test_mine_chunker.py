@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("tree_sitter")
 
-from forged.mine.chunker import analyze, budget_bytes  # noqa: E402
+from forged.mine.chunker import analyze, budget_bytes, parser_for  # noqa: E402
 
 
 def nws(s: str) -> int:
@@ -126,3 +126,82 @@ def test_calls_in_source_order_on_every_parse() -> None:
     for _ in range(3):
         again = analyze("m.py", "python", src.encode(), budget_bytes(384))
         assert again.to_dict() == first.to_dict()
+
+
+# Brace languages: a class or function body split over chunks. The bench's parse rule: a
+# chunk parses alone, or (methods being complete units of a class body) inside a class/impl.
+_WRAP = {"java": ("class _ {\n", "\n}"), "javascript": ("class _ {\n", "\n}"),
+         "typescript": ("class _ {\n", "\n}"), "rust": ("impl _ {\n", "\n}"), "go": ("", "")}
+
+
+def _parses(lang: str, text: str) -> bool:
+    parser = parser_for(lang)
+    if not parser.parse(text.encode()).root_node.has_error:
+        return True
+    pre, post = _WRAP[lang]
+    return bool(pre) and not parser.parse((pre + text + post).encode()).root_node.has_error
+
+
+def _sums(indent: str, end: str) -> str:
+    return "".join(f"{indent}s += xs[{i}] * {i + 1}{end}\n" for i in range(24))
+
+
+_JS_CLASS = ("class Shapes {\n  area(w, h) {\n    return w * h;\n  }\n\n  total(xs) {\n    let s = 0;\n"
+             + _sums("    ", ";") + "    return s;\n  }\n\n  twice(y) {\n    return 2 * y;\n  }\n}\n")
+SPLIT_BODIES = {
+    "java": ("class Shapes {\n    private int count = 0;\n\n"
+             "    int area(int w, int h) {\n        return w * h;\n    }\n\n"
+             "    int total(int[] xs) {\n        int s = 0;\n" + _sums("        ", ";")
+             + "        return s;\n    }\n\n    int twice(int y) {\n        return 2 * y;\n    }\n}\n"),
+    "javascript": _JS_CLASS,
+    "typescript": _JS_CLASS,
+    "rust": ("struct Shapes;\n\nimpl Shapes {\n    fn area(w: u32, h: u32) -> u32 {\n        w * h\n    }\n\n"
+             "    fn total(xs: &[u32]) -> u32 {\n        let mut s = 0;\n" + _sums("        ", ";")
+             + "        s\n    }\n\n    fn twice(y: u32) -> u32 {\n        2 * y\n    }\n}\n"),
+    "go": ("package shapes\n\nfunc Area(w, h int) int {\n\treturn w * h\n}\n\n"
+           "func Total(xs []int) int {\n\ts := 0\n" + _sums("\t", "")
+           + "\treturn s\n}\n\nfunc Twice(y int) int {\n\treturn 2 * y\n}\n"),
+}
+
+
+@pytest.mark.parametrize("lang", sorted(SPLIT_BODIES))
+def test_split_body_breaks_only_where_it_opens_and_closes(lang: str) -> None:
+    # A class (Go: a file) around one over-budget method: its `{` must be in one chunk and
+    # its `}` in another, so those two cannot parse — and no other chunk may break: the
+    # class's and the method's opening go into one chunk (not a chunk of their own each),
+    # and the chunks in between hold whole statements.
+    src = SPLIT_BODIES[lang]
+    chunks = analyze("x", lang, src.encode(), 150).chunks
+    assert "".join(c.text for c in chunks) == src
+    assert len(chunks) >= 3
+    assert all(nws(c.text) <= 150 for c in chunks)
+    broken = [i for i, c in enumerate(chunks) if not _parses(lang, c.text)]
+    assert broken == [0, len(chunks) - 1], [c.text for c in chunks]
+
+
+@pytest.mark.parametrize(("lang", "src", "header"), [
+    ("java", "class Outer {\n    int a = 1;\n    int b = 2;\n\n"
+             "    static final class Inner extends Base implements Runnable {\n"
+             + "".join(f"        int f{i}() {{\n            return {i} * {i};\n        }}\n" for i in range(12))
+             + "    }\n}\n", "static final class Inner extends Base implements Runnable {"),
+    ("rust", "mod outer {\n    const A: u32 = 1;\n\n    impl<T: Clone> Runner for Holder<T>\n"
+             "    where\n        T: Send,\n    {\n"
+             + "".join(f"        fn f{i}(&self) -> u32 {{\n            {i} * {i}\n        }}\n" for i in range(12))
+             + "    }\n}\n", "impl<T: Clone> Runner for Holder<T>\n    where\n        T: Send,\n    {"),
+])
+def test_split_body_keeps_its_header_with_the_brace(lang: str, src: str, header: str) -> None:
+    # The header of a split class/impl goes with its `{` (no chunk starts with a bare `{`),
+    # so the chunks of its body are whole members.
+    for budget in (100, 150, 200):
+        chunks = analyze("x", lang, src.encode(), budget).chunks
+        assert "".join(c.text for c in chunks) == src
+        assert any(header in c.text for c in chunks), (budget, [c.text for c in chunks])
+        assert not any(c.text.lstrip().startswith("{") for c in chunks)
+
+
+def test_split_list_cut_after_separators() -> None:
+    src = "const TABLE = [\n" + "".join(f"  {{ id: {i}, name: 'item{i}' }},\n" for i in range(40)) + "];\n"
+    for budget in (100, 200):
+        chunks = analyze("t.js", "javascript", src.encode(), budget).chunks
+        assert "".join(c.text for c in chunks) == src
+        assert not any(c.text.lstrip().startswith(",") for c in chunks)

@@ -6,10 +6,14 @@ model changes, and it ignores indentation, which costs few tokens in BPE vocabul
 ``chunk_tokens`` from the config is turned into it with :data:`NWS_PER_TOKEN`.
 
 Algorithm (per file): a node that fits the budget is one atom; a node over it is split
-into its children recursively; sibling atoms are merged greedily back up to the budget;
-an over-budget node without children is split by lines (and an over-budget line by
-bytes). Chunk boundaries are then made contiguous over the whole file, so the chunks of
-a file concatenate back to the file byte for byte: nothing is ever dropped.
+into its children recursively; an over-budget node without children is split by lines
+(and an over-budget line by bytes). Python: sibling atoms are merged greedily back up to
+the budget, level by level. Brace languages: the atoms of the whole file are cut in one
+pass (:meth:`_Chunker.plan`) into the fewest chunks that cannot parse, then the fewest
+chunks — a run of statements/members of one block or class body parses, a chunk holding
+a split body's `{` or `}` cannot, so those go together — with a split construct's header
+glued to its `{`. Chunk boundaries are then made contiguous over the whole file, so the
+chunks of a file concatenate back to the file byte for byte: nothing is ever dropped.
 
 Everything here runs in the worker subprocess; tree_sitter is imported lazily.
 """
@@ -24,7 +28,7 @@ from itertools import accumulate
 from typing import Any
 
 # Bump when chunk boundaries, symbol facts or redaction change: the cache is keyed by it.
-CHUNKER_VERSION = "forged-cast-5"
+CHUNKER_VERSION = "forged-cast-6"
 
 # chunk_tokens × this = budget in non-whitespace bytes. Measured with the SmolLM2
 # tokenizer on Python (click, httpx): ~3.1 non-whitespace bytes per token.
@@ -362,13 +366,32 @@ class _Kinds:
     wrappers: frozenset[int]
     comments: frozenset[int]
     defs: dict[int, str]  # kind id → definition kind
-    special: frozenset[int] = frozenset()  # any of the above
+    seqs: frozenset[int] = frozenset()  # containers whose named children are complete units
+    anon: frozenset[int] = frozenset()  # anonymous kinds (punctuation, keywords)
+    seps: frozenset[int] = frozenset()  # `,` and `;`
+    special: frozenset[int] = frozenset()  # wrappers, comments or definitions
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "special", self.wrappers | self.comments | frozenset(self.defs))
 
 
 _kinds: dict[str, _Kinds] = {}
+
+# Brace languages: containers whose named children are complete units one after another
+# (statements, members, items): a chunk holding only such siblings of one container parses
+# (a class body's members inside a class). Go's `block` is `{ statement_list }`.
+SEQ_TYPES: dict[str, tuple[str, ...]] = {
+    "javascript": ("program", "statement_block", "class_body"),
+    "typescript": ("program", "statement_block", "class_body", "interface_body"),
+    "go": ("source_file", "statement_list"),
+    "rust": ("source_file", "declaration_list", "block"),
+    "java": ("program", "class_body", "block", "interface_body", "constructor_body",
+             "enum_body_declarations", "annotation_type_body"),
+}
+SEQ_TYPES["tsx"] = SEQ_TYPES["typescript"]
+# What a chunk that cannot parse costs the planner, in chunks: it first makes the fewest
+# such chunks, then the fewest chunks.
+FAIL_WEIGHT = 1000
 
 
 def _kinds_for(lang: str) -> _Kinds:
@@ -383,7 +406,11 @@ def _kinds_for(lang: str) -> _Kinds:
         # A declarator reached by unwrapping `const f = () => …` is a function definition.
         defs.update((i, "function") for i in ids.get("variable_declarator", ()))
         _kinds[lang] = _Kinds(frozenset(i for ty in _WRAPPERS for i in ids.get(ty, ())),
-                              frozenset(i for ty in COMMENT_TYPES for i in ids.get(ty, ())), defs)
+                              frozenset(i for ty in COMMENT_TYPES for i in ids.get(ty, ())), defs,
+                              frozenset(i for ty in SEQ_TYPES.get(lang, ()) for i in ids.get(ty, ())),
+                              frozenset(i for i in range(lg.node_kind_count) if not lg.node_kind_is_named(i)),
+                              frozenset(i for ty in (",", ";") for i in ids.get(ty, ())
+                                        if not lg.node_kind_is_named(i)))
     return _kinds[lang]
 
 
@@ -395,7 +422,199 @@ class _Chunker:
         self.kinds = _kinds_for(lang)
 
     def pieces(self, root: Any) -> list[_Piece]:
+        if self.kinds.seqs:
+            atoms: list[tuple] = []
+            self.ncont = 0
+            self.glued: list[int] = []
+            self.named: list[tuple[int, str]] = []
+            self.collect(root, (), atoms)
+            return self.plan(atoms)
         return self.split(root, ())[0]
+
+    def collect(self, node: Any, scope: tuple, out: list) -> None:
+        """Atoms of an over-budget node in file order, flat: (start, end, scope, key, nws
+        offset of start, of end). key: the id of the container when the atom is one of its
+        complete units (statement, member, item, comment), else -1. Also notes comments
+        and headers to glue onto what follows, and where whole definitions start."""
+        children = node.children
+        if not children:
+            cuts = self.t.split_lines(node.start_byte, node.end_byte, self.budget)
+            bounds = [node.start_byte, *cuts, node.end_byte]
+            cum = self.t.cum
+            out.extend((a, b, scope, -1, cum[a], cum[b])
+                       for a, b in zip(bounds, bounds[1:], strict=False))
+            return
+        cum = self.t.cum
+        budget = self.budget
+        lang = self.lang
+        kinds = self.kinds
+        wrappers, defs, comments, anon = kinds.wrappers, kinds.defs, kinds.comments, kinds.anon
+        seps = kinds.seps
+        data = self.t.data
+        key = -1
+        if node.kind_id in kinds.seqs:
+            key = self.ncont = self.ncont + 1
+        glued = self.glued
+        run = len(out)
+        append = out.append
+        for child in children:
+            s, e = child.start_byte, child.end_byte
+            if e <= s:
+                continue
+            k = child.kind_id
+            if k in wrappers:
+                d = _unwrap(child, lang)
+                kind = defs.get(d.kind_id) if d is not child else None
+            else:
+                d, kind = child, defs.get(k)
+            name = _def_name(d, lang, data) if kind else ""
+            cs, ce = cum[s], cum[e]
+            if ce - cs <= budget:
+                if k in anon:
+                    if k in seps and len(out) > run:
+                        # A `,` or `;` stays with what it follows: no chunk starts with one.
+                        a = out[-1]
+                        out[-1] = (a[0], e, a[2], a[3], a[4], ce)
+                    else:
+                        append((s, e, scope, -1, cs, ce))
+                    continue
+                if name:
+                    self.named.append((s, name))
+                if k in comments:
+                    x = len(out)
+                    if x > run and glued and glued[-1] == x - 1 and ce - out[-1][4] <= budget:
+                        # One atom for a run of comments (`//` lines) that fits.
+                        a = out[-1]
+                        out[-1] = (a[0], e, a[2], a[3], a[4], ce)
+                        continue
+                    glued.append(x)
+                append((s, e, scope, key, cs, ce))
+                continue
+            if key < 0 and run < len(out) and child.child_count and (
+                    k not in kinds.seqs or child.children[0].kind_id in anon):
+                # What precedes a split part of a construct (its header: `class A`,
+                # `if (x)`, `else`) is glued onto that part's start (its `{`); not onto a
+                # unit (Go: a block's `{` and its first statement) nor onto a slice of an
+                # over-budget token.
+                while glued and glued[-1] >= run:
+                    glued.pop()
+                glued.extend(range(run, len(out)))
+            inner = scope + ((name, _signature(d, data), s),) if name else scope
+            self.collect(child, inner, out)
+            run = len(out)
+
+    def plan(self, atoms: list[tuple]) -> list[_Piece]:
+        """Cut the flat atoms into chunks within the budget: fewest chunks that are not a
+        run of complete units of one container, then fewest chunks (a dynamic program)."""
+        fits = self.budget
+        n = len(atoms)
+        if not n:
+            return []
+        gi = self.glued
+        if gi:
+            # Glue each run of glued atoms onto the atom after it, packed from that atom
+            # backwards while it fits: a header goes with its `{`, a doc comment with what
+            # it documents. A run of atoms in file order has the common scope of its first
+            # and last (scopes are paths in the syntax tree).
+            out: list[tuple] = []
+            prev = 0
+            ng = len(gi)
+            x = 0
+            while x < ng:
+                p = q = gi[x]
+                x += 1
+                while x < ng and gi[x] == q + 1:
+                    q += 1
+                    x += 1
+                t = q + 1 if q + 1 < n else q
+                out.extend(atoms[prev:p])
+                if p == q and t > q:  # one atom, the common case: a doc comment
+                    a, b = atoms[p], atoms[t]
+                    if b[5] - a[4] <= fits:
+                        out.append((a[0], b[1], a[2] if a[2] is b[2] else _common(a[2], b[2]),
+                                    a[3] if a[3] == b[3] else -1, a[4], b[5]))
+                    else:
+                        out.append(a)
+                        out.append(b)
+                    prev = t + 1
+                    continue
+                groups = []
+                last = atoms[t]
+                ge, key = t, last[3]
+                for m in range(t - 1, p - 1, -1):
+                    a = atoms[m]
+                    if last[5] - a[4] > fits:
+                        groups.append((m + 1, ge, key))
+                        last, ge, key = a, m, a[3]
+                    elif a[3] != key:
+                        key = -1
+                groups.append((p, ge, key))
+                for gs, ge, key in reversed(groups):
+                    if gs == ge:
+                        out.append(atoms[gs])
+                    else:
+                        a, b = atoms[gs], atoms[ge]
+                        out.append((a[0], b[1], a[2] if a[2] is b[2] else _common(a[2], b[2]),
+                                    key, a[4], b[5]))
+                prev = t + 1
+            out.extend(atoms[prev:])
+            atoms = out
+            n = len(atoms)
+        # best[i]: cost of atoms i.. (a chunk is 1, a chunk that cannot parse 1 + FAIL_WEIGHT);
+        # nxt[i]: the last atom of the chunk starting at i. best only grows towards the
+        # start, so of the chunks starting at i only two can be best: the longest that fits,
+        # and the longest run of complete units of i's container that fits.
+        fail = 1 + FAIL_WEIGHT
+        best = [0] * (n + 1)
+        nxt = [0] * n
+        j = n - 1
+        ej = atoms[j][5]
+        rend = rkey = -1
+        i = n
+        for a in reversed(atoms):
+            i -= 1
+            lim = a[4] + fits
+            while ej > lim:
+                j -= 1
+                ej = atoms[j][5]
+            k = a[3]
+            if k < 0:
+                best[i] = best[j + 1] + fail
+                nxt[i] = j
+            else:
+                if k != rkey:
+                    rend = i
+                if rend < j:
+                    c = best[rend + 1] + 1
+                    f = best[j + 1] + fail
+                    if c <= f:
+                        best[i] = c
+                        nxt[i] = rend
+                    else:
+                        best[i] = f
+                        nxt[i] = j
+                else:
+                    best[i] = best[j + 1] + 1
+                    nxt[i] = j
+            rkey = k
+        pieces: list[_Piece] = []
+        add = pieces.append
+        named = self.named
+        nd = len(named)
+        w = 0
+        i = 0
+        while i < n:
+            j = nxt[i]
+            a = atoms[i]
+            b = atoms[j]
+            end = b[1]
+            defs: tuple = ()
+            while w < nd and named[w][0] < end:
+                defs += (named[w][1],)
+                w += 1
+            add((a[0], end, a[2] if a[2] is b[2] else _common(a[2], b[2]), defs, False))
+            i = j + 1
+        return pieces
 
     def split(self, node: Any, scope: tuple) -> tuple[list[_Piece], bool]:
         """Pieces of an over-budget node (its children recursively, greedily merged), and
