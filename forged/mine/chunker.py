@@ -421,6 +421,17 @@ class _Chunker:
         self.budget = budget
         self.kinds = _kinds_for(lang)
 
+    def definition(self, child: Any, k: int) -> tuple[Any, str]:
+        """The node a child of kind ``k`` stands for (through export/decorator/declaration
+        wrappers) and, when that is a definition, its name ("" otherwise)."""
+        kinds = self.kinds
+        if k in kinds.wrappers:
+            d = _unwrap(child, self.lang)
+            kind = kinds.defs.get(d.kind_id) if d is not child else None
+        else:
+            d, kind = child, kinds.defs.get(k)
+        return d, _def_name(d, self.lang, self.t.data) if kind else ""
+
     def pieces(self, root: Any) -> list[_Piece]:
         if self.kinds.seqs:
             atoms: list[tuple] = []
@@ -446,10 +457,8 @@ class _Chunker:
             return
         cum = self.t.cum
         budget = self.budget
-        lang = self.lang
         kinds = self.kinds
-        wrappers, defs, comments, anon = kinds.wrappers, kinds.defs, kinds.comments, kinds.anon
-        seps = kinds.seps
+        comments, anon, seps = kinds.comments, kinds.anon, kinds.seps
         data = self.t.data
         key = -1
         if node.kind_id in kinds.seqs:
@@ -462,12 +471,7 @@ class _Chunker:
             if e <= s:
                 continue
             k = child.kind_id
-            if k in wrappers:
-                d = _unwrap(child, lang)
-                kind = defs.get(d.kind_id) if d is not child else None
-            else:
-                d, kind = child, defs.get(k)
-            name = _def_name(d, lang, data) if kind else ""
+            d, name = self.definition(child, k)
             cs, ce = cum[s], cum[e]
             if ce - cs <= budget:
                 if k in anon:
@@ -626,9 +630,8 @@ class _Chunker:
             return [(a, b, scope, (), False) for a, b in zip(bounds, bounds[1:], strict=False)], False
         cum = self.t.cum
         budget = self.budget
-        lang = self.lang
         kinds = self.kinds
-        wrappers, comments, defs, special = kinds.wrappers, kinds.comments, kinds.defs, kinds.special
+        comments, special = kinds.comments, kinds.special
         data = self.t.data
         atoms: list[_Piece] = []
         has_comment = False
@@ -642,12 +645,7 @@ class _Chunker:
                 # at most `budget` bytes cannot hold more non-whitespace bytes than that).
                 atoms.append((s, e, scope, (), False))
                 continue
-            if k in wrappers:
-                d = _unwrap(child, lang)
-                kind = defs.get(d.kind_id) if d is not child else None
-            else:
-                d, kind = child, defs.get(k)
-            name = _def_name(d, lang, data) if kind else ""
+            d, name = self.definition(child, k)
             if cum[e] - cum[s] <= budget:
                 comment = k in comments
                 has_comment = has_comment or comment
