@@ -166,9 +166,12 @@ class JudgeConfig:
     fidelity_loss_tolerance: float = field(default=0.25, metadata=_check(_fraction))
 
 
+DEFAULT_OLLAMA_HOST = "http://127.0.0.1:11434"
+
+
 @dataclass
 class PublishConfig:
-    ollama_host: str = "http://127.0.0.1:11434"
+    ollama_host: str = DEFAULT_OLLAMA_HOST
     keep_versions: int = field(default=3, metadata=_check(_positive))
     auto_approve: bool = False
     approval_timeout_seconds: float = field(default=300.0, metadata=_check(_positive))

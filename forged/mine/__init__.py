@@ -11,12 +11,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from forged.config import DEFAULT_OLLAMA_HOST
+
 if TYPE_CHECKING:
     from forged.config import MineConfig
 
 # Appended only: stored lines record a kind by its index here.
 KINDS = ("continuation", "fim", "doc_to_code", "code_to_doc", "raft", "commit_diff", "teacher")
-DEFAULT_OLLAMA_HOST = "http://127.0.0.1:11434"
 
 
 @dataclass

@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from forged import filters
-from forged.config import MineConfig
-from forged.mine import DEFAULT_OLLAMA_HOST, KINDS, MineReport, examples, gitio
+from forged.config import DEFAULT_OLLAMA_HOST, MineConfig
+from forged.mine import KINDS, MineReport, examples, gitio
 from forged.mine import linked as linked_layout
 from forged.mine.cache import MineCache
 from forged.mine.chunker import CHUNKER_VERSION, FileAnalysis, budget_bytes
@@ -186,17 +186,15 @@ def run(repo: Path, out_dir: Path, cfg: MineConfig, cache_dir: Path, *, commit: 
     gitpool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mine-git")
     history_f = gitpool.submit(_history, repo, sha, since_sha, cfg)
     changed_f = gitpool.submit(gitio.changed_paths, repo, since_sha, sha) if since_sha else None
+    store: LineStore | None = None
+    cache: MineCache | None = None
+    ok = False
     try:
         entries = gitio.ls_tree(repo, sha)
         changed = changed_f.result() if changed_f is not None else None
-    except BaseException:
-        gitpool.shutdown(cancel_futures=True)
-        raise
-    rep.files_total = len(entries)
-    store = LineStore(cache_dir / "lines" / _store_key(rep.repo, cfg, rep.chunker_version, budget))
-    cache = MineCache(cache_dir)
-    ok = False
-    try:
+        rep.files_total = len(entries)
+        store = LineStore(cache_dir / "lines" / _store_key(rep.repo, cfg, rep.chunker_version, budget))
+        cache = MineCache(cache_dir)
         idx = store.index
         skipped: Counter[str] = Counter()
         todo: list[tuple[gitio.Entry, str, str, tuple]] = []  # entry, lang, analysis key, path facts
@@ -318,8 +316,10 @@ def run(repo: Path, out_dir: Path, cfg: MineConfig, cache_dir: Path, *, commit: 
         ok = True
     finally:
         gitpool.shutdown(cancel_futures=True)
-        cache.close()
-        store.close(save=ok)
+        if cache is not None:
+            cache.close()
+        if store is not None:
+            store.close(save=ok)
     stage("write")
     durations["total"] = round(time.perf_counter() - t0, 4)
     rep.durations = durations
