@@ -979,7 +979,7 @@ def symbols_of(tree: Any, lang: str, data: bytes, budget: int) -> tuple[list[Sym
             code = raw.decode("utf-8", "replace")
             # Python: drop the blank line left where the docstring was.
             code = re.sub(r"\n[ \t]*\n", "\n", code, count=1) if span is not None else code
-            if len(raw.translate(None, b" \t\n\r\x0b\x0c")) > 2 * budget:
+            if len(raw.translate(None, _WS_CHARS)) > 2 * budget:
                 code = ""
         s, e = node.start_byte, node.end_byte
         nl = data.find(b"\n", s, e)

@@ -257,6 +257,10 @@ class Teacher:
         self.unavailable = unavailable
         return Stop(reason)
 
+    def _missing(self) -> str:
+        return (f"teacher model {self.model!r} is not in Ollama at {self.host} "
+                f"(forged never pulls models: `ollama pull {self.model}`)")
+
     def _open(self) -> None:
         import httpx
         import ollama
@@ -271,9 +275,7 @@ class Teacher:
             self._client.show(self.model)
         except ollama.ResponseError as e:
             if e.status_code == 404:
-                raise self._stop(f"teacher model {self.model!r} is not in Ollama at {self.host} "
-                                 f"(forged never pulls models: `ollama pull {self.model}`)",
-                                 True) from None
+                raise self._stop(self._missing(), True) from None
             raise self._stop(f"Ollama at {self.host} failed: {e.error} (HTTP {e.status_code})",
                              True) from None
         except (ConnectionError, httpx.TransportError) as e:
@@ -302,8 +304,7 @@ class Teacher:
             return (r.message.content or ""), r.done_reason
         except ollama.ResponseError as e:
             if e.status_code == 404:  # removed while we were asking
-                raise self._stop(f"teacher model {self.model!r} is not in Ollama at {self.host} "
-                                 f"(forged never pulls models: `ollama pull {self.model}`)") from None
+                raise self._stop(self._missing()) from None
             what = f"HTTP {e.status_code}: {e.error}"
             kind = f"http_{e.status_code}"
         except ConnectionError:
