@@ -184,11 +184,17 @@ def _is_fused(meta: dict[str, Any]) -> bool:
     return _kind(meta) == "model" and meta.get("forged.export") == "fused"
 
 
-def _check_gguf(path: Path, want_type: str) -> None:
-    """Refuse a file that is missing, not GGUF, or not the kind (model/adapter) expected."""
-    kind = _kind(_gguf_meta(path))
+def _check_gguf(path: Path, want_type: str, *, or_fused: bool = False) -> bool:
+    """Refuse a file that is missing, not GGUF, or not the kind (model/adapter) expected;
+    with ``or_fused`` a fused export passes too. True when it is one."""
+    meta = _gguf_meta(path)
+    if or_fused and _is_fused(meta):
+        return True
+    kind = _kind(meta)
     if kind != want_type:
-        raise PublishError(f"{path}: is a GGUF {kind}, expected a GGUF {want_type}")
+        also = " (or a fused model written by forged's export)" if or_fused else ""
+        raise PublishError(f"{path}: is a GGUF {kind}, expected a GGUF {want_type}{also}")
+    return False
 
 
 def is_fused_export(path: Path) -> bool:
@@ -201,13 +207,7 @@ def is_fused_export(path: Path) -> bool:
 
 def _check_export(path: Path) -> bool:
     """Refuse what is neither a GGUF adapter nor a fused export; True when fused."""
-    meta = _gguf_meta(path)
-    if _is_fused(meta):
-        return True
-    if _kind(meta) != "adapter":
-        raise PublishError(f"{path}: is a GGUF {_kind(meta)}, expected a GGUF adapter "
-                           "(or a fused model written by forged's export)")
-    return False
+    return _check_gguf(path, "adapter", or_fused=True)
 
 
 # --- the publisher -----------------------------------------------------------------
