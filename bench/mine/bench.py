@@ -219,6 +219,14 @@ def git(repo: Path, *args: str) -> str:
                           text=True).stdout.strip()
 
 
+def commit_all(repo: Path) -> str:
+    """Make ``repo`` a git repo with everything in it committed; the commit's sha."""
+    git(repo, "init", "-q")
+    git(repo, "add", "-A")
+    git(repo, "-c", "user.email=b@e", "-c", "user.name=b", "commit", "-qm", "corpus")
+    return git(repo, "rev-parse", "HEAD")
+
+
 def full_mine(root: Path) -> dict:
     """Cold mine_repo over the corpus as a git repo (everything: redaction, examples, write)."""
     from forged.config import MineConfig
@@ -227,9 +235,7 @@ def full_mine(root: Path) -> dict:
     with tempfile.TemporaryDirectory() as d:
         repo = Path(d) / "repo"
         shutil.copytree(root, repo, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        git(repo, "init", "-q")
-        git(repo, "add", "-A")
-        git(repo, "-c", "user.email=b@e", "-c", "user.name=b", "commit", "-qm", "corpus")
+        commit_all(repo)
         rep = mine_repo(repo, Path(d) / "out", MineConfig(), Path(d) / "cache")
         return {"files": rep.files_mined, "durations": rep.durations,
                 "examples": rep.examples}
@@ -263,10 +269,7 @@ def cold_parse(files: dict[str, str], budget: int, repeat: int) -> dict:
             dst = repo / Path(p).relative_to(common if common.is_dir() else common.parent)
             dst.parent.mkdir(parents=True, exist_ok=True)
             dst.write_text(text, encoding="utf-8")
-        git(repo, "init", "-q")
-        git(repo, "add", "-A")
-        git(repo, "-c", "user.email=b@e", "-c", "user.name=b", "commit", "-qm", "corpus")
-        sha = git(repo, "rev-parse", "HEAD")
+        sha = commit_all(repo)
         runs = {"pool": os.cpu_count() or 1, "one_process": 1}
         best = dict.fromkeys(runs, float("inf"))
         for _ in range(repeat):
@@ -301,9 +304,7 @@ def remine(n_files: int, rounds: int = 3) -> dict:
             p = repo / f"pkg{i // 100}" / f"m{i}.py"
             p.parent.mkdir(parents=True, exist_ok=True)
             p.write_text(f"# module {i}\n" + src[i % len(src)])
-        git(repo, "init", "-q")
-        git(repo, "add", "-A")
-        git(repo, "-c", "user.email=b@e", "-c", "user.name=b", "commit", "-qm", "corpus")
+        commit_all(repo)
         cfg = MineConfig()
         cache = Path(d) / "cache"
         t, c = time.perf_counter(), time.process_time()
