@@ -41,7 +41,7 @@ def emit(event: str, data: dict[str, Any] | None = None, **more: Any) -> None:
     sys.stdout.flush()
 
 
-def _stop_when_asked(stop: threading.Event, stage: str, poll: float = 1.0) -> None:
+def _stop_when_asked(stop: threading.Event, stage: str, poll: float = 0.1) -> None:
     """Wire the ways a worker is told to stop to ``stop``, and make stopping finish.
 
     * SIGTERM/SIGINT from the daemon (a gate closed, or the daemon shuts down);
@@ -51,9 +51,15 @@ def _stop_when_asked(stop: threading.Event, stage: str, poll: float = 1.0) -> No
     Training checkpoints and returns on its own; ``STOP_GRACE`` seconds later the
     process ends regardless. Mining and judging keep nothing worth saving half-way
     (they rerun from the start), so they end at once.
+
+    The signal handlers only raise a flag; the watch thread turns it into ``stop``. A
+    handler must not take a lock (``Event.set`` does): a daemon killed with ``kill -9``
+    sends the parent-death signal once per thread it loses, and a handler re-entered
+    while holding the Event's lock deadlocked the worker for good.
     """
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    asked: list[bool] = []  # non-empty once a stop signal arrived (a list append takes no lock)
+    signal.signal(signal.SIGTERM, lambda *_: asked.append(True))
+    signal.signal(signal.SIGINT, lambda *_: asked.append(True))
     parent = os.getppid()
     if sys.platform.startswith("linux"):
         try:
@@ -63,8 +69,8 @@ def _stop_when_asked(stop: threading.Event, stage: str, poll: float = 1.0) -> No
         except OSError:
             pass
 
-    def watch_parent() -> None:
-        while os.getppid() == parent:
+    def watch() -> None:
+        while not asked and os.getppid() == parent:
             time.sleep(poll)
         stop.set()
 
@@ -74,7 +80,7 @@ def _stop_when_asked(stop: threading.Event, stage: str, poll: float = 1.0) -> No
         sys.stdout.flush()
         os._exit(EXIT_STOPPED)
 
-    threading.Thread(target=watch_parent, name="parent-watch", daemon=True).start()
+    threading.Thread(target=watch, name="stop-watch", daemon=True).start()
     threading.Thread(target=end_when_stopped, name="stopper", daemon=True).start()
 
 

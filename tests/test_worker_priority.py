@@ -39,3 +39,33 @@ def test_worker_lowers_its_own_priority(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     result = json.loads((tmp_path / "mine.result.json").read_text())
     assert result["nice"] == os.nice(0) + 7
+
+
+def test_worker_stops_under_a_burst_of_sigterms() -> None:
+    # When the daemon is killed, the kernel sends PR_SET_PDEATHSIG once per daemon thread
+    # the worker is re-parented from: a burst. A handler that took a lock (Event.set) could
+    # be re-entered while holding it and deadlock the worker for good (seen in CI: a
+    # trainer left running after a daemon kill -9).
+    import signal
+    import subprocess
+    import sys
+
+    code = ("import threading, time, forged.worker as w\n"
+            "stop = threading.Event()\n"
+            "w._stop_when_asked(stop, 'mine')\n"
+            "print('ready', flush=True)\n"
+            "while True:\n"
+            "    time.sleep(0.001)\n")
+    for _ in range(5):
+        p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+        try:
+            assert p.stdout is not None and p.stdout.readline().strip() == "ready"
+            for _ in range(3000):
+                try:
+                    os.kill(p.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    break
+            assert p.wait(timeout=20) == 3  # EXIT_STOPPED: the stop went through
+        finally:
+            p.kill()
+            p.wait()
