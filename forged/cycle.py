@@ -602,9 +602,11 @@ class Engine:
                                temperature=self.cfg.publish.temperature)
         except (OllamaUnavailable, PublishError, OSError) as e:
             attempts = int(cyc["attempts"]) + 1
+            # The command is stored before the stage changes: status shows it with that stage,
+            # and a client polling between the two writes saw ready_to_publish without it.
+            self._merge_metrics(cid, {"manual_command": manual})
             self._set_stage(cid, "ready_to_publish", reason=f"Ollama: {e}", attempts=attempts,
                             retry_at=time.time() + backoff(attempts, self.cfg.daemon.retry_seconds))
-            self._merge_metrics(cid, {"manual_command": manual})
             self.log.warning("publish_waiting", repo=repo["name"], version=version, error=str(e))
             return
         self.state.query("UPDATE model_versions SET state='published' WHERE repo_id=? AND version=?",
