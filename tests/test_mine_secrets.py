@@ -37,6 +37,7 @@ SECRETS = {
     "stripe": "sk_" + "live_" + rnd(24),
     "google": "AIza" + rnd(35),
     "npm": "npm_" + rnd(36),
+    "twilio": "SK" + rnd(32, "0123456789abcdef"),
     "url_password": "pw" + rnd(14),
     "keyword_password": "Pw!" + rnd(13),
     "high_entropy": rnd(44, string.ascii_letters + string.digits + "+/"),
@@ -84,6 +85,7 @@ password = "{s["keyword_password"]}"
 blob = "{s["high_entropy"]}"
 signing = "{s["hex_key"]}"
 SESSION = "{s["jwt"]}"
+# twilio: {s["twilio"]} (unquoted: only its own pattern can find it)
 
 
 def connect(url: str = DATABASE_URL) -> str:

@@ -875,10 +875,20 @@ _COMMENT_MARK = re.compile(r"^\s*(/\*\*?|\*/|\*|///?|//!)\s?", re.M)
 _COMMENT_END = re.compile(r"\*/\s*$")
 
 
+_FLUSH_LINE = re.compile(r"\n\S")
+
+
 def _clean_doc(s: str) -> str:
-    """``inspect.cleandoc(s).strip()``, without its per-line loop for one-line docs."""
-    if "\n" not in s:
-        return s.expandtabs().strip()
+    """``inspect.cleandoc(s).strip()``, without its per-line loop where it changes nothing.
+
+    cleandoc removes the smallest indent of the lines after the first; when one of them
+    starts in column 0 (one-line docs, and most comment blocks once their ``*`` are gone)
+    that indent is 0 and all that is left of it is the strip.
+    """
+    if "\t" in s:
+        s = s.expandtabs()
+    if "\n" not in s or _FLUSH_LINE.search(s):
+        return s.strip()
     import inspect
 
     return inspect.cleandoc(s).strip()
@@ -976,11 +986,11 @@ def symbols_of(tree: Any, lang: str, data: bytes, budget: int) -> tuple[list[Sym
         if doc:
             s, e = node.start_byte, node.end_byte
             raw = data[s:e] if span is None else data[s:span[0]] + data[span[1]:e]
-            code = raw.decode("utf-8", "replace")
-            # Python: drop the blank line left where the docstring was.
-            code = re.sub(r"\n[ \t]*\n", "\n", code, count=1) if span is not None else code
-            if len(raw.translate(None, _WS_CHARS)) > 2 * budget:
-                code = ""
+            # Too big for a docstring↔code example: not decoded at all (classes mostly).
+            if len(raw) <= 2 * budget or len(raw.translate(None, _WS_CHARS)) <= 2 * budget:
+                code = raw.decode("utf-8", "replace")
+                # Python: drop the blank line left where the docstring was.
+                code = re.sub(r"\n[ \t]*\n", "\n", code, count=1) if span is not None else code
         s, e = node.start_byte, node.end_byte
         nl = data.find(b"\n", s, e)
         sig = data[s:e if nl < 0 else nl].decode("utf-8", "replace").rstrip()
