@@ -7,6 +7,7 @@ checkout's quick start use it. ``FORGED_CONFIG`` names a config file and wins ov
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from dataclasses import dataclass
@@ -117,3 +118,16 @@ def check_socket_path(path: Path) -> None:
             f"socket path is {len(os.fsencode(str(path)))} bytes, over the "
             f"{SOCKET_PATH_MAX}-byte limit of this OS: {path} — set FORGED_HOME to a shorter directory"
         )
+
+
+# A write that failed for want of space: a full disk, a quota, or a file-size limit.
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def describe_failure(e: BaseException) -> str:
+    """``Type: message`` for a failure report, saying what to do when the disk is full
+    (SQLite reports that as "database or disk is full", not as an OSError)."""
+    text = f"{type(e).__name__}: {e}"
+    if (isinstance(e, OSError) and e.errno in _NO_SPACE) or "disk is full" in str(e):
+        text += " — free some disk space: what earlier runs kept is intact and is reused next time"
+    return text

@@ -23,7 +23,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from forged import config
+from forged import config, paths
 
 EXIT_OK, EXIT_FAILED, EXIT_STOPPED = 0, 1, 3
 STAGES = ("mine", "train", "judge")
@@ -161,7 +161,7 @@ def main(argv: list[str]) -> int:
     try:
         result = run_stage(args.stage, args.cycle_dir, job, stop)
     except Exception as e:
-        emit("error", message=f"{type(e).__name__}: {e}", traceback=traceback.format_exc(limit=8))
+        emit("error", message=paths.describe_failure(e), traceback=traceback.format_exc(limit=8))
         return EXIT_FAILED
     (args.cycle_dir / f"{args.stage}.result.json").write_text(json.dumps(result, indent=1, default=str))
     emit("result", result)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -363,3 +365,59 @@ def test_linked_layout_shares_the_store_and_reads_like_plain(repo: Path, tmp_pat
     monkeypatch.setattr(dataset.os, "link", lambda *a: (_ for _ in ()).throw(OSError(18, "EXDEV")))
     mine_repo(repo, tmp_path / "x", c, cache)
     assert {n: (tmp_path / "x" / n).read_bytes() for n in names} == now
+
+
+def test_disk_full_mid_mine_fails_clearly_and_loses_nothing(repo: Path, tmp_path: Path) -> None:
+    """A write that fails for want of space (here RLIMIT_FSIZE: no unprivileged way to fill
+    a real filesystem) stops the mine with one line naming the cause; the store and cache it
+    leaves behind are still right, so the next mine matches a cold one."""
+    import resource
+
+    cache = tmp_path / "cache"
+    cli = [sys.executable, "-m", "forged", "mine", "--cache", str(cache), "--quiet"]
+    env = {**os.environ, "FORGED_HOME": str(tmp_path / "home")}
+    assert subprocess.run([*cli, str(repo), "--out", str(tmp_path / "o1")], env=env,
+                          capture_output=True, text=True).returncode == 0
+    base = git(repo, "rev-parse", "HEAD")
+    commit(repo, {f"pkg/new{i}.py": module(100 + i) for i in range(6)}, "More modules")
+    biggest = max(f.stat().st_size for f in cache.rglob("*") if f.is_file())
+
+    def no_room() -> None:  # any file the mine grows past today's biggest one fails to write
+        resource.setrlimit(resource.RLIMIT_FSIZE, (biggest, biggest))
+
+    r = subprocess.run([*cli, str(repo), "--out", str(tmp_path / "o2"), "--since", base],
+                       env=env, capture_output=True, text=True, preexec_fn=no_room)
+    assert r.returncode == 1, r.stderr
+    # One line naming the cause (the store's EFBIG, or SQLite's I/O error for its cache).
+    assert r.stderr.strip().startswith("forged mine: ") and "Traceback" not in r.stderr, r.stderr
+    assert "File too large" in r.stderr or "disk I/O error" in r.stderr, r.stderr
+    assert not list((tmp_path / "o2").rglob("*.tmp"))
+    # Space again: the same re-mine now succeeds and equals a cold mine of the same commit.
+    r = subprocess.run([*cli, str(repo), "--out", str(tmp_path / "o2"), "--since", base],
+                       env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    cold = tmp_path / "o3"
+    assert subprocess.run([*cli[:-3], "--cache", str(tmp_path / "cold"), "--quiet", str(repo),
+                           "--out", str(cold), "--since", base], env=env).returncode == 0
+    for name in ("train.jsonl", "valid.jsonl", "mlx/train.jsonl", "mlx/valid.jsonl"):
+        assert body(tmp_path / "o2", name) == body(cold, name), name
+
+
+def test_failure_reports_say_what_to_do_when_the_disk_is_full(tmp_path: Path) -> None:
+    import errno
+    import sqlite3
+
+    from forged.paths import describe_failure
+
+    fd = os.open("/dev/full", os.O_WRONLY)  # the kernel's own ENOSPC
+    try:
+        with pytest.raises(OSError) as raised:
+            os.write(fd, b"x")
+    finally:
+        os.close(fd)
+    assert raised.value.errno == errno.ENOSPC
+    assert describe_failure(raised.value).startswith(f"OSError: [Errno {errno.ENOSPC}]")
+    assert "free some disk space" in describe_failure(raised.value)
+    full = sqlite3.OperationalError("database or disk is full")  # SQLITE_FULL's own text
+    assert "free some disk space" in describe_failure(full)
+    assert describe_failure(ValueError("bad")) == "ValueError: bad"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -54,6 +55,9 @@ def main(argv: list[str]) -> int:
                         ollama_host=full.publish.ollama_host)
     except GitError as e:
         print(f"\nforged mine: {e}", file=sys.stderr)
+        return 1
+    except (OSError, sqlite3.Error) as e:  # a full disk, an unwritable --out or cache
+        print(f"\nforged mine: {paths.describe_failure(e)}", file=sys.stderr)
         return 1
     if not args.quiet:
         print(file=sys.stderr)

@@ -839,6 +839,9 @@ def _write(out_dir: Path, units: list[_Unit], store: LineStore, rep: MineReport,
                     _write_all(fd, memoryview(extra)[off:off + n])
                 else:
                     linked_layout.write_ranges(fd, fds[src], off, n, bool(flip))
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a full disk: leave no half-written file behind
+            raise
         finally:
             os.close(fd)
         os.replace(tmp, path)

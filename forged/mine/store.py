@@ -254,14 +254,19 @@ class LineStore:
                     for name in self._names(self._old[2]):
                         (self.root / name).unlink(missing_ok=True)
         finally:
-            if self._old is not None:
-                self._old[0].close()
-                self._old[1].close()
-            self.meta.close()
-            self.mlx.close()
-            if self._sym is not None:
-                self._sym.close()
-            self._lock.close()
+            # Every handle is closed and the lock released even when one close fails: a
+            # full disk fails the flush inside close(). Unsaved appends are garbage either
+            # way (no saved index names them), so that error is only raised when saving.
+            files = [self.meta, self.mlx, *(self._old[:2] if self._old is not None else ())]
+            errors: list[BaseException] = []
+            for f in [*files, self._sym, self._lock]:
+                try:
+                    if f is not None:
+                        f.close()
+                except (OSError, sqlite3.Error) as e:
+                    errors.append(e)
+            if errors and save:
+                raise errors[0]
 
 
 def _drop_siblings(root: Path) -> None:
