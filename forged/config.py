@@ -89,6 +89,10 @@ class ThresholdConfig:
     count_uncommitted: bool = False
 
 
+# Tokens per training sequence ([train] seq_len); the miner sizes RAFT examples to fit it.
+DEFAULT_SEQ_LEN = 512
+
+
 @dataclass
 class MineKinds:
     continuation: float = field(default=1.0, metadata=_check(_non_negative))
@@ -136,7 +140,7 @@ class TrainConfig:
     lr_schedule: str = field(default="cosine", metadata=_check(_one_of("cosine", "linear", "constant")))
     warmup_steps: int = field(default=10, metadata=_check(_non_negative))
     batch_size: int = field(default=4, metadata=_check(_positive))
-    seq_len: int = field(default=512, metadata=_check(_positive))
+    seq_len: int = field(default=DEFAULT_SEQ_LEN, metadata=_check(_positive))
     grad_accum: int = field(default=1, metadata=_check(_positive))
     grad_checkpoint: bool = False
     max_grad_norm: float = field(default=1.0, metadata=_check(_non_negative))

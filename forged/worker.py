@@ -94,6 +94,7 @@ def run_stage(stage: str, cycle_dir: Path, job: dict[str, Any], stop: threading.
             Path(job["repo_path"]), cycle_dir / "dataset", cfg.mine, Path(job["cache_dir"]),
             commit=job["head_commit"], changed_since=job.get("base_commit"), progress=progress,
             ollama_host=cfg.publish.ollama_host,  # only for [mine] teacher
+            context_tokens=cfg.train.seq_len,  # RAFT examples must fit the trainer's rows
         )
         return {"manifest": report.to_dict()}
     if stage == "train":

@@ -164,3 +164,68 @@ def test_replay_selection():
     assert sum(r.changed for r in sel) == 10 and len(sel) == 20
     assert len(select_replay(recs, 0.0, seed=0)) == 10
     assert len(select_replay([r for r in recs if not r.changed], 0.3, seed=0)) == 90  # nothing changed → all
+
+
+def _service(i: int) -> str:
+    methods = "\n".join(f'''
+    def step_{i}_{j}(self, items: list[int]) -> int:
+        """Fold step {j} of service {i} over the items."""
+        total = 0
+        for item in items:
+            if item < 0:
+                raise ValueError("negative item")
+            total += item * {j} + self.offset_{i}
+        return total
+''' for j in range(4))
+    return f'''"""Service {i}."""
+
+
+class Service{i}:
+    """Runs the {i}th service."""
+
+    offset_{i} = {i}
+{methods}
+
+def run_service_{i}(items: list[int]) -> int:
+    """Run service {i}."""
+    return Service{i}().step_{i}_1(items)
+'''
+
+
+def test_mined_raft_examples_fit_the_training_context(tok, tmp_path):
+    """RAFT examples (question, oracle and distractor documents, quoted answer) are cut to
+    the trainer's seq_len when mined: the trainer keeps the head of a longer example, which
+    holds no answer, so before they were all dropped at the default seq_len."""
+    from collections import Counter
+
+    from conftest import make_repo
+
+    from forged.config import MineConfig
+    from forged.mine import linked, mine_repo
+
+    repo = make_repo(tmp_path / "svc", {f"svc/s{i}.py": _service(i) for i in range(12)})
+    seq_len = TrainConfig().seq_len
+    for context, out in ((seq_len, tmp_path / "fit"), (4096, tmp_path / "roomy")):
+        mine_repo(repo, out, MineConfig(workers=1), tmp_path / "cache", context_tokens=context)
+        linked.materialize(out)
+    raft = {}
+    for out in ("fit", "roomy"):
+        recs = [r for r in load_dataset(tmp_path / out).train if r.meta.get("kind") == "raft"]
+        raft[out] = recs
+    assert len(raft["fit"]) == len(raft["roomy"]) >= 20
+    dropped: Counter[str] = Counter()
+    kept = tokenize(tok, raft["fit"], seq_len, dropped)
+    assert not dropped and len(kept) == len(raft["fit"])
+    # With room to spare the documents are whole chunks: too long for seq_len, and the
+    # trainer is left with nothing to learn from most of them (it says how many).
+    from forged.train.data import start_id, tokenize_record
+
+    long = sum(len(tokenize_record(tok, r, start_id(tok))) > seq_len for r in raft["roomy"])
+    assert long > len(raft["roomy"]) / 2
+    dropped.clear()
+    tokenize(tok, raft["roomy"], seq_len, dropped)
+    assert dropped["raft"] > len(raft["roomy"]) / 2
+    for rec in raft["fit"]:  # cut documents still quote the oracle verbatim
+        user, answer = rec.data["messages"][1]["content"], rec.data["messages"][2]["content"]
+        quote = answer.split("##begin_quote##")[1].split("##end_quote##")[0]
+        assert (quote in user) == rec.meta["oracle"]

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from forged.config import DEFAULT_OLLAMA_HOST
+from forged.config import DEFAULT_OLLAMA_HOST, DEFAULT_SEQ_LEN
 
 if TYPE_CHECKING:
     from forged.config import MineConfig
@@ -62,7 +62,8 @@ class MineReport:
 def mine_repo(repo: Path, out_dir: Path, cfg: MineConfig, cache_dir: Path, *, commit: str = "HEAD",
               changed_since: str | None = None,
               progress: Callable[[dict], None] | None = None, linked: bool = True,
-              ollama_host: str = DEFAULT_OLLAMA_HOST) -> MineReport:
+              ollama_host: str = DEFAULT_OLLAMA_HOST,
+              context_tokens: int = DEFAULT_SEQ_LEN) -> MineReport:
     """Mine ``repo`` at ``commit`` into ``out_dir`` (train.jsonl, valid.jsonl, manifest.json).
 
     Only blobs missing from the cache under ``cache_dir`` are parsed. With ``linked`` (the
@@ -73,12 +74,13 @@ def mine_repo(repo: Path, out_dir: Path, cfg: MineConfig, cache_dir: Path, *, co
 
     ``ollama_host`` (``[publish] ollama_host``) is used only when ``cfg.teacher`` names a
     model; the mine completes whether or not the teacher answers (see ``rep.teacher``).
+    ``context_tokens`` (``[train] seq_len``): RAFT examples are sized to fit it.
     """
     from forged.mine.dataset import run
 
     return run(Path(repo), Path(out_dir), cfg, Path(cache_dir), commit=commit,
                changed_since=changed_since, progress=progress, linked=linked,
-               ollama_host=ollama_host)
+               ollama_host=ollama_host, context_tokens=context_tokens)
 
 
 __all__ = ["KINDS", "MineReport", "mine_repo"]

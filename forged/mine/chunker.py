@@ -205,6 +205,11 @@ class FileAnalysis:
                    [Call(**c) for c in d["calls"]])
 
 
+def nws_bytes(text: str) -> int:
+    """Non-whitespace UTF-8 bytes of ``text``: what the chunk budget counts."""
+    return len(text.encode("utf-8").translate(None, _WS_CHARS))
+
+
 def budget_bytes(chunk_tokens: int) -> int:
     return max(16, int(chunk_tokens * NWS_PER_TOKEN))
 

@@ -52,7 +52,7 @@ def main(argv: list[str]) -> int:
 
         rep = mine_repo(args.repo, out, cfg, cache, commit=sha, changed_since=args.since,
                         progress=progress, linked=args.linked,
-                        ollama_host=full.publish.ollama_host)
+                        ollama_host=full.publish.ollama_host, context_tokens=full.train.seq_len)
     except GitError as e:
         print(f"\nforged mine: {e}", file=sys.stderr)
         return 1

@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from forged import filters
-from forged.config import DEFAULT_OLLAMA_HOST, MineConfig
+from forged.config import DEFAULT_OLLAMA_HOST, DEFAULT_SEQ_LEN, MineConfig
 from forged.mine import KINDS, MineReport, examples, gitio
 from forged.mine import linked as linked_layout
 from forged.mine.cache import MineCache
-from forged.mine.chunker import CHUNKER_VERSION, FileAnalysis, budget_bytes
+from forged.mine.chunker import CHUNKER_VERSION, FileAnalysis, budget_bytes, nws_bytes
 from forged.mine.redact import REDACT_VERSION, redact
 from forged.mine.store import LineStore, Seg
 
@@ -31,7 +31,6 @@ _GENERATED = re.compile(
     re.I)
 # Work small enough to parse in this process rather than pay for a pool.
 _INLINE_BYTES = 256_000
-_WS = b" \t\n\r\x0b\x0c"
 
 
 def _content_skip(lang: str, data: bytes) -> str | None:
@@ -79,13 +78,14 @@ def _workers(cfg: MineConfig) -> int:
     return cfg.workers or os.cpu_count() or 1
 
 
-def _store_key(repo: str, cfg: MineConfig, version: str, budget: int) -> str:
+def _store_key(repo: str, cfg: MineConfig, version: str, budget: int, context_tokens: int) -> str:
     """``<repo hash>-<config hash>``: the config part is everything a file's finished lines
     depend on besides its own (path, blob)."""
     from forged.mine.store import STORE_VERSION
 
     parts = [STORE_VERSION, version, budget, asdict(cfg.kinds), cfg.seed,
-             cfg.raft_distractors, cfg.raft_oracle_fraction, sorted(filters.LANGUAGES.items()),
+             cfg.raft_distractors, cfg.raft_oracle_fraction, context_tokens, examples.RAFT_FORMAT,
+             sorted(filters.LANGUAGES.items()),
              filters.SECRET_FILE_GLOBS, sorted(filters.VENDORED_DIRS), sorted(filters.LOCK_FILES),
              filters.GENERATED_NAME.pattern]
     return (hashlib.sha1(repo.encode("utf-8", "surrogateescape")).hexdigest()[:12] + "-"
@@ -122,6 +122,10 @@ class _Unit:
     data: tuple[bytes, bytes] | None = None
 
 
+# json.dumps(x, ensure_ascii=False) builds an encoder per call; three calls per example.
+_to_json = json.JSONEncoder(ensure_ascii=False).encode
+
+
 def _serialize(exs: Iterable[examples.Example]) -> tuple[bytes, bytes, array, array, tuple, int, int]:
     """JSONL lines (with meta; and the mlx ``{"text"}`` form), per-line hashes and stats."""
     meta_parts: list[str] = []
@@ -132,22 +136,22 @@ def _serialize(exs: Iterable[examples.Example]) -> tuple[bytes, bytes, array, ar
     chars = nws = 0
     for ex in exs:
         # Records are built with a fixed key order, so the serialisation is canonical.
-        body = json.dumps(ex.record, ensure_ascii=False)
+        body = _to_json(ex.record)
         hashes.append(int.from_bytes(hashlib.blake2b(body.encode(), digest_size=8).digest(), "little"))
         texts = _texts(ex.record)
         c = sum(len(t) for t in texts)
-        w = sum(len(t.encode("utf-8").translate(None, _WS)) for t in texts)
+        w = sum(nws_bytes(t) for t in texts)
         k = _KIND_IX[ex.kind]
         stats.extend((k, c, w))
         kinds[k] += 1
         chars += c
         nws += w
-        meta = json.dumps(ex.to_json()["meta"], ensure_ascii=False)
+        meta = _to_json(ex.to_json()["meta"])
         meta_parts.append(f'{body[:-1]}, "meta": {meta}}}\n')
         # mlx-lm picks one record class per file from its first line, so the mixed file
         # needs forged's trainer; mlx/ holds the same examples as {"text"} only, for
         # `mlx_lm.lora --data OUT/mlx` (chat records in SmolLM2's ChatML).
-        mlx_parts.append(json.dumps({"text": as_text(ex.record)}, ensure_ascii=False) + "\n")
+        mlx_parts.append(_to_json({"text": as_text(ex.record)}) + "\n")
     return ("".join(meta_parts).encode(), "".join(mlx_parts).encode(), hashes, stats,
             tuple(kinds), chars, nws)
 
@@ -160,7 +164,8 @@ def _seg_of(exs: Iterable[examples.Example]) -> tuple[Seg, tuple[bytes, bytes]]:
 
 def run(repo: Path, out_dir: Path, cfg: MineConfig, cache_dir: Path, *, commit: str = "HEAD",
         changed_since: str | None = None, progress: Callable[[dict], None] | None = None,
-        linked: bool = True, ollama_host: str = DEFAULT_OLLAMA_HOST) -> MineReport:
+        linked: bool = True, ollama_host: str = DEFAULT_OLLAMA_HOST,
+        context_tokens: int = DEFAULT_SEQ_LEN) -> MineReport:
     t0 = time.perf_counter()
     tick = t0
     durations: dict[str, float] = {}
@@ -193,7 +198,8 @@ def run(repo: Path, out_dir: Path, cfg: MineConfig, cache_dir: Path, *, commit: 
         entries = gitio.ls_tree(repo, sha)
         changed = changed_f.result() if changed_f is not None else None
         rep.files_total = len(entries)
-        store = LineStore(cache_dir / "lines" / _store_key(rep.repo, cfg, rep.chunker_version, budget))
+        store = LineStore(cache_dir / "lines" / _store_key(rep.repo, cfg, rep.chunker_version, budget,
+                                                           context_tokens))
         cache = MineCache(cache_dir)
         idx = store.index
         skipped: Counter[str] = Counter()
@@ -295,7 +301,7 @@ def run(repo: Path, out_dir: Path, cfg: MineConfig, cache_dir: Path, *, commit: 
         stage("commits")
 
         units = _file_units(files, results, store, cfg)
-        units += _raft_units(files, results, store, cfg, analyses)
+        units += _raft_units(files, results, store, cfg, analyses, context_tokens)
         stage("examples")
         if cfg.teacher and cfg.kinds.teacher > 0:
             units += _teacher_units(files, results, store, cfg, analyses, cache, rep, ollama_host,
@@ -448,7 +454,8 @@ def _nshards(n_files: int) -> int:
 
 
 def _raft_units(files: list[_File], results: dict[str, Any], store: LineStore, cfg: MineConfig,
-                analyses: Callable[[dict[str, tuple[gitio.Entry, str]]], None]) -> list[_Unit]:
+                analyses: Callable[[dict[str, tuple[gitio.Entry, str]]], None],
+                context_tokens: int) -> list[_Unit]:
     """RAFT lines per question file, rebuilt only where the question or its pool changed.
 
     Questions need repo-wide uniqueness: the symbol table (``store.sym``) is updated for the
@@ -509,7 +516,8 @@ def _raft_units(files: list[_File], results: dict[str, Any], store: LineStore, c
             qs.extend(examples.file_questions(mf[p], quals, [tuple(c) for c in calls]))
         got: dict[str, list[examples.Example]] = defaultdict(list)
         for ex in examples.raft(pool, cfg.kinds.raft, cfg.raft_distractors,
-                                cfg.raft_oracle_fraction, cfg.seed, questions=qs):
+                                cfg.raft_oracle_fraction, cfg.seed, questions=qs,
+                                context_tokens=context_tokens):
             got[ex.path or ""].append(ex)
         for p in qpaths:
             store.add(keys[p], *_serialize(got.get(p, [])))

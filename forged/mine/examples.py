@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from forged.mine.chunker import Chunk, FileAnalysis, Symbol
+from forged.mine.chunker import NWS_PER_TOKEN, Chunk, FileAnalysis, Symbol, nws_bytes
 
 FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE = "<fim_prefix>", "<fim_suffix>", "<fim_middle>"
 BEGIN_QUOTE, END_QUOTE, ANSWER = "##begin_quote##", "##end_quote##", "<ANSWER>:"
@@ -180,6 +180,7 @@ class _Question:
     answer: str
     reason: str
     key: str
+    name: str  # the identifier asked about: distractor excerpts centre on a line naming it
 
 
 def _chunk_at(f: MinedFile, line: int) -> int:
@@ -252,13 +253,13 @@ def file_questions(f: MinedFile, quals: Iterable[str], calls: Iterable[tuple[str
         if sig and sig in text:
             qs.append(_Question(f, ci, f"Where is `{qual}` defined?", sig, f.path,
                                 f"The definition of `{qual}` is in the document for `{f.path}`",
-                                f"where:{qual}"))
+                                f"where:{qual}", s.name))
             if s.returns:
                 line = _line_with(text[text.index(sig):], s.returns)
                 if line:
                     qs.append(_Question(f, ci, f"What does `{qual}` return?", line, s.returns,
                                         f"The signature of `{qual}` declares its return type",
-                                        f"returns:{qual}"))
+                                        f"returns:{qual}", s.name))
         if len(s.raises) == 1:
             exc = s.raises[0]
             for cj in range(ci, len(f.analysis.chunks)):
@@ -269,7 +270,7 @@ def file_questions(f: MinedFile, quals: Iterable[str], calls: Iterable[tuple[str
                              if re.search(rf"\b(raise|throw)\b.*\b{re.escape(exc)}\b", ln)), "")
                 if line:
                     qs.append(_Question(f, cj, f"What exception does `{qual}` raise?", line, exc,
-                                        f"`{qual}` raises it directly", f"raises:{qual}"))
+                                        f"`{qual}` raises it directly", f"raises:{qual}", s.name))
                     break
     for name, caller in calls:
         line = next((c.line for c in f.analysis.calls if c.callee == name and c.caller == caller), None)
@@ -281,7 +282,7 @@ def file_questions(f: MinedFile, quals: Iterable[str], calls: Iterable[tuple[str
         quote = _line_with(f.analysis.chunks[ci].text, name + "(")
         if quote:
             qs.append(_Question(f, ci, f"Which function calls `{name}`?", quote, caller,
-                                f"The call to `{name}` is inside `{caller}`", f"calls:{name}"))
+                                f"The call to `{name}` is inside `{caller}`", f"calls:{name}", name))
     return qs
 
 
@@ -296,11 +297,85 @@ def _then_random(first: list[int], n: int, rng: random.Random) -> Iterator[int]:
         yield from (rng.randrange(n) for _ in range(64))
 
 
+# Bumped when RAFT lines change for the same inputs (part of the line store's key).
+RAFT_FORMAT = 2  # 2: documents cut to fit the training context
+
+# What a RAFT example costs besides its texts, in tokens (SmolLM2's tokenizer): the chat
+# template's role markers, and per document its "<DOCUMENT>" tags and line break.
+_RAFT_FRAME_TOKENS = 16
+_DOC_TAG_TOKENS = 10
+# Share of the context a RAFT example may fill by the estimate: the estimate is within
+# 10% of the real count for 90% of documents (Java, Python; measured), this is the margin.
+_RAFT_FILL = 0.8
+_MIN_DOC_TOKENS = 32
+
+
+def _est_tokens(text: str) -> float:
+    """Tokens by the chunker's estimate, plus one per line break: the indentation and
+    line breaks of code are tokens too, which the non-whitespace estimate leaves out."""
+    return nws_bytes(text) / NWS_PER_TOKEN + text.count("\n")
+
+
+class _Doc:
+    """A chunk as a RAFT document: rendered, and measured line by line for excerpts."""
+
+    __slots__ = ("full", "est", "chunk", "head", "path_line", "code", "cost")
+
+    def __init__(self, c: Chunk) -> None:
+        self.full = c.render()
+        self.est = _est_tokens(self.full)
+        self.chunk = c
+        self.code: list[str] = []
+        self.cost: list[float] = []
+        self.head = self.path_line = ""
+
+    def excerpt(self, budget: float, focus: str) -> str:
+        """The document cut to the lines around the first one holding ``focus`` (the first
+        line if none does) that fit ``budget`` estimated tokens with the header. Its lines
+        are verbatim lines of the chunk; the focus line is kept whole even when it alone is
+        over the budget (an oracle must hold its quote)."""
+        if self.est <= budget:
+            return self.full
+        if not self.code:  # measured on first use: most chunks are never cut
+            lines = self.full.rstrip("\n").split("\n")
+            # render(): the header lines (path, enclosing signatures), then the code
+            n_head = self.full.count("\n") - self.chunk.text.strip("\n").rstrip().count("\n") - 1
+            self.head = "".join(ln + "\n" for ln in lines[:n_head])
+            self.path_line = lines[0] + "\n"
+            self.code = lines[n_head:]
+            self.cost = [_est_tokens(ln) + 1 for ln in self.code]
+        code, cost = self.code, self.cost
+        at = next((i for i, ln in enumerate(code) if focus and focus in ln), 0)
+        a, b = at, at + 1
+        head = self.head
+        left = budget - _est_tokens(head) - cost[at]
+        if left < 0:  # no room for the enclosing signatures: the path line alone
+            head = self.path_line
+            left = budget - _est_tokens(head) - cost[at]
+        grew = True
+        while grew:  # one line below, then one above, while either fits
+            grew = False
+            if b < len(code) and cost[b] <= left:
+                left -= cost[b]
+                b += 1
+                grew = True
+            if a > 0 and cost[a - 1] <= left:
+                left -= cost[a - 1]
+                a -= 1
+                grew = True
+        return head + "\n".join(code[a:b]) + "\n"
+
+
 def raft(files: list[MinedFile], weight: float, k: int, p_oracle: float, seed: int,
-         questions: list[_Question] | None = None) -> list[Example]:
+         questions: list[_Question] | None = None, context_tokens: int = 0) -> list[Example]:
     """Symbol questions in RAFT form, with BM25 hard-negative distractors from ``files``.
 
     ``questions`` (default: all of ``files``' questions) must be about files in ``files``.
+    ``context_tokens`` (the trainer's ``seq_len``; 0 = no limit): each example must fit
+    it, or the trainer, which keeps the head of an over-long example, would be left with
+    no answer to learn and drop it. Documents are then cut to the lines around the quote
+    (oracle) or around a line naming what is asked about (distractors, still hard
+    negatives), and there are fewer distractors when even short documents do not fit.
     """
     qs = _questions(files) if questions is None else questions
     if not qs:
@@ -310,7 +385,8 @@ def raft(files: list[MinedFile], weight: float, k: int, p_oracle: float, seed: i
     corpus: list[tuple[MinedFile, int]] = [
         (f, i) for f in files for i in range(len(f.analysis.chunks))]
     index = {(id(f), i): n for n, (f, i) in enumerate(corpus)}
-    rendered = [f.analysis.chunks[i].render() for f, i in corpus]
+    docs_of = [_Doc(f.analysis.chunks[i]) for f, i in corpus]
+    rendered = [d.full for d in docs_of]
     retriever = bm25s.BM25()
     retriever.index([code_tokens(t) or ["_"] for t in rendered], show_progress=False)
     depth = min(len(corpus), k * 4 + 8)
@@ -321,7 +397,7 @@ def raft(files: list[MinedFile], weight: float, k: int, p_oracle: float, seed: i
     if not jobs:
         return []
     queries = [code_tokens(q.question) or ["_"] for q, _ in jobs]
-    hits, _ = retriever.retrieve(queries, k=depth, show_progress=False, n_threads=1)
+    hits, _ = retriever.retrieve(queries, k=depth, show_progress=False, n_threads=0)
     out: list[Example] = []
     for (q, j), row in zip(jobs, hits, strict=True):
         rng = rng_for(seed, "raft-doc", q.file.blob, q.key, j)
@@ -342,11 +418,26 @@ def raft(files: list[MinedFile], weight: float, k: int, p_oracle: float, seed: i
             if len(distractors) == k + 1:
                 break
         keep = rng.random() < p_oracle
-        docs = distractors[:k] + [oracle_n] if keep else distractors[: k + 1]
-        rng.shuffle(docs)
-        body = "\n".join(f"<DOCUMENT>{rendered[n]}</DOCUMENT>" for n in docs)
         answer = (f"{q.reason}: {BEGIN_QUOTE}{q.quote}{END_QUOTE}\n"
                   f"{ANSWER} {q.answer}")
+        n_docs = k + 1
+        texts = {n: rendered[n] for n in distractors[:k] + [oracle_n]}
+        if context_tokens:
+            room = (context_tokens * _RAFT_FILL - _RAFT_FRAME_TOKENS
+                    - _est_tokens(RAFT_SYSTEM + q.question + answer))
+            n_docs = max(1, min(k + 1, int(room // (_MIN_DOC_TOKENS + _DOC_TAG_TOKENS))))
+            while True:  # cut the documents to share the room; drop one if cuts overflow
+                per_doc = max(room / n_docs - _DOC_TAG_TOKENS, _MIN_DOC_TOKENS)
+                chosen = distractors[: n_docs - 1] + [oracle_n] if keep else distractors[:n_docs]
+                texts = {n: docs_of[n].excerpt(per_doc, q.quote if n == oracle_n else q.name)
+                         for n in chosen}
+                used = sum(_est_tokens(t) + _DOC_TAG_TOKENS for t in texts.values())
+                if used <= room or n_docs == 1:
+                    break
+                n_docs -= 1
+        docs = distractors[: n_docs - 1] + [oracle_n] if keep else distractors[:n_docs]
+        rng.shuffle(docs)
+        body = "\n".join(f"<DOCUMENT>{texts[n]}</DOCUMENT>" for n in docs)
         msgs = [{"role": "system", "content": RAFT_SYSTEM},
                 {"role": "user", "content": f"{body}\n\nQuestion: {q.question}"},
                 {"role": "assistant", "content": answer}]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -184,11 +185,13 @@ def tokenize_record(tok: Any, rec: Record, start: int) -> Example:
     return Example([start, *ids], [False, *mask])
 
 
-def tokenize(tok: Any, records: list[Record], seq_len: int) -> list[Example]:
+def tokenize(tok: Any, records: list[Record], seq_len: int,
+             dropped: Counter[str] | None = None) -> list[Example]:
     """Records → examples of at most ``seq_len`` tokens.
 
     Long ``text`` records are split into ``seq_len`` windows (each with a start token);
-    long masked records keep their head; examples left without a target are dropped.
+    long masked records keep their head; examples left without a target are dropped, and
+    counted by kind in ``dropped``.
     """
     start = start_id(tok)
     out: list[Example] = []
@@ -202,7 +205,10 @@ def tokenize(tok: Any, records: list[Record], seq_len: int) -> list[Example]:
                       for i in range(0, len(body), step)]
         else:
             pieces = [Example(ex.ids[:seq_len], ex.mask[:seq_len])]
-        out.extend(p for p in pieces if p.n_targets > 0)
+        kept = [p for p in pieces if p.n_targets > 0]
+        if not kept and dropped is not None:
+            dropped[str(rec.meta.get("kind") or rec.kind)] += 1
+        out.extend(kept)
     return out
 
 

@@ -20,6 +20,7 @@ import random
 import shutil
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -119,8 +120,14 @@ def train(dataset_dir: Path, out_dir: Path, cfg: Any, *, warm_start: Path | None
         emit({"event": "warning", "message": note})
 
     records = select_replay(ds.train, cfg.replay_ratio, cfg.seed) if warm_start is not None else ds.train
-    train_ex = tokenize(be.tok, records, cfg.seq_len)
-    valid_ex = tokenize(be.tok, ds.valid, cfg.seq_len)
+    dropped: Counter[str] = Counter()
+    train_ex = tokenize(be.tok, records, cfg.seq_len, dropped)
+    valid_ex = tokenize(be.tok, ds.valid, cfg.seq_len, dropped)
+    if dropped:  # said out loud: a whole kind of example can vanish this way
+        kinds = ", ".join(f"{k} {n}" for k, n in dropped.most_common())
+        emit({"event": "warning", "message": f"{sum(dropped.values())} examples left nothing to learn "
+              f"once cut to seq_len {cfg.seq_len} and were skipped ({kinds}); a larger [train] "
+              "seq_len keeps them"})
     if not train_ex:
         raise TrainError(f"{ds.dir}: no example has a token to learn from after tokenization")
     mode = getattr(be, "batching", "pack")
