@@ -203,7 +203,12 @@ def test_mined_raft_examples_fit_the_training_context(tok, tmp_path):
     from forged.config import MineConfig
     from forged.mine import linked, mine_repo
 
-    repo = make_repo(tmp_path / "svc", {f"svc/s{i}.py": _service(i) for i in range(12)})
+    # ... and one documented function too long to fit seq_len beside its documentation
+    steps = "\n".join(f"    table[{k}] = table.get({k}, 0) + weight_{k % 7} * len(rows)" for k in range(60))
+    long = (f'def build_table(rows: list[str]) -> dict[int, int]:\n    """Build the weight table."""\n'
+            f"    table: dict[int, int] = {{}}\n{steps}\n    return table\n")
+    repo = make_repo(tmp_path / "svc", {**{f"svc/s{i}.py": _service(i) for i in range(12)},
+                                        "svc/table.py": long})
     seq_len = TrainConfig().seq_len
     for context, out in ((seq_len, tmp_path / "fit"), (4096, tmp_path / "roomy")):
         mine_repo(repo, out, MineConfig(workers=1), tmp_path / "cache", context_tokens=context)
@@ -216,6 +221,10 @@ def test_mined_raft_examples_fit_the_training_context(tok, tmp_path):
     dropped: Counter[str] = Counter()
     kept = tokenize(tok, raft["fit"], seq_len, dropped)
     assert not dropped and len(kept) == len(raft["fit"])
+    every = load_dataset(tmp_path / "fit").train  # code→doc too: none left without its answer
+    assert "code_to_doc" in {r.meta.get("kind") for r in every}
+    tokenize(tok, every, seq_len, dropped)
+    assert not dropped, dropped
     # With room to spare the documents are whole chunks: too long for seq_len, and the
     # trainer is left with nothing to learn from most of them (it says how many).
     from forged.train.data import start_id, tokenize_record

@@ -84,7 +84,7 @@ def _store_key(repo: str, cfg: MineConfig, version: str, budget: int, context_to
     from forged.mine.store import STORE_VERSION
 
     parts = [STORE_VERSION, version, budget, asdict(cfg.kinds), cfg.seed,
-             cfg.raft_distractors, cfg.raft_oracle_fraction, context_tokens, examples.RAFT_FORMAT,
+             cfg.raft_distractors, cfg.raft_oracle_fraction, context_tokens, examples.EXAMPLES_FORMAT,
              sorted(filters.LANGUAGES.items()),
              filters.SECRET_FILE_GLOBS, sorted(filters.VENDORED_DIRS), sorted(filters.LOCK_FILES),
              filters.GENERATED_NAME.pattern]
@@ -300,7 +300,7 @@ def run(repo: Path, out_dir: Path, cfg: MineConfig, cache_dir: Path, *, commit: 
         rep.commits = len(commits)
         stage("commits")
 
-        units = _file_units(files, results, store, cfg)
+        units = _file_units(files, results, store, cfg, context_tokens)
         units += _raft_units(files, results, store, cfg, analyses, context_tokens)
         stage("examples")
         if cfg.teacher and cfg.kinds.teacher > 0:
@@ -343,7 +343,7 @@ def _mined_file(f: _File, r: dict[str, Any]) -> examples.MinedFile:
 
 
 def _file_units(files: list[_File], results: dict[str, Any], store: LineStore,
-                cfg: MineConfig) -> list[_Unit]:
+                cfg: MineConfig, context_tokens: int) -> list[_Unit]:
     """Per-file kinds: stored lines when present, else derived once and stored."""
     k, seed = cfg.kinds, cfg.seed
     out = []
@@ -356,11 +356,11 @@ def _file_units(files: list[_File], results: dict[str, Any], store: LineStore,
             if k.continuation > 0:
                 exs.extend(examples.continuation(mf, k.continuation, seed))
             if k.fim > 0:
-                exs.extend(examples.fim(mf, k.fim, seed))
+                exs.extend(examples.fim(mf, k.fim, seed, context_tokens))
             if k.doc_to_code > 0:
                 exs.extend(examples.doc_to_code(mf, k.doc_to_code, seed))
             if k.code_to_doc > 0:
-                exs.extend(examples.code_to_doc(mf, k.code_to_doc, seed))
+                exs.extend(examples.code_to_doc(mf, k.code_to_doc, seed, context_tokens))
             seg = store.add(key, *_serialize(exs))
         out.append(_Unit(f.split, f.changed, f.lang, seg, key))
     return out

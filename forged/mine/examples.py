@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from forged.mine.chunker import NWS_PER_TOKEN, Chunk, FileAnalysis, Symbol, nws_bytes
+from forged.mine.chunker import Chunk, FileAnalysis, Symbol
 
 FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE = "<fim_prefix>", "<fim_suffix>", "<fim_middle>"
 BEGIN_QUOTE, END_QUOTE, ANSWER = "##begin_quote##", "##end_quote##", "<ANSWER>:"
@@ -29,6 +29,8 @@ RAFT_SYSTEM = (
     f"{BEGIN_QUOTE} and {END_QUOTE}, then give the exact answer after {ANSWER}"
 )
 CODE_LANGS = frozenset({"python", "javascript", "typescript", "tsx", "go", "rust", "java"})
+# Bumped when example lines change for the same inputs (part of the line store's key).
+EXAMPLES_FORMAT = 3  # 2: RAFT documents cut to fit the context; 3: FIM and code→doc too
 
 
 @dataclass
@@ -87,8 +89,9 @@ def _header(c: Chunk) -> str:
     return r[: len(r) - len(c.text.strip("\n").rstrip() + "\n")]
 
 
-def fim(f: MinedFile, weight: float, seed: int) -> Iterator[Example]:
-    """Hide a span of a chunk (lines of a function body when it has one); answer it."""
+def fim(f: MinedFile, weight: float, seed: int, context_tokens: int = 0) -> Iterator[Example]:
+    """Hide a span of a chunk (lines of a function body when it has one); answer it. With
+    ``context_tokens``, lines far from the span are left out until the example fits."""
     if f.lang not in CODE_LANGS:
         return
     for i, c in enumerate(f.analysis.chunks):
@@ -97,6 +100,9 @@ def fim(f: MinedFile, weight: float, seed: int) -> Iterator[Example]:
         lines = text.splitlines(keepends=True)
         if len(lines) < 3:
             continue
+        # Most chunks fit whole: only the others have their examples cut to the context.
+        fit = context_tokens if context_tokens and _est_tokens(
+            _header(c) + text) + 4 > context_tokens * _FILL else 0
         n = count(weight, rng)
         seen: set[tuple[int, int]] = set()
         for _ in range(n):
@@ -115,7 +121,7 @@ def fim(f: MinedFile, weight: float, seed: int) -> Iterator[Example]:
                     suf = line[len(body):] + "".join(lines[a + 1:])
                     if (a, -cut) not in seen and mid.strip():
                         seen.add((a, -cut))
-                        yield _fim_ex(f, c, pre, mid, suf)
+                        yield _fim_ex(f, c, pre, mid, suf, fit)
                     continue
             if (a, b) in seen:
                 continue
@@ -123,12 +129,57 @@ def fim(f: MinedFile, weight: float, seed: int) -> Iterator[Example]:
             mid = "".join(lines[a:b])
             if not mid.strip():
                 continue
-            yield _fim_ex(f, c, "".join(lines[:a]), mid, "".join(lines[b:]))
+            yield _fim_ex(f, c, "".join(lines[:a]), mid, "".join(lines[b:]), fit)
 
 
-def _fim_ex(f: MinedFile, c: Chunk, pre: str, mid: str, suf: str) -> Example:
-    prompt = f"{FIM_PREFIX}{_header(c)}{pre}{FIM_SUFFIX}{suf}{FIM_MIDDLE}"
+def _fim_ex(f: MinedFile, c: Chunk, pre: str, mid: str, suf: str, context_tokens: int) -> Example:
+    head = _header(c)
+    if context_tokens:
+        pre, suf = _fit_around(pre, mid, suf, context_tokens * _FILL - _est_tokens(head) - 4)
+    prompt = f"{FIM_PREFIX}{head}{pre}{FIM_SUFFIX}{suf}{FIM_MIDDLE}"
     return _ex(f, "fim", {"prompt": prompt, "completion": mid})
+
+
+def _fit_around(pre: str, mid: str, suf: str, room: float) -> tuple[str, str]:
+    """``pre`` and ``suf`` less their lines farthest from ``mid`` (first lines of ``pre``,
+    last of ``suf``, the longer side first) until the three fit ``room`` estimated tokens;
+    the lines touching ``mid`` always stay."""
+    pl, sl = pre.splitlines(keepends=True), suf.splitlines(keepends=True)
+    cp, cs = [_est_tokens(x) for x in pl], [_est_tokens(x) for x in sl]
+    total = sum(cp) + sum(cs) + _est_tokens(mid)
+    i, j = 0, len(sl)  # keep pl[i:] and sl[:j]
+    while total > room and (i < len(pl) - 1 or j > 1):
+        if i < len(pl) - 1 and (len(pl) - i >= j or j <= 1):
+            total -= cp[i]
+            i += 1
+        else:
+            j -= 1
+            total -= cs[j]
+    return "".join(pl[i:]), "".join(sl[:j])
+
+
+# Examples must fit the trainer's context ([train] seq_len): it keeps the head of a longer
+# one, which for chat examples is the prompt without the answer. What a chat example costs
+# besides its texts, in tokens (SmolLM2's tokenizer): the template's role markers; and per
+# RAFT document its "<DOCUMENT>" tags and line break.
+_FRAME_TOKENS = 16
+_DOC_TAG_TOKENS = 10
+# Share of the context an example may fill by the estimate (``_est_tokens``): the margin
+# for its error (at most 1.3x on the corpora measured).
+_FILL = 0.75
+_MIN_DOC_TOKENS = 32
+
+
+# One piece per run of ASCII letters, other letter, digit, underscore, punctuation mark,
+# line break and indentation: SmolLM2's token count is 0.83-0.98x of it for 80% of the code
+# chunks of click+httpx+requests, 0.92-1.09x for java.util, at most 1.3x (the chunker's
+# non-whitespace estimate: 0.86-1.15x, and up to 2.1x on punctuation-dense code).
+_PIECES = re.compile(r"[A-Za-z]+|[^\W\d_A-Za-z]|\d|_|[^\w\s]|\n|[ \t]{2,}")
+
+
+def _est_tokens(text: str) -> float:
+    """Tokens of ``text`` by a tokenizer-free estimate (see ``_PIECES``)."""
+    return len(_PIECES.findall(text))
 
 
 def _documented(f: MinedFile) -> Iterator[Symbol]:
@@ -147,11 +198,16 @@ def doc_to_code(f: MinedFile, weight: float, seed: int) -> Iterator[Example]:
                 {"role": "assistant", "content": s.code.strip("\n")}]})
 
 
-def code_to_doc(f: MinedFile, weight: float, seed: int) -> Iterator[Example]:
+def code_to_doc(f: MinedFile, weight: float, seed: int, context_tokens: int = 0) -> Iterator[Example]:
+    """Code → its documentation; with ``context_tokens``, only where both fit it (the
+    trainer keeps the head of a longer example: the code, without the answer)."""
     for s in _documented(f):
         if count(weight, rng_for(seed, "c2d", f.blob, s.qualname, s.line), cap=1):
             user = (f"Write the documentation for the {s.kind} `{s.qualname}` in `{f.path}`:\n\n"
                     f"```{f.lang}\n{s.code.strip(chr(10))}\n```")
+            if context_tokens and (_est_tokens(user + s.doc) + _FRAME_TOKENS
+                                   > context_tokens * _FILL):
+                continue
             yield _ex(f, "code_to_doc", {"messages": [
                 {"role": "user", "content": user},
                 {"role": "assistant", "content": s.doc}]})
@@ -297,29 +353,10 @@ def _then_random(first: list[int], n: int, rng: random.Random) -> Iterator[int]:
         yield from (rng.randrange(n) for _ in range(64))
 
 
-# Bumped when RAFT lines change for the same inputs (part of the line store's key).
-RAFT_FORMAT = 2  # 2: documents cut to fit the training context
-
-# What a RAFT example costs besides its texts, in tokens (SmolLM2's tokenizer): the chat
-# template's role markers, and per document its "<DOCUMENT>" tags and line break.
-_RAFT_FRAME_TOKENS = 16
-_DOC_TAG_TOKENS = 10
-# Share of the context a RAFT example may fill by the estimate: the estimate is within
-# 10% of the real count for 90% of documents (Java, Python; measured), this is the margin.
-_RAFT_FILL = 0.8
-_MIN_DOC_TOKENS = 32
-
-
-def _est_tokens(text: str) -> float:
-    """Tokens by the chunker's estimate, plus one per line break: the indentation and
-    line breaks of code are tokens too, which the non-whitespace estimate leaves out."""
-    return nws_bytes(text) / NWS_PER_TOKEN + text.count("\n")
-
-
 class _Doc:
     """A chunk as a RAFT document: rendered, and measured line by line for excerpts."""
 
-    __slots__ = ("full", "est", "chunk", "head", "path_line", "code", "cost")
+    __slots__ = ("full", "est", "chunk", "head", "path_line", "code", "cost", "head_est", "path_est")
 
     def __init__(self, c: Chunk) -> None:
         self.full = c.render()
@@ -328,14 +365,15 @@ class _Doc:
         self.code: list[str] = []
         self.cost: list[float] = []
         self.head = self.path_line = ""
+        self.head_est = self.path_est = 0
 
-    def excerpt(self, budget: float, focus: str) -> str:
+    def excerpt(self, budget: float, focus: str) -> tuple[str, float]:
         """The document cut to the lines around the first one holding ``focus`` (the first
-        line if none does) that fit ``budget`` estimated tokens with the header. Its lines
-        are verbatim lines of the chunk; the focus line is kept whole even when it alone is
-        over the budget (an oracle must hold its quote)."""
+        line if none does) that fit ``budget`` estimated tokens with the header, and its
+        estimate. Its lines are verbatim lines of the chunk; the focus line is kept whole
+        even when it alone is over the budget (an oracle must hold its quote)."""
         if self.est <= budget:
-            return self.full
+            return self.full, self.est
         if not self.code:  # measured on first use: most chunks are never cut
             lines = self.full.rstrip("\n").split("\n")
             # render(): the header lines (path, enclosing signatures), then the code
@@ -344,14 +382,15 @@ class _Doc:
             self.path_line = lines[0] + "\n"
             self.code = lines[n_head:]
             self.cost = [_est_tokens(ln) + 1 for ln in self.code]
+            self.head_est, self.path_est = _est_tokens(self.head), _est_tokens(self.path_line)
         code, cost = self.code, self.cost
         at = next((i for i, ln in enumerate(code) if focus and focus in ln), 0)
         a, b = at, at + 1
         head = self.head
-        left = budget - _est_tokens(head) - cost[at]
+        left = budget - self.head_est - cost[at]
         if left < 0:  # no room for the enclosing signatures: the path line alone
             head = self.path_line
-            left = budget - _est_tokens(head) - cost[at]
+            left = budget - self.path_est - cost[at]
         grew = True
         while grew:  # one line below, then one above, while either fits
             grew = False
@@ -363,7 +402,7 @@ class _Doc:
                 left -= cost[a - 1]
                 a -= 1
                 grew = True
-        return head + "\n".join(code[a:b]) + "\n"
+        return head + "\n".join(code[a:b]) + "\n", budget - left
 
 
 def raft(files: list[MinedFile], weight: float, k: int, p_oracle: float, seed: int,
@@ -386,6 +425,7 @@ def raft(files: list[MinedFile], weight: float, k: int, p_oracle: float, seed: i
         (f, i) for f in files for i in range(len(f.analysis.chunks))]
     index = {(id(f), i): n for n, (f, i) in enumerate(corpus)}
     docs_of = [_Doc(f.analysis.chunks[i]) for f, i in corpus]
+    system_tokens = _est_tokens(RAFT_SYSTEM)
     rendered = [d.full for d in docs_of]
     retriever = bm25s.BM25()
     retriever.index([code_tokens(t) or ["_"] for t in rendered], show_progress=False)
@@ -423,15 +463,16 @@ def raft(files: list[MinedFile], weight: float, k: int, p_oracle: float, seed: i
         n_docs = k + 1
         texts = {n: rendered[n] for n in distractors[:k] + [oracle_n]}
         if context_tokens:
-            room = (context_tokens * _RAFT_FILL - _RAFT_FRAME_TOKENS
-                    - _est_tokens(RAFT_SYSTEM + q.question + answer))
+            room = (context_tokens * _FILL - _FRAME_TOKENS - system_tokens
+                    - _est_tokens(q.question + answer))
             n_docs = max(1, min(k + 1, int(room // (_MIN_DOC_TOKENS + _DOC_TAG_TOKENS))))
             while True:  # cut the documents to share the room; drop one if cuts overflow
                 per_doc = max(room / n_docs - _DOC_TAG_TOKENS, _MIN_DOC_TOKENS)
                 chosen = distractors[: n_docs - 1] + [oracle_n] if keep else distractors[:n_docs]
-                texts = {n: docs_of[n].excerpt(per_doc, q.quote if n == oracle_n else q.name)
-                         for n in chosen}
-                used = sum(_est_tokens(t) + _DOC_TAG_TOKENS for t in texts.values())
+                cut = {n: docs_of[n].excerpt(per_doc, q.quote if n == oracle_n else q.name)
+                       for n in chosen}
+                texts = {n: t for n, (t, _) in cut.items()}
+                used = sum(e + _DOC_TAG_TOKENS for _, e in cut.values())
                 if used <= room or n_docs == 1:
                     break
                 n_docs -= 1
