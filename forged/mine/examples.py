@@ -32,6 +32,29 @@ CODE_LANGS = frozenset({"python", "javascript", "typescript", "tsx", "go", "rust
 # Bumped when example lines change for the same inputs (part of the line store's key).
 EXAMPLES_FORMAT = 3  # 2: RAFT documents cut to fit the context; 3: FIM and code→doc too
 
+# Examples must fit the trainer's context ([train] seq_len): it keeps the head of a longer
+# one, which for chat examples is the prompt without the answer. What a chat example costs
+# besides its texts, in tokens (SmolLM2's tokenizer): the template's role markers; and per
+# RAFT document its "<DOCUMENT>" tags and line break.
+_FRAME_TOKENS = 16
+_DOC_TAG_TOKENS = 10
+# Share of the context an example may fill by the estimate (``_est_tokens``): the margin
+# for its error (at most 1.3x on the corpora measured).
+_FILL = 0.75
+_MIN_DOC_TOKENS = 32
+
+
+# One piece per run of ASCII letters, other letter, digit, underscore, punctuation mark,
+# line break and indentation: SmolLM2's token count is 0.83-0.98x of it for 80% of the code
+# chunks of click+httpx+requests, 0.92-1.09x for java.util, at most 1.3x (the chunker's
+# non-whitespace estimate: 0.86-1.15x, and up to 2.1x on punctuation-dense code).
+_PIECES = re.compile(r"[A-Za-z]+|[^\W\d_A-Za-z]|\d|_|[^\w\s]|\n|[ \t]{2,}")
+
+
+def _est_tokens(text: str) -> float:
+    """Tokens of ``text`` by a tokenizer-free estimate (see ``_PIECES``)."""
+    return len(_PIECES.findall(text))
+
 
 @dataclass
 class MinedFile:
@@ -156,30 +179,6 @@ def _fit_around(pre: str, mid: str, suf: str, room: float) -> tuple[str, str]:
             j -= 1
             total -= cs[j]
     return "".join(pl[i:]), "".join(sl[:j])
-
-
-# Examples must fit the trainer's context ([train] seq_len): it keeps the head of a longer
-# one, which for chat examples is the prompt without the answer. What a chat example costs
-# besides its texts, in tokens (SmolLM2's tokenizer): the template's role markers; and per
-# RAFT document its "<DOCUMENT>" tags and line break.
-_FRAME_TOKENS = 16
-_DOC_TAG_TOKENS = 10
-# Share of the context an example may fill by the estimate (``_est_tokens``): the margin
-# for its error (at most 1.3x on the corpora measured).
-_FILL = 0.75
-_MIN_DOC_TOKENS = 32
-
-
-# One piece per run of ASCII letters, other letter, digit, underscore, punctuation mark,
-# line break and indentation: SmolLM2's token count is 0.83-0.98x of it for 80% of the code
-# chunks of click+httpx+requests, 0.92-1.09x for java.util, at most 1.3x (the chunker's
-# non-whitespace estimate: 0.86-1.15x, and up to 2.1x on punctuation-dense code).
-_PIECES = re.compile(r"[A-Za-z]+|[^\W\d_A-Za-z]|\d|_|[^\w\s]|\n|[ \t]{2,}")
-
-
-def _est_tokens(text: str) -> float:
-    """Tokens of ``text`` by a tokenizer-free estimate (see ``_PIECES``)."""
-    return len(_PIECES.findall(text))
 
 
 def _documented(f: MinedFile) -> Iterator[Symbol]:
