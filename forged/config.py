@@ -163,8 +163,8 @@ class JudgeConfig:
     fidelity_min_corr: float = field(default=0.95, metadata=_check(_fraction))
     # FIM and RAFT need greedy generation, which dominates judge time: cap them apart.
     max_generate: int = field(default=32, metadata=_check(_positive))
-    # A RAFT prompt carries the oracle and distractor chunks (~2k tokens, ~5 FIM examples
-    # of compute); 0 = as many as max_generate.
+    # A RAFT prompt carries the oracle and distractor documents, sized by the miner to fit
+    # [train] seq_len; 0 = as many as max_generate.
     max_raft: int = field(default=0, metadata=_check(_non_negative))
     # Fidelity: llama.cpp's held-out loss gain may differ from the trainer's by this share.
     fidelity_loss_tolerance: float = field(default=0.25, metadata=_check(_fraction))
