@@ -46,16 +46,21 @@ _FILL = 0.75
 _MIN_DOC_TOKENS = 32
 
 
-# One piece per run of ASCII letters, other letter, digit, underscore, punctuation mark,
-# line break and indentation: SmolLM2's token count is 0.83-0.98x of it for 80% of the code
-# chunks of click+httpx+requests, 0.92-1.09x for java.util, at most 1.3x (the chunker's
+# Tokens estimated as one piece per run of ASCII letters, digit, underscore, punctuation
+# mark, non-ASCII character, line break and indentation run, counted with bytes.translate
+# (7x faster than a regex): SmolLM2's token count is 0.83-0.98x of it for 80% of the code
+# chunks of click+httpx+requests, 0.92-1.11x for java.util, at most 1.3x (the chunker's
 # non-whitespace estimate: 0.86-1.15x, and up to 2.1x on punctuation-dense code).
-_PIECES = re.compile(r"[A-Za-z]+|[^\W\d_A-Za-z]|\d|_|[^\w\s]|\n|[ \t]{2,}")
+_LETTERS = bytes(range(65, 91)) + bytes(range(97, 123))
+_LETTERS_ONLY = bytes(b if b in _LETTERS else 32 for b in range(256))
+_NOT_A_PIECE = _LETTERS + b" \t\r\x0b\x0c" + bytes(range(0x80, 0xC0))  # + UTF-8 continuations
 
 
-def _est_tokens(text: str) -> float:
-    """Tokens of ``text`` by a tokenizer-free estimate (see ``_PIECES``)."""
-    return len(_PIECES.findall(text))
+def _est_tokens(text: str) -> int:
+    """Tokens of ``text`` by a tokenizer-free estimate (see above)."""
+    b = text.encode("utf-8", "surrogateescape")
+    return (len(b.translate(_LETTERS_ONLY).split()) + len(b.translate(None, _NOT_A_PIECE))
+            + b.count(b"\n  ") + b.count(b"\n\t"))
 
 
 @dataclass
