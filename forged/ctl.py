@@ -136,6 +136,8 @@ def render_status(st: dict[str, Any]) -> str:
             lines.append(f"{r['name']}: use model {r['live_tag']}")
         if cyc.get("reason") and cyc.get("stage") in ("failed", "paused", "ready_to_publish", "promoting"):
             lines.append(f"{r['name']}: {cyc['stage']}: {cyc['reason']}")
+        for w in cyc.get("warnings") or []:
+            lines.append(f"{r['name']}: warning ({w.get('stage')}): {w.get('message')}")
         if cyc.get("manual_command"):
             lines.append(f"{r['name']}: Ollama is not answering; publish by hand with:\n{cyc['manual_command']}")
     return "\n".join(lines)

@@ -71,6 +71,7 @@ class WorkerHandle:
         self.progress: dict[str, Any] = {}
         self.result: dict[str, Any] | None = None
         self.error: str | None = None
+        self.warnings: list[dict[str, str]] = []  # what a stage said the user should know
         self.stop_reason: str | None = None
         env = dict(os.environ)
         preload = engine.blas_preload()
@@ -93,6 +94,10 @@ class WorkerHandle:
             except (json.JSONDecodeError, UnicodeDecodeError):
                 continue  # a library printed to stdout; not ours
             kind = msg.pop("event", "")
+            if kind == "progress" and msg.get("kind") == "warning":
+                self.warnings.append({"stage": self.stage, "message": str(msg.get("message", ""))})
+                self.engine.log.warning("worker_warning", repo=self.repo, cycle=self.cycle_id,
+                                        stage=self.stage, message=msg.get("message"))
             if kind == "progress":
                 # steps come many a second: record them every 2 s; milestones always
                 milestone = msg.get("kind") not in (None, "step", "progress")
@@ -508,6 +513,9 @@ class Engine:
             if cyc is None or cyc["finished_at"] is not None:
                 return  # repo removed meanwhile
             self.log.info("worker_exit", stage=w.stage, code=code, stop=w.stop_reason)
+            if w.warnings:  # kept with the cycle: status and the report show them
+                old = json.loads(cyc["metrics"] or "{}").get("warnings") or []
+                self._merge_metrics(w.cycle_id, {"warnings": old + w.warnings})
             if code == 0 and w.stage in NEXT_STAGE:
                 if w.stage == "mine":
                     self._merge_metrics(w.cycle_id, {"dataset": result.get("manifest", {})})
@@ -795,6 +803,7 @@ class Engine:
                 "retry_at": cyc["retry_at"], "forced": bool(cyc["forced"]), "version": cyc["version"],
                 "progress": w.progress if w is not None and w.cycle_id == cyc["id"] else None,
                 "manual_command": metrics.get("manual_command") if cyc["stage"] == "ready_to_publish" else None,
+                "warnings": metrics.get("warnings") or [],
             }
         live = repo["live_version"]
         watcher = self.watchers.get(str(repo["name"]))

@@ -60,6 +60,9 @@ def write_report(cycle_dir: Path, repo: str, cycle: dict[str, Any]) -> Path:
     judge = judged.get("judge") or metrics.get("judge") or {}
     manifest = _load(cycle_dir / "dataset" / "manifest.json") or metrics.get("dataset") or {}
     curve = [_point(i, p) for i, p in enumerate(train.get("loss_curve") or [])]
+    said = [f"<li>{html.escape(str(w.get('stage')))}: {html.escape(str(w.get('message')))}</li>"
+            for w in metrics.get("warnings") or []]
+    warnings = ["<h2>Warnings</h2>", f"<ul>{''.join(said)}</ul>"] if said else []
     parts = [
         "<!doctype html><meta charset=utf-8>",
         f"<title>forged report — {html.escape(repo)} cycle {cycle.get('id')}</title>",
@@ -69,6 +72,7 @@ def write_report(cycle_dir: Path, repo: str, cycle: dict[str, Any]) -> Path:
         f"<p>Stage: <b>{html.escape(str(cycle.get('stage')))}</b> · {html.escape(str(cycle.get('reason') or ''))}"
         f" · commit {html.escape(str(cycle.get('head_commit') or '')[:12])}"
         f" · generated {time.strftime('%Y-%m-%d %H:%M:%S')}</p>",
+        *warnings,
         "<h2>Training loss</h2>", _svg_curve(curve),
         _table([[k, v] for k, v in train.items() if not isinstance(v, list | dict)], ["train", "value"]),
     ]

@@ -317,3 +317,32 @@ def test_daemon_kill9_while_mining_judging_and_publishing_recovers(short_tmp: Pa
             ollama.release.set()
             if d.proc and d.proc.poll() is None:
                 d.stop()
+
+
+def test_a_stage_warning_reaches_status_log_and_report(short_tmp: Path, tiny_base: Path) -> None:
+    """The trainer skips examples a tiny seq_len leaves nothing to learn in, and says so: the
+    warning is kept with the cycle (status, `forgectl status`, the HTML report) and logged."""
+    fixtures = short_tmp / "probe"
+    set_idle(fixtures, 20 * 60)
+    conf = cycle_config(tiny_base, "http://127.0.0.1:9").replace("seq_len = 128", "seq_len = 12")
+    d = DaemonProc(short_tmp / "h", conf, env={"FORGED_PROBE_FIXTURES": str(fixtures)}).start()
+    try:
+        repo = make_repo(short_tmp / "proj", source_files())
+        assert d.ctl("repos", "add", str(repo)).returncode == 0
+        st = d.wait_for(lambda st: stage_of(st, "proj") in ("judging", "ready_to_publish", "rejected", "failed")
+                        and st, timeout=300)
+        entry = next(r for r in st["repos"] if r["name"] == "proj")
+        warnings = entry["cycle"]["warnings"]
+        assert [w["stage"] for w in warnings] == ["train"], entry
+        assert "left nothing to learn once cut to seq_len 12" in warnings[0]["message"]
+        out = d.ctl("status").stdout
+        assert "proj: warning (train):" in out and "seq_len 12" in out
+        rep = d.ctl("report", "proj")
+        assert rep.returncode == 0, rep.stderr
+        html_path = Path(rep.stdout.strip().split()[-1])
+        assert "<h2>Warnings</h2>" in html_path.read_text() and "seq_len 12" in html_path.read_text()
+        log = (short_tmp / "h" / "logs" / "forged.jsonl").read_text()
+        assert '"event": "worker_warning"' in log
+    finally:
+        if d.proc and d.proc.poll() is None:
+            d.stop()

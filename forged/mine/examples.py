@@ -480,6 +480,8 @@ def raft(files: list[MinedFile], weight: float, k: int, p_oracle: float, seed: i
         if context_tokens:
             room = (context_tokens * _FILL - _FRAME_TOKENS - system_tokens
                     - _est_tokens(q.question + answer))
+            if room < _MIN_DOC_TOKENS + _DOC_TAG_TOKENS:
+                continue  # not even the oracle's line fits: the trainer would skip it
             n_docs = max(1, min(k + 1, int(room // (_MIN_DOC_TOKENS + _DOC_TAG_TOKENS))))
             while True:  # cut the documents to share the room; drop one if cuts overflow
                 per_doc = max(room / n_docs - _DOC_TAG_TOKENS, _MIN_DOC_TOKENS)
