@@ -32,7 +32,8 @@ RAFT_SYSTEM = (
 )
 CODE_LANGS = frozenset({"python", "javascript", "typescript", "tsx", "go", "rust", "java"})
 # Bumped when example lines change for the same inputs (part of the line store's key).
-EXAMPLES_FORMAT = 3  # 2: RAFT documents cut to fit the context; 3: FIM and code→doc too
+EXAMPLES_FORMAT = 4  # 2: RAFT documents cut to fit the context; 3: FIM and code→doc too;
+# 4: no RAFT example where not even the oracle line fits
 
 # Examples must fit the trainer's context ([train] seq_len): it keeps the head of a longer
 # one, which for chat examples is the prompt without the answer. What a chat example costs
