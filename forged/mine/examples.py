@@ -32,8 +32,8 @@ RAFT_SYSTEM = (
 )
 CODE_LANGS = frozenset({"python", "javascript", "typescript", "tsx", "go", "rust", "java"})
 # Bumped when example lines change for the same inputs (part of the line store's key).
-EXAMPLES_FORMAT = 4  # 2: RAFT documents cut to fit the context; 3: FIM and code→doc too;
-# 4: no RAFT example where not even the oracle line fits
+EXAMPLES_FORMAT = 5  # 2: RAFT documents cut to fit the context; 3: FIM and code→doc too;
+# 4: no RAFT example where not even the oracle line fits; 5: code→doc where its code fits
 
 # Examples must fit the trainer's context ([train] seq_len): it keeps the head of a longer
 # one, which for chat examples is the prompt without the answer. What a chat example costs
@@ -206,14 +206,14 @@ def doc_to_code(f: MinedFile, weight: float, seed: int) -> Iterator[Example]:
 
 
 def code_to_doc(f: MinedFile, weight: float, seed: int, context_tokens: int = 0) -> Iterator[Example]:
-    """Code → its documentation; with ``context_tokens``, only where both fit it (the
-    trainer keeps the head of a longer example: the code, without the answer)."""
+    """Code → its documentation; with ``context_tokens``, only where the code leaves room
+    for the documentation (the trainer keeps the head of a longer example: with a long
+    enough code, the code without any of its answer; a long answer it learns in part)."""
     for s in _documented(f):
         if count(weight, rng_for(seed, "c2d", f.blob, s.qualname, s.line), cap=1):
             user = (f"Write the documentation for the {s.kind} `{s.qualname}` in `{f.path}`:\n\n"
                     f"```{f.lang}\n{s.code.strip(chr(10))}\n```")
-            if context_tokens and (_est_tokens(user + s.doc) + _FRAME_TOKENS
-                                   > context_tokens * _FILL):
+            if context_tokens and _est_tokens(user) + _FRAME_TOKENS > context_tokens * _FILL:
                 continue
             yield _ex(f, "code_to_doc", {"messages": [
                 {"role": "user", "content": user},
