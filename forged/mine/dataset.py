@@ -1334,8 +1334,8 @@ def _housekeep(store: LineStore, units: list[_Unit], paths: set[str], akeys: set
     idx = store.index
     if not _compaction_due(store, live_bytes, len(paths)):
         return False
-    keep = set(live) | {k for k, s in idx.segs.items()
-                        if not Seg._make(s).n and k.startswith(("raft", "teacher"))}
+    keep = set(live) | {k for k in idx.segs
+                        if k.startswith(("raft", "teacher")) and not store.seg(k).n}
     store.compact([k for k in live] + sorted(keep - set(live)))
     idx.paths = {p: v for p, v in idx.paths.items() if p in paths}
     idx.info = {k: v for k, v in idx.info.items() if k in akeys}

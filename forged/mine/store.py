@@ -32,6 +32,7 @@ import marshal
 import os
 import shutil
 import sqlite3
+import struct
 from array import array
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -39,7 +40,10 @@ from itertools import islice
 from pathlib import Path
 from typing import Any, NamedTuple
 
-STORE_VERSION = 3  # 2: a seventh example kind (teacher) in the per-line stats; 3: Index.stamp
+from forged.mine import KINDS
+
+# 2: a seventh example kind (teacher) in the per-line stats; 3: Index.stamp, packed segments
+STORE_VERSION = 3
 
 
 class Seg(NamedTuple):
@@ -55,10 +59,27 @@ class Seg(NamedTuple):
     nws: int
 
 
+# A segment in the index: this header (offsets, lines, lines per kind, chars, non-ws bytes),
+# then the per-line hashes and stats, as one bytes object. marshal loads 10,000 of these
+# ~4× faster than the same as tuples of ints and bytes (the index load is on every mine).
+_SEG = struct.Struct(f"<4QI{len(KINDS)}I2Q")
+
+
+def _pack(s: Seg) -> bytes:
+    return _SEG.pack(*s[:5], *s.kinds, s.chars, s.nws) + s.hashes + s.stats
+
+
+def _unpack(b: bytes) -> Seg:
+    h = _SEG.unpack_from(b)
+    k = len(KINDS)
+    end = _SEG.size + 8 * h[4]
+    return Seg(*h[:5], b[_SEG.size:end], b[end:], h[5:5 + k], h[5 + k], h[6 + k])
+
+
 @dataclass
 class Index:
     version: int = STORE_VERSION
-    segs: dict[str, tuple] = field(default_factory=dict)  # key → Seg as a plain tuple
+    segs: dict[str, bytes] = field(default_factory=dict)  # key → Seg, packed (_pack)
     paths: dict[str, tuple[str | None, str, float, int]] = field(default_factory=dict)
     info: dict[str, tuple] = field(default_factory=dict)  # analysis key → facts
     files: dict[str, str] = field(default_factory=dict)  # path → analysis key in symbols.sqlite
@@ -176,14 +197,13 @@ class LineStore:
         self.mlx.write(mlx)
         seg = Seg(moff, len(meta), xoff, len(mlx), len(hashes), hashes.tobytes(), stats.tobytes(),
                   kinds, chars, nws)
-        self.index.segs[key] = tuple(seg)
+        self.index.segs[key] = _pack(seg)
         self.dirty = True
         return seg
 
     def seg(self, key: str) -> Seg | None:
-        t = self.index.segs.get(key)
-        # tuple.__new__: the fastest way to view a stored tuple as a Seg (one per file).
-        return None if t is None else tuple.__new__(Seg, t)
+        b = self.index.segs.get(key)
+        return None if b is None else _unpack(b)
 
     def flush(self) -> None:
         self.meta.flush()
@@ -244,21 +264,19 @@ class LineStore:
         names the new ones is saved.
         """
         self.flush()
-        segs = self.index.segs
-        new: dict[str, tuple] = {}
+        new: dict[str, bytes] = {}
         gen = self.index.gen + 1
         for name in self._names(gen):
             _fresh(self.root / name)
         meta, mlx = self._open(gen)
         moff = xoff = 0
         for key in live:
-            s = Seg._make(segs[key])
             if key in new:
                 continue
+            s = _unpack(self.index.segs[key])
             copy_range(self.meta.fileno(), s.meta_off, s.meta_len, meta.fileno())
             copy_range(self.mlx.fileno(), s.mlx_off, s.mlx_len, mlx.fileno())
-            new[key] = (moff, s.meta_len, xoff, s.mlx_len, s.n, s.hashes, s.stats, s.kinds,
-                        s.chars, s.nws)
+            new[key] = _pack(s._replace(meta_off=moff, mlx_off=xoff))
             moff += s.meta_len
             xoff += s.mlx_len
         self._old = (self.meta, self.mlx, self.index.gen)
