@@ -366,9 +366,9 @@ def run(repo: Path, out_dir: Path, cfg: MineConfig, cache_dir: Path, *, commit: 
         cache = MineCache(cache_dir)
         ctx = _Ctx(repo, cfg, rep, budget, json.dumps([rep.repo, asdict(cfg)], default=str),
                    store, cache, report_progress)
-        last = store.previous()
+        last = store.previous() if changes_f is not None else None
         done = False
-        if (changes_f is not None and last is not None and last.get("commit") == since_sha
+        if (last is not None and changes_f is not None and last.get("commit") == since_sha
                 and last.get("fp") == ctx.fp and not (cfg.teacher and cfg.kinds.teacher > 0)):
             try:
                 _remine(ctx, out_dir, last, changes_f.result(), history_f, stage, linked)
@@ -549,8 +549,8 @@ def _remine(ctx: _Ctx, out_dir: Path, last: dict[str, Any], changes: dict[str, s
             split = rows[5 * i]
             tot.held -= split == 1
             seg = store.seg(akey + "\0" + p)
-            if seg is None:
-                raise _Fallback
+            if seg is None or tuple(seg[:4]) != tuple(rows[5 * i + 1:5 * i + 5]):
+                raise _Fallback  # not the lines the last mine wrote
             tally.add(_Unit("valid" if split else "train", False, pi[1], seg, akey), -1)
             for h in array("Q", seg.hashes):
                 _take(hashes, h)
