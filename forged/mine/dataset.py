@@ -464,18 +464,22 @@ def _mine(ctx: _Ctx, out_dir: Path, sha: str, changes: dict[str, str | None] | N
         rep.teacher = {"status": "off"}
     units += commit_units
     ctx.progress({"stage": "write", "examples": sum(u.seg.n for u in units)})
-    dups = _write(out_dir, units, store, rep, linked)
+    ftally = _Tally.of(units[:nfile])
+    tally = ftally.copy()
+    for u in units[nfile:]:
+        tally.add(u)
+    dups = _write(out_dir, units, tally, store, rep, linked)
     rep.skipped = dict(sorted(tot.skipped.items()))
     rep.redactions = dict(sorted(redactions.items()))
     compacted = _housekeep(store, units, {e.path for e in entries}, {akey for _, _, akey, _ in todo})
     # The next re-mine can patch this one unless its own output needed more than the
     # saved state holds (duplicates removed, teacher lines) or the store moved its lines.
     store.last = (None if dups or teacher or compacted else
-                  _last(ctx, entries, files, units[:nfile], tot, heldout))
+                  _last(ctx, entries, files, units[:nfile], ftally, tot, heldout))
 
 
 def _last(ctx: _Ctx, entries: list[gitio.Entry], files: list[_File], file_units: list[_Unit],
-          tot: _Totals, heldout: set[str]) -> dict[str, Any] | None:
+          tally: _Tally, tot: _Totals, heldout: set[str]) -> dict[str, Any] | None:
     """What :func:`_remine` patches: the tree listing with each mined file's split and
     stored lines, the file lines' write plan (without "changed" flags), hashes and totals."""
     keys = [_tree_key(e.path) for e in entries]
@@ -491,13 +495,11 @@ def _last(ctx: _Ctx, entries: list[gitio.Entry], files: list[_File], file_units:
             fi += 1
         else:
             rows.extend((-1, 0, 0, 0, 0))
-    tally = _Tally.of(file_units)
     return {
         "commit": ctx.rep.commit, "fp": ctx.fp, "heldout": sorted(heldout),
         "paths": [e.path for e in entries], "blobs": [e.blob for e in entries],
         "sizes": [e.size for e in entries], "rows": rows.tobytes(),
-        "plans": {rel: _plan([], file_units, split, mlx, {}, ctx.store, bytearray(), flips=False)
-                  for rel, (split, mlx) in _FORMS.items()},
+        "plans": _plans(file_units, {}, ctx.store, bytearray(), flips=False),
         "hashes": array("Q", sorted(array("Q", b"".join([u.seg.hashes for u in file_units])))
                         ).tobytes(),
         "skipped": dict(tot.skipped), "redactions": dict(tot.redactions),
@@ -674,8 +676,8 @@ def _remine(ctx: _Ctx, out_dir: Path, last: dict[str, Any], changes: dict[str, s
     rep.duplicates_removed = 0
     total.report(rep)
     extra = bytearray()
-    out = {rel: _plan(_refold(flagged.get(rel, plans[rel])), raft + commit_units, split, mlx, {},
-                      store, extra) for rel, (split, mlx) in _FORMS.items()}
+    out = _plans(raft + commit_units, {}, store, extra,
+                 into={rel: _refold(flagged.get(rel, r)) for rel, r in plans.items()})
     _emit(out_dir, out, extra, store, linked)
     rep.skipped = dict(sorted((+tot.skipped).items()))
     rep.redactions = dict(sorted((+redactions).items()))
@@ -783,7 +785,8 @@ def _file_units(files: list[_File], results: dict[str, Any], store: LineStore,
     k, seed = cfg.kinds, cfg.seed
     keys = [f.akey + "\0" + f.path for f in files]
     segs: dict[str, Seg] = {}
-    for i in sorted(range(len(files)), key=lambda i: files[i].split != "valid"):
+    for i in ([i for i, f in enumerate(files) if f.split == "valid"]
+              + [i for i, f in enumerate(files) if f.split != "valid"]):
         f, key = files[i], keys[i]
         seg = store.seg(key)
         if seg is None:
@@ -1188,14 +1191,15 @@ def as_text(record: dict[str, Any]) -> str:
     return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in record["messages"])
 
 
-def _write(out_dir: Path, units: list[_Unit], store: LineStore, rep: MineReport,
-           linked: bool) -> int:
+def _write(out_dir: Path, units: list[_Unit], tally: _Tally, store: LineStore,
+           rep: MineReport, linked: bool) -> int:
     """Exact-duplicate removal (held-out copy wins), stats, and the four JSONL files.
 
     Stored lines are referenced (``linked``: the training split, see
     :mod:`forged.mine.linked`) or copied from the store by file range (adjacent ranges
     merged); only lines in memory and lines with duplicates removed are written here.
-    Returns the number of lines removed as duplicates.
+    ``tally``: the units' (duplicates are taken out of it here). Returns the number of
+    lines removed as duplicates.
     """
     order = [u for u in units if u.split == "valid"] + [u for u in units if u.split == "train"]
     every = array("Q", b"".join([u.seg.hashes for u in order]))
@@ -1209,7 +1213,6 @@ def _write(out_dir: Path, units: list[_Unit], store: LineStore, rep: MineReport,
                     drops.setdefault(id(u), set()).add(i)
                 else:
                     seen.add(h)
-    tally = _Tally.of(units)
     for u in units:  # duplicates removed: take their lines out of the stats
         d = drops.get(id(u))
         if d:
@@ -1225,28 +1228,38 @@ def _write(out_dir: Path, units: list[_Unit], store: LineStore, rep: MineReport,
     tally.report(rep)
     store.flush()
     extra = bytearray()
-    plans = {rel: _plan([], units, split, mlx, drops, store, extra)
-             for rel, (split, mlx) in _FORMS.items()}
+    plans = _plans(units, drops, store, extra)
     _emit(out_dir, plans, extra, store, linked)
     return dups
 
 
-def _plan(ranges: list[tuple[int, int, int, int]], units: list[_Unit], split: str, mlx: bool,
-          drops: dict[int, set[int]], store: LineStore, extra: bytearray,
-          flips: bool = True) -> list[tuple[int, int, int, int]]:
-    """One output file as ranges (source, offset, length, swap-the-changed-flag) of the
-    store's meta (0) / mlx (1) data or of this mine's own lines (2, appended to ``extra``):
-    ``units`` of ``split`` appended to ``ranges``, adjacent ones merged. ``flips``: mark
-    changed units' lines (without: the plan as if nothing changed, what a re-mine patches)."""
+def _plans(units: list[_Unit], drops: dict[int, set[int]], store: LineStore, extra: bytearray,
+           flips: bool = True,
+           into: dict[str, list[tuple[int, int, int, int]]] | None = None,
+           ) -> dict[str, list[tuple[int, int, int, int]]]:
+    """The four output files (:data:`_FORMS`) as ranges (source, offset, length,
+    swap-the-changed-flag) of the store's meta (0) / mlx (1) data or of this mine's own
+    lines (2, appended to ``extra``): ``units`` appended to ``into`` (or to empty plans),
+    each to its split's two files, adjacent ranges merged. ``flips``: mark changed units'
+    lines (without: the plan as if nothing changed, what a re-mine patches)."""
+    plans = into if into is not None else {rel: [] for rel in _FORMS}
+    forms = {split: [(rel, mlx) for rel, (s, mlx) in _FORMS.items() if s == split]
+             for split in ("train", "valid")}
     for u in units:
-        if u.split != split:
-            continue
         d = drops.get(id(u)) if drops else None
-        flip = int(flips and not mlx and u.changed and u.data is None)
-        if u.data is None and not d:
-            moff, mlen, xoff, xlen = u.seg[:4]
-            src, off, n = (1, xoff, xlen) if mlx else (0, moff, mlen)
-        else:
+        for rel, mlx in forms[u.split]:
+            flip = int(flips and not mlx and u.changed and u.data is None)
+            if u.data is None and not d:
+                src, off, n = (1, u.seg[2], u.seg[3]) if mlx else (0, u.seg[0], u.seg[1])
+                ranges = plans[rel]
+                if not n:
+                    continue
+                last = ranges[-1] if ranges else None  # _merge, inline: once per stored file
+                if last and last[0] == src and last[3] == flip and last[1] + last[2] == off:
+                    ranges[-1] = (src, last[1], last[2] + n, flip)
+                else:
+                    ranges.append((src, off, n, flip))
+                continue
             if u.data is not None:
                 data = u.data[1] if mlx else u.data[0]
             else:
@@ -1256,10 +1269,9 @@ def _plan(ranges: list[tuple[int, int, int, int]], units: list[_Unit], split: st
             if d:
                 data = b"".join(ln for i, ln in enumerate(data.splitlines(keepends=True))
                                 if i not in d)
-            src, off, n, flip = 2, len(extra), len(data), 0
+            _merge(plans[rel], 2, len(extra), len(data), 0)
             extra += data
-        _merge(ranges, src, off, n, flip)
-    return ranges
+    return plans
 
 
 def _emit(out_dir: Path, plans: dict[str, list[tuple[int, int, int, int]]], extra: bytearray,
