@@ -62,14 +62,12 @@ class Seg(NamedTuple):
 # A segment in the index: this header (offsets, lines, lines per kind, chars, non-ws bytes),
 # then the per-line hashes and stats, as one bytes object. marshal loads 10,000 of these
 # ~4× faster than the same as tuples of ints and bytes (the index load is on every mine).
-_SEG = struct.Struct(f"<4QI{len(KINDS)}I2Q")
+_K = len(KINDS)
+_SEG = struct.Struct(f"<4QI{_K}I2Q")
 
 
 def _pack(s: Seg) -> bytes:
     return _SEG.pack(*s[:5], *s.kinds, s.chars, s.nws) + s.hashes + s.stats
-
-
-_K = len(KINDS)
 
 
 def _unpack(b: bytes) -> Seg:
