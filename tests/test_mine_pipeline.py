@@ -421,3 +421,61 @@ def test_failure_reports_say_what_to_do_when_the_disk_is_full(tmp_path: Path) ->
     full = sqlite3.OperationalError("database or disk is full")  # SQLITE_FULL's own text
     assert "free some disk space" in describe_failure(full)
     assert describe_failure(ValueError("bad")) == "ValueError: bad"
+
+
+def test_remine_patches_the_last_mine_and_matches_cold(repo: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A re-mine from the last mined commit patches that mine (no tree listing) and gives a
+    cold mine's bytes through adds, edits, deletes, renames, binary and held-out changes;
+    from any other commit, with duplicates, or without its saved state it mines in full."""
+    from forged.mine import gitio
+
+    listed: list[str] = []
+    ls_tree = gitio.ls_tree
+    monkeypatch.setattr(gitio, "ls_tree", lambda r, sha: (listed.append(sha), ls_tree(r, sha))[1])
+    c, cache = cfg(), tmp_path / "cache"
+    names = ("train.jsonl", "valid.jsonl", "mlx/train.jsonl", "mlx/valid.jsonl")
+    mine_repo(repo, tmp_path / "w0", c, cache)
+    held = next(r["meta"]["path"] for r in read(tmp_path / "w0", "valid.jsonl")
+                if r["meta"]["path"].startswith("pkg/"))
+    runs = 0
+
+    def remine(since: str, patched: bool) -> None:
+        nonlocal runs
+        runs += 1
+        listed.clear()
+        warm = mine_repo(repo, tmp_path / f"w{runs}", c, cache, changed_since=since)
+        assert bool(listed) != patched, runs
+        cold = mine_repo(repo, tmp_path / f"c{runs}", c, tmp_path / f"cold{runs}",
+                         changed_since=since)
+        for name in names:
+            assert body(tmp_path / f"w{runs}", name) == body(tmp_path / f"c{runs}", name), name
+        skip = {"durations", "out_dir", "files_parsed", "files_cached"}
+        assert ({k: v for k, v in warm.to_dict().items() if k not in skip}
+                == {k: v for k, v in cold.to_dict().items() if k not in skip})
+
+    def step(files: dict[str, str | bytes], gone: tuple[str, ...] = (), patched: bool = True) -> None:
+        base = git(repo, "rev-parse", "HEAD")
+        for p in gone:
+            git(repo, "rm", "-q", p)
+        commit(repo, files, f"step {runs + 1}")
+        remine(base, patched)
+
+    step({"pkg/mod3.py": module(3).replace("total * 2", "total * 3")})
+    step({"pkg/new.py": module(50), "pkg/a/b.py": module(51), "pkg-x.py": module(52)})
+    step({}, gone=("pkg/mod7.py",))
+    step({"pkg/moved.py": module(9)}, gone=("pkg/mod9.py",))
+    step({"pkg/mod11.py": b"\0binary now"})
+    step({held: module(60)})
+    step({"rep.py": "def f():\n    return 1\n\n\n" * 40}, patched=False)  # duplicate lines
+    step({"pkg/mod12.py": module(12) + "\n# after\n"}, gone=("rep.py",), patched=False)
+    step({"pkg/mod13.py": module(13) + "\n# again\n"})
+    # From a commit the store did not mine last: the full mine.
+    commit(repo, {"pkg/mod14.py": module(14) + "\n# a\n"}, "a")
+    commit(repo, {"pkg/mod15.py": module(15) + "\n# b\n"}, "b")
+    remine(git(repo, "rev-parse", "HEAD~1"), patched=False)
+    # A lost (or unreadable) saved state: the full mine, and the next one patches again.
+    (root,) = (cache / "lines").iterdir()
+    (root / "last.bin").write_bytes(b"not marshal")
+    step({"pkg/mod16.py": module(16) + "\n# c\n"}, patched=False)
+    step({"pkg/mod17.py": module(17) + "\n# d\n"})

@@ -10,10 +10,12 @@ import re
 import sqlite3
 import time
 from array import array
+from bisect import bisect_left
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
-from dataclasses import asdict, dataclass
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -162,6 +164,177 @@ def _seg_of(exs: Iterable[examples.Example]) -> tuple[Seg, tuple[bytes, bytes]]:
                chars, nws), (meta, mlx)
 
 
+class _Fallback(Exception):
+    """The re-mine shortcut (:func:`_remine`) does not apply here: mine in full."""
+
+
+# The four split files as (split, mlx form); this order is linked.json's.
+_FORMS = {"train.jsonl": ("train", False), "mlx/train.jsonl": ("train", True),
+          "valid.jsonl": ("valid", False), "mlx/valid.jsonl": ("valid", True)}
+# A re-mine patches its previous mine for at most this many changed paths (a piece of the
+# write plan is found by a scan of its ranges): more, and the full mine is cheaper.
+_PATCH_MAX = 256
+
+
+def _tree_key(path: str) -> bytes:
+    """A path's place in ``ls-tree -r`` order (git sorts full paths by their bytes)."""
+    return path.encode("utf-8", "surrogateescape")
+
+
+@dataclass
+class _Ctx:
+    """One mine's inputs, store and cache, and the analyses it has loaded."""
+
+    repo: Path
+    cfg: MineConfig
+    rep: MineReport
+    budget: int
+    fp: str  # everything besides the store's own key that the dataset depends on
+    store: LineStore
+    cache: MineCache
+    progress: Callable[[dict], None]
+    context_tokens: int  # [train] seq_len: examples are sized to fit it
+    results: dict[str, Any] = field(default_factory=dict)  # analysis key → analysis
+    parsed: int = 0
+    total: int = 0  # files to mine (for progress)
+
+    def akey(self, lang: str, blob: str) -> str:
+        return f"{self.rep.chunker_version}:{self.budget}:{lang}:{blob}"
+
+    def facts(self, path: str) -> tuple[str | None, str, float, int]:
+        """A path's name checks: skip reason, language, split and shard hashes. Remembered
+        in the index: with 10,000 files they cost more than the rest of a full re-mine."""
+        paths = self.store.index.paths
+        pi = paths.get(path)
+        if pi is None:
+            reason = filters.skip_reason(path)
+            pi = paths[path] = (reason, filters.language_of(path) or "" if reason is None
+                                else "", _split_hash(path), _shard_hash(path))
+            self.store.dirty = True
+        return pi
+
+    def reason(self, e: gitio.Entry, pi: tuple) -> str | None:
+        """Why an entry is not read at all (its name, or its size), else None."""
+        return pi[0] or ("too_large" if e.size > self.cfg.max_file_bytes else None)
+
+    def analyses(self, want: dict[str, tuple[gitio.Entry, str]]) -> None:
+        """Load, or parse, the analyses in ``want`` not loaded yet; note their facts."""
+        want = {k: v for k, v in want.items() if k not in self.results}
+        if not want:
+            return
+        have = self.cache.has_analyses(want)
+        self.results.update(self.cache.get_analyses(have))
+        missing = {k: v for k, v in want.items() if k not in have}
+        if missing:
+            fresh = _parse(self.repo, missing, self.budget, _workers(self.cfg),
+                           self.total - len(missing), self.total, self.progress)
+            self.cache.put_analyses(fresh)
+            self.results.update(fresh)
+            self.parsed += len(missing)
+        info = self.store.index.info
+        for akey in want:
+            if akey in info:
+                continue
+            r = self.results[akey]
+            red = tuple(sorted(r.get("redactions", {}).items()))
+            if "skip" in r:
+                info[akey] = ("skip", r["skip"], red)
+            elif not r["analysis"]["chunks"]:
+                info[akey] = ("skip", "empty", red)
+            else:
+                info[akey] = ("ok", len(r["analysis"]["chunks"]), len(r["analysis"]["symbols"]), red)
+            self.store.dirty = True
+
+
+@dataclass
+class _Totals:
+    """The manifest's counts over the tree's entries (a re-mine patches them per entry)."""
+
+    skipped: Counter[str] = field(default_factory=Counter)
+    redactions: Counter[str] = field(default_factory=Counter)
+    chunks: int = 0
+    symbols: int = 0
+    todo: int = 0  # entries read (not skipped by name or size)
+    mined: int = 0
+    held: int = 0  # mined files in the held-out split
+
+    def entry(self, reason: str | None, inf: tuple | None, sign: int = 1) -> bool:
+        """Count (sign 1) or uncount (-1) one entry: skipped for ``reason``, else read with
+        analysis facts ``inf``. True when it is mined."""
+        if reason:
+            self.skipped[reason] += sign
+            return False
+        assert inf is not None
+        self.todo += sign
+        for kind, n in inf[2] if inf[0] == "skip" else inf[3]:
+            self.redactions[kind] += sign * n
+        if inf[0] == "skip":
+            self.skipped[inf[1]] += sign
+            return False
+        self.chunks += sign * inf[1]
+        self.symbols += sign * inf[2]
+        self.mined += sign
+        return True
+
+    def report(self, rep: MineReport, parsed: int, changed: int) -> None:
+        rep.files_parsed = parsed
+        rep.files_cached = self.todo - parsed
+        rep.files_mined = self.mined
+        rep.files_changed = changed
+        rep.heldout_files = self.held
+        rep.chunks, rep.symbols = self.chunks, self.symbols
+
+
+class _Tally:
+    """Per-split line statistics of units (the manifest's), and the store bytes they use."""
+
+    def __init__(self, by: dict[str, list] | None = None, live: int = 0) -> None:
+        # split → [lines per kind index, lines per language, lines, chars, non-ws bytes]
+        self.by = by or {s: [[0] * len(KINDS), {}, 0, 0, 0] for s in ("valid", "train")}
+        self.live = live
+
+    @classmethod
+    def of(cls, units: list[_Unit]) -> _Tally:
+        t = cls()
+        for split, row in t.by.items():
+            segs = [u.seg for u in units if u.split == split]
+            row[0] = [sum(col) for col in zip(*[s.kinds for s in segs], strict=True)] or row[0]
+            for u in units:
+                if u.split == split:
+                    row[1][u.lang or "none"] = row[1].get(u.lang or "none", 0) + u.seg.n
+            row[2] = sum(s.n for s in segs)
+            row[3] = sum(s.chars for s in segs)
+            row[4] = sum(s.nws for s in segs)
+        t.live = sum(u.seg.meta_len + u.seg.mlx_len for u in units if u.key is not None)
+        return t
+
+    def copy(self) -> _Tally:
+        return _Tally({s: [list(k), dict(g), n, c, w] for s, (k, g, n, c, w) in self.by.items()},
+                      self.live)
+
+    def add(self, u: _Unit, sign: int = 1) -> None:
+        s, row = u.seg, self.by[u.split]
+        row[0] = [a + sign * b for a, b in zip(row[0], s.kinds, strict=True)]
+        row[1][u.lang or "none"] = row[1].get(u.lang or "none", 0) + sign * s.n
+        row[2] += sign * s.n
+        row[3] += sign * s.chars
+        row[4] += sign * s.nws
+        if u.key is not None:
+            self.live += sign * (s.meta_len + s.mlx_len)
+
+    def report(self, rep: MineReport) -> None:
+        from forged.mine.chunker import NWS_PER_TOKEN
+
+        by = self.by
+        rep.examples = {"train": by["train"][2], "valid": by["valid"][2]}
+        rep.by_kind = {s: dict(sorted((KINDS[k], v) for k, v in enumerate(row[0]) if v))
+                       for s, row in by.items()}
+        rep.by_lang = {s: dict(sorted((g, v) for g, v in row[1].items() if v > 0))
+                       for s, row in by.items()}
+        rep.chars = {s: by[s][3] for s in ("train", "valid")}
+        rep.tokens_est = {s: int(by[s][4] / NWS_PER_TOKEN) for s in ("train", "valid")}
+
+
 def run(repo: Path, out_dir: Path, cfg: MineConfig, cache_dir: Path, *, commit: str = "HEAD",
         changed_since: str | None = None, progress: Callable[[dict], None] | None = None,
         linked: bool = True, ollama_host: str = DEFAULT_OLLAMA_HOST,
@@ -190,135 +363,29 @@ def run(repo: Path, out_dir: Path, cfg: MineConfig, cache_dir: Path, *, commit: 
     # processes run while this one reads the tree (a re-mine is mostly git start-ups).
     gitpool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mine-git")
     history_f = gitpool.submit(_history, repo, sha, since_sha, cfg)
-    changed_f = gitpool.submit(gitio.changed_paths, repo, since_sha, sha) if since_sha else None
+    changes_f = gitpool.submit(gitio.changes, repo, since_sha, sha) if since_sha else None
     store: LineStore | None = None
     cache: MineCache | None = None
     ok = False
     try:
-        entries = gitio.ls_tree(repo, sha)
-        changed = changed_f.result() if changed_f is not None else None
-        rep.files_total = len(entries)
         store = LineStore(cache_dir / "lines" / _store_key(rep.repo, cfg, rep.chunker_version, budget,
                                                            context_tokens))
         cache = MineCache(cache_dir)
-        idx = store.index
-        skipped: Counter[str] = Counter()
-        todo: list[tuple[gitio.Entry, str, str, tuple]] = []  # entry, lang, analysis key, path facts
-        # Name checks are remembered per path: with 10,000 files they cost more than the rest.
-        paths = idx.paths
-        for e in entries:
-            pi = paths.get(e.path)
-            if pi is None:
-                reason = filters.skip_reason(e.path)
-                pi = paths[e.path] = (reason, filters.language_of(e.path) or "" if reason is None
-                                      else "", _split_hash(e.path), _shard_hash(e.path))
-                store.dirty = True
-            reason = pi[0]
-            if reason is None and e.size > cfg.max_file_bytes:
-                reason = "too_large"
-            if reason:
-                skipped[reason] += 1
-                continue
-            todo.append((e, pi[1], f"{rep.chunker_version}:{budget}:{pi[1]}:{e.blob}", pi))
-        stage("enumerate")
-
-        # What must be (re)derived: files never seen (facts unknown) or whose lines at this
-        # path are not stored. Everything else is served from the store without reading.
-        info, segs = idx.info, idx.segs
-        results: dict[str, Any] = {}
-        parsed = 0
-
-        def analyses(want: dict[str, tuple[gitio.Entry, str]]) -> None:
-            nonlocal parsed
-            want = {k: v for k, v in want.items() if k not in results}
-            if not want:
-                return
-            have = cache.has_analyses(want)
-            results.update(cache.get_analyses(have))
-            missing = {k: v for k, v in want.items() if k not in have}
-            if missing:
-                fresh = _parse(repo, missing, budget, _workers(cfg), len(todo) - len(missing),
-                               len(todo), report_progress)
-                cache.put_analyses(fresh)
-                results.update(fresh)
-                parsed += len(missing)
-
-        need = {}
-        for e, lang, akey, _pi in todo:
-            inf = info.get(akey)
-            if inf is None or (inf[0] == "ok" and akey + "\0" + e.path not in segs):
-                need[akey] = (e, lang)
-        stage("cache_lookup")
-        report_progress({"stage": "mine", "files_done": len(todo) - len(need), "files_total": len(todo)})
-        analyses(need)
-        for akey, r in results.items():
-            if akey in info:
-                continue
-            red = tuple(sorted(r.get("redactions", {}).items()))
-            if "skip" in r:
-                info[akey] = ("skip", r["skip"], red)
-            elif not r["analysis"]["chunks"]:
-                info[akey] = ("skip", "empty", red)
-            else:
-                info[akey] = ("ok", len(r["analysis"]["chunks"]), len(r["analysis"]["symbols"]), red)
-            store.dirty = True
-        stage("parse")
-
-        files: list[_File] = []
-        redactions: Counter[str] = Counter()
-        heldout = cache.heldout(rep.repo)
-        frac = cfg.heldout_fraction
-        chunks = symbols = 0
-        for e, lang, akey, pi in todo:
-            inf = info[akey]
-            if inf[2] if inf[0] == "skip" else inf[3]:
-                redactions.update(dict(inf[2] if inf[0] == "skip" else inf[3]))
-            if inf[0] == "skip":
-                skipped[inf[1]] += 1
-                continue
-            chunks += inf[1]
-            symbols += inf[2]
-            valid = frac > 0 and (pi[2] < frac or e.path in heldout)
-            files.append(_File(e, lang, akey, "valid" if valid else "train",
-                               changed is None or e.path in changed, pi[3]))
-        # mlx-lm refuses an empty validation set: hold out at least one file, and remember
-        # it, so the split never moves (held-out code must never become training data).
-        if frac > 0 and len(files) >= 2 and all(f.split == "train" for f in files):
-            pick = min(files, key=lambda f: paths[f.path][2])
-            pick.split = "valid"
-            cache.add_heldout(rep.repo, [pick.path])
-        rep.files_parsed = parsed
-        rep.files_cached = len(todo) - parsed
-        rep.files_mined = len(files)
-        rep.files_changed = sum(f.changed for f in files)
-        rep.heldout_files = sum(f.split == "valid" for f in files)
-        rep.chunks, rep.symbols = chunks, symbols
-        stage("load")
-
-        commits = _commits(repo, history_f.result(), cfg, budget, cache,
-                           {f.path: f.split for f in files}, redactions)
-        rep.commits = len(commits)
-        stage("commits")
-
-        units = _file_units(files, results, store, cfg, context_tokens)
-        units += _raft_units(files, results, store, cfg, analyses, context_tokens)
-        stage("examples")
-        if cfg.teacher and cfg.kinds.teacher > 0:
-            units += _teacher_units(files, results, store, cfg, analyses, cache, rep, ollama_host,
-                                    report_progress)
-            stage("teacher")
-        else:
-            rep.teacher = {"status": "off"}
-        for split in ("valid", "train"):
-            for ex in examples.commit_examples(commits, cfg.kinds.commit_diff, cfg.seed):
-                if ex.split == split:
-                    seg, data = _seg_of([ex])
-                    units.append(_Unit(split, False, ex.lang or "", seg, data=data))
-        report_progress({"stage": "write", "examples": sum(u.seg.n for u in units)})
-        _write(out_dir, units, store, rep, linked)
-        rep.skipped = dict(sorted(skipped.items()))
-        rep.redactions = dict(sorted(redactions.items()))
-        _housekeep(store, units, {e.path for e in entries}, {akey for _, _, akey, _ in todo})
+        ctx = _Ctx(repo, cfg, rep, budget, json.dumps([rep.repo, asdict(cfg), context_tokens],
+                                                      default=str),
+                   store, cache, report_progress, context_tokens)
+        last = store.previous() if changes_f is not None else None
+        done = False
+        if (last is not None and changes_f is not None and last.get("commit") == since_sha
+                and last.get("fp") == ctx.fp and not (cfg.teacher and cfg.kinds.teacher > 0)):
+            try:
+                _remine(ctx, out_dir, last, changes_f.result(), history_f, stage, linked)
+                done = True
+            except _Fallback:
+                pass
+        if not done:
+            _mine(ctx, out_dir, sha, changes_f.result() if changes_f is not None else None,
+                  history_f, stage, linked, ollama_host)
         ok = True
     finally:
         gitpool.shutdown(cancel_futures=True)
@@ -334,6 +401,380 @@ def run(repo: Path, out_dir: Path, cfg: MineConfig, cache_dir: Path, *, commit: 
     return rep
 
 
+def _mine(ctx: _Ctx, out_dir: Path, sha: str, changes: dict[str, str | None] | None,
+          history_f: Future, stage: Callable[[str], None], linked: bool, ollama_host: str) -> None:
+    """The full mine: list the tree, then every file's lines from the store or derived."""
+    cfg, rep, store, cache = ctx.cfg, ctx.rep, ctx.store, ctx.cache
+    entries = gitio.ls_tree(ctx.repo, sha)
+    changed = set(changes) if changes is not None else None
+    rep.files_total = len(entries)
+    idx = store.index
+    tot = _Totals()
+    todo: list[tuple[gitio.Entry, str, str, tuple]] = []  # entry, lang, analysis key, path facts
+    for e in entries:
+        pi = ctx.facts(e.path)
+        reason = ctx.reason(e, pi)
+        if reason:
+            tot.entry(reason, None)
+            continue
+        todo.append((e, pi[1], ctx.akey(pi[1], e.blob), pi))
+    ctx.total = len(todo)
+    stage("enumerate")
+
+    # What must be (re)derived: files never seen (facts unknown) or whose lines at this
+    # path are not stored. Everything else is served from the store without reading.
+    info, segs = idx.info, idx.segs
+    need = {}
+    for e, lang, akey, _pi in todo:
+        inf = info.get(akey)
+        if inf is None or (inf[0] == "ok" and akey + "\0" + e.path not in segs):
+            need[akey] = (e, lang)
+    stage("cache_lookup")
+    ctx.progress({"stage": "mine", "files_done": len(todo) - len(need), "files_total": len(todo)})
+    ctx.analyses(need)
+    stage("parse")
+
+    files: list[_File] = []
+    heldout = cache.heldout(rep.repo)
+    frac = cfg.heldout_fraction
+    for e, lang, akey, pi in todo:
+        if not tot.entry(None, info[akey]):
+            continue
+        valid = frac > 0 and (pi[2] < frac or e.path in heldout)
+        files.append(_File(e, lang, akey, "valid" if valid else "train",
+                           changed is None or e.path in changed, pi[3]))
+    # mlx-lm refuses an empty validation set: hold out at least one file, and remember
+    # it, so the split never moves (held-out code must never become training data).
+    if frac > 0 and len(files) >= 2 and all(f.split == "train" for f in files):
+        pick = min(files, key=lambda f: idx.paths[f.path][2])
+        pick.split = "valid"
+        cache.add_heldout(rep.repo, [pick.path])
+        heldout.add(pick.path)
+    tot.held = sum(f.split == "valid" for f in files)
+    tot.report(rep, ctx.parsed, sum(f.changed for f in files))
+    stage("load")
+
+    redactions = Counter(tot.redactions)  # the files' and the commits'
+    commit_units = _commit_units(ctx, history_f.result(), {f.path: f.split for f in files}.get,
+                                 redactions)
+    stage("commits")
+
+    units = _file_units(files, ctx.results, store, cfg, ctx.context_tokens)
+    nfile = len(units)
+    units += _raft_units(ctx, files)
+    stage("examples")
+    teacher = bool(cfg.teacher and cfg.kinds.teacher > 0)
+    if teacher:
+        units += _teacher_units(files, ctx.results, store, cfg, ctx.analyses, cache, rep,
+                                ollama_host, ctx.progress)
+        stage("teacher")
+    else:
+        rep.teacher = {"status": "off"}
+    units += commit_units
+    ctx.progress({"stage": "write", "examples": sum(u.seg.n for u in units)})
+    ftally = _Tally.of(units[:nfile])
+    tally = ftally.copy()
+    for u in units[nfile:]:
+        tally.add(u)
+    dups = _write(out_dir, units, tally, store, rep, linked)
+    rep.skipped = dict(sorted(tot.skipped.items()))
+    rep.redactions = dict(sorted(redactions.items()))
+    compacted = _housekeep(store, units, {e.path for e in entries}, {akey for _, _, akey, _ in todo})
+    # The next re-mine can patch this one unless its own output needed more than the
+    # saved state holds (duplicates removed, teacher lines) or the store moved its lines.
+    store.last = (None if dups or teacher or compacted else
+                  _last(ctx, entries, files, units[:nfile], ftally, tot, heldout))
+
+
+def _last(ctx: _Ctx, entries: list[gitio.Entry], files: list[_File], file_units: list[_Unit],
+          tally: _Tally, tot: _Totals, heldout: set[str]) -> dict[str, Any] | None:
+    """What :func:`_remine` patches: the tree listing with each mined file's split and
+    stored lines, the file lines' write plan (without "changed" flags), hashes and totals."""
+    keys = [_tree_key(e.path) for e in entries]
+    if any(a >= b for a, b in pairwise(keys)):
+        return None  # not in the order insertions assume: never patch this listing
+    rows = array("q")  # per entry: split (-1: not mined, 0: train, 1: valid), meta/mlx range
+    fi = 0
+    for e in entries:
+        if fi < len(files) and files[fi].path == e.path:
+            s = file_units[fi].seg
+            rows.extend((int(files[fi].split == "valid"), s.meta_off, s.meta_len, s.mlx_off,
+                         s.mlx_len))
+            fi += 1
+        else:
+            rows.extend((-1, 0, 0, 0, 0))
+    return {
+        "commit": ctx.rep.commit, "fp": ctx.fp, "heldout": sorted(heldout),
+        "paths": [e.path for e in entries], "blobs": [e.blob for e in entries],
+        "sizes": [e.size for e in entries], "rows": rows.tobytes(),
+        "plans": _plans(file_units, {}, ctx.store, bytearray(), flips=False),
+        "hashes": array("Q", sorted(array("Q", b"".join([u.seg.hashes for u in file_units])))
+                        ).tobytes(),
+        "skipped": dict(tot.skipped), "redactions": dict(tot.redactions),
+        "totals": [tot.chunks, tot.symbols, tot.todo, tot.mined, tot.held],
+        "tally": tally.by, "live": tally.live,
+    }
+
+
+def _remine(ctx: _Ctx, out_dir: Path, last: dict[str, Any], changes: dict[str, str | None],
+            history_f: Future, stage: Callable[[str], None], linked: bool) -> None:
+    """A re-mine from the last mined commit, in O(changed files): the last mine's listing,
+    totals and write plan (:func:`_last`) are patched with the paths ``changes`` names
+    instead of listing and walking the whole tree. The output is the full mine's, byte for
+    byte; where that cannot be assured (duplicates, compaction due, no held-out file, an
+    unexpected saved state) this raises :class:`_Fallback` before writing anything.
+    """
+    cfg, rep, store, cache = ctx.cfg, ctx.rep, ctx.store, ctx.cache
+    idx = store.index
+    info, segs = idx.info, idx.segs
+    frac = cfg.heldout_fraction
+    heldout = cache.heldout(rep.repo)
+    if len(changes) > _PATCH_MAX or sorted(heldout) != last["heldout"]:
+        raise _Fallback
+    paths, blobs, sizes = last["paths"], last["blobs"], last["sizes"]
+    rows, hashes = array("q", last["rows"]), array("Q", last["hashes"])
+    plans: dict[str, list[tuple[int, int, int, int]]] = last["plans"]
+    tot = _Totals(Counter(last["skipped"]), Counter(last["redactions"]), *last["totals"])
+    tally = _Tally(last["tally"], last["live"])
+    if cfg.kinds.raft > 0 and len(idx.files) != tot.mined:
+        raise _Fallback  # the symbol table's file list is not the last mine's
+    order = sorted(changes, key=_tree_key)
+    sizes_of = gitio.blob_sizes(ctx.repo, [b for b in changes.values() if b is not None])
+
+    def find(path: str) -> int:
+        return bisect_left(paths, _tree_key(path), key=_tree_key)
+
+    # 1. Take the changed paths' old entries out: totals, stored lines, plan, listing.
+    old_akeys: dict[str, str] = {}  # mined path → its analysis key at the last mine
+    for p in order:
+        i = find(p)
+        if i == len(paths) or paths[i] != p:
+            continue
+        pi = ctx.facts(p)
+        reason = ctx.reason(gitio.Entry(p, blobs[i], sizes[i]), pi)
+        akey = "" if reason else ctx.akey(pi[1], blobs[i])
+        if akey and akey not in info:
+            raise _Fallback
+        if tot.entry(reason, info[akey] if akey else None, -1):
+            split = rows[5 * i]
+            tot.held -= split == 1
+            seg = store.seg(akey + "\0" + p)
+            if seg is None or tuple(seg[:4]) != tuple(rows[5 * i + 1:5 * i + 5]):
+                raise _Fallback  # not the lines the last mine wrote
+            tally.add(_Unit("valid" if split else "train", False, pi[1], seg, akey), -1)
+            for h in array("Q", seg.hashes):
+                _take(hashes, h)
+            for rel, (s, mlx) in _FORMS.items():
+                if s == ("valid" if split else "train") and seg.n:
+                    _cut(plans[rel], *((1, seg.mlx_off, seg.mlx_len) if mlx
+                                       else (0, seg.meta_off, seg.meta_len)))
+            old_akeys[p] = akey
+        del paths[i], blobs[i], sizes[i], rows[5 * i:5 * i + 5]
+
+    # 2. Their new entries: name and size checks, then the analyses not known yet.
+    add: list[tuple[gitio.Entry, tuple, str, str | None]] = []
+    need: dict[str, tuple[gitio.Entry, str]] = {}
+    for p in order:
+        blob = changes[p]
+        if blob is None:
+            continue
+        e = gitio.Entry(p, blob, sizes_of[blob])
+        pi = ctx.facts(p)
+        reason = ctx.reason(e, pi)
+        akey = "" if reason else ctx.akey(pi[1], blob)
+        inf = info.get(akey) if akey else None
+        if akey and (inf is None or (inf[0] == "ok" and akey + "\0" + p not in segs)):
+            need[akey] = (e, pi[1])
+        add.append((e, pi, akey, reason))
+    ctx.total = tot.todo + sum(bool(a[2]) for a in add)
+    stage("enumerate")
+    ctx.analyses(need)
+    stage("parse")
+
+    # 3. Into the listing and totals; the mined ones become files (offsets filled below).
+    files: list[tuple[int, _File]] = []
+    for e, pi, akey, reason in add:
+        i = find(e.path)
+        paths.insert(i, e.path)
+        blobs.insert(i, e.blob)
+        sizes.insert(i, e.size)
+        if not tot.entry(reason, info[akey] if akey else None):
+            rows[5 * i:5 * i] = array("q", (-1, 0, 0, 0, 0))
+            continue
+        valid = frac > 0 and (pi[2] < frac or e.path in heldout)
+        tot.held += valid
+        rows[5 * i:5 * i] = array("q", (int(valid), 0, 0, 0, 0))
+        files.append((i, _File(e, pi[1], akey, "valid" if valid else "train", True, pi[3])))
+    if frac > 0 and tot.mined >= 2 and not tot.held:
+        raise _Fallback  # the full mine picks a file to hold out
+    rep.files_total = len(paths)
+    tot.report(rep, ctx.parsed, len(files))
+    stage("load")
+
+    def split_of(path: str) -> str | None:
+        i = find(path)
+        if i < len(paths) and paths[i] == path and rows[5 * i] >= 0:
+            return "valid" if rows[5 * i] else "train"
+        return None
+
+    redactions = Counter(tot.redactions)
+    commit_units = _commit_units(ctx, history_f.result(), split_of, redactions)
+    stage("commits")
+
+    # 4. The changed files' lines, each put in the plan after the nearest file before it
+    # in its split (the plans without "changed" flags are next time's; flags in `flagged`).
+    units = _file_units([f for _, f in files], ctx.results, store, cfg, ctx.context_tokens)
+    flagged = {rel: list(r) for rel, r in plans.items() if not _FORMS[rel][1]}
+    for (i, f), u in zip(files, units, strict=True):
+        s = u.seg
+        rows[5 * i + 1:5 * i + 5] = array("q", (s.meta_off, s.meta_len, s.mlx_off, s.mlx_len))
+        tally.add(u)
+        for h in array("Q", s.hashes):
+            _put(hashes, h)
+        if not s.n:
+            continue
+        j = i - 1
+        while j >= 0 and (rows[5 * j] != rows[5 * i] or not rows[5 * j + 2]):
+            j -= 1
+        for rel, (split, mlx) in _FORMS.items():
+            if split != f.split:
+                continue
+            src, off, n = (1, s.mlx_off, s.mlx_len) if mlx else (0, s.meta_off, s.meta_len)
+            end = -1 if j < 0 else sum(rows[5 * j + 3:5 * j + 5] if mlx else rows[5 * j + 1:5 * j + 3])
+            _put_after(plans[rel], src, end, (src, off, n, 0))
+            if not mlx:
+                _put_after(flagged[rel], src, end, (src, off, n, 1))
+    plans = {rel: _refold(r) for rel, r in plans.items()}
+
+    # 5. RAFT: the symbol table takes the changed files; lines only where there are questions.
+    raft: list[_Unit] = []
+    if cfg.kinds.raft <= 0:
+        ctx.store.note_files(list(idx.files), {})
+    else:
+        now = {f.path: f.akey for _, f in files}
+        _symbols(ctx, [p for p in old_akeys if now.get(p) != old_akeys[p]],
+                 [f for _, f in files if idx.files.get(f.path) != f.akey])
+        if store.sym.execute("SELECT 1 FROM spec LIMIT 1").fetchone():
+            every = []
+            for i, p in enumerate(paths):
+                if rows[5 * i] >= 0:
+                    pi = ctx.facts(p)
+                    every.append(_File(gitio.Entry(p, blobs[i], sizes[i]), pi[1],
+                                       ctx.akey(pi[1], blobs[i]), "valid" if rows[5 * i] else "train",
+                                       p in changes, pi[3]))
+            raft = _raft_lines(ctx, every)
+    stage("examples")
+    rep.teacher = {"status": "off"}
+
+    # 6. Duplicates: the last mine had none; none may come with the new lines either.
+    seen: set[int] = set()
+    for u in raft + commit_units:
+        for h in array("Q", u.seg.hashes):
+            k = bisect_left(hashes, h)
+            if h in seen or (k < len(hashes) and hashes[k] == h):
+                raise _Fallback
+            seen.add(h)
+    total = tally.copy()
+    for u in raft + commit_units:
+        total.add(u)
+    if _compaction_due(store, total.live, len(paths)):
+        raise _Fallback  # the full mine compacts the store
+
+    ctx.progress({"stage": "write", "examples": total.by["train"][2] + total.by["valid"][2]})
+    rep.duplicates_removed = 0
+    total.report(rep)
+    extra = bytearray()
+    out = _plans(raft + commit_units, {}, store, extra,
+                 into={rel: _refold(flagged.get(rel, r)) for rel, r in plans.items()})
+    _emit(out_dir, out, extra, store, linked)
+    rep.skipped = dict(sorted((+tot.skipped).items()))
+    rep.redactions = dict(sorted((+redactions).items()))
+    store.last = {
+        "commit": rep.commit, "fp": ctx.fp, "heldout": last["heldout"], "paths": paths,
+        "blobs": blobs, "sizes": sizes, "rows": rows.tobytes(), "plans": plans,
+        "hashes": hashes.tobytes(), "skipped": dict(+tot.skipped),
+        "redactions": dict(+tot.redactions),
+        "totals": [tot.chunks, tot.symbols, tot.todo, tot.mined, tot.held],
+        "tally": tally.by, "live": tally.live,
+    }
+
+
+def _take(hashes: array, h: int) -> None:
+    """Remove one line hash from the sorted hashes."""
+    k = bisect_left(hashes, h)
+    if k == len(hashes) or hashes[k] != h:
+        raise _Fallback
+    del hashes[k]
+
+
+def _put(hashes: array, h: int) -> None:
+    """Add a line hash to the sorted hashes; a duplicate line needs the full mine's removal."""
+    k = bisect_left(hashes, h)
+    if k < len(hashes) and hashes[k] == h:
+        raise _Fallback
+    hashes.insert(k, h)
+
+
+def _merge(ranges: list[tuple[int, int, int, int]], src: int, off: int, n: int, flip: int) -> None:
+    """Append a range to a write plan, joined to the last one where it continues it."""
+    if not n:
+        return
+    last = ranges[-1] if ranges else None
+    if last and last[0] == src and last[3] == flip and last[1] + last[2] == off:
+        ranges[-1] = (src, last[1], last[2] + n, flip)
+    else:
+        ranges.append((src, off, n, flip))
+
+
+def _refold(ranges: list[tuple[int, int, int, int]]) -> list[tuple[int, int, int, int]]:
+    out: list[tuple[int, int, int, int]] = []
+    for r in ranges:
+        _merge(out, *r)
+    return out
+
+
+def _cut(ranges: list[tuple[int, int, int, int]], src: int, off: int, n: int) -> None:
+    """Take the piece ``off``..``off + n`` of ``src`` out of a plan."""
+    for k, (s, o, m, fl) in enumerate(ranges):
+        if s == src and o <= off < o + m:
+            if off + n > o + m:
+                break
+            ranges[k:k + 1] = [r for r in ((s, o, off - o, fl), (s, off + n, o + m - off - n, fl))
+                               if r[2]]
+            return
+    raise _Fallback
+
+
+def _put_after(ranges: list[tuple[int, int, int, int]], src: int, end: int,
+               piece: tuple[int, int, int, int]) -> None:
+    """Insert ``piece`` after the piece of ``src`` ending at ``end`` (-1: first)."""
+    if end < 0:
+        ranges.insert(0, piece)
+        return
+    for k, (s, o, m, fl) in enumerate(ranges):
+        if s == src and o < end <= o + m:
+            ranges[k:k + 1] = [r for r in ((s, o, end - o, fl), piece, (s, end, o + m - end, fl))
+                               if r[2]]
+            return
+    raise _Fallback
+
+
+def _commit_units(ctx: _Ctx, history: tuple[list[str], set[str] | None],
+                  split_of: Callable[[str], str | None], redactions: Counter[str]) -> list[_Unit]:
+    """The commit→diff lines (made in memory every mine), held-out split first."""
+    cfg = ctx.cfg
+    commits = _commits(ctx.repo, history, cfg, ctx.budget, ctx.cache, split_of, redactions)
+    ctx.rep.commits = len(commits)
+    units = []
+    exs = list(examples.commit_examples(commits, cfg.kinds.commit_diff, cfg.seed))
+    for split in ("valid", "train"):
+        for ex in exs:
+            if ex.split == split:
+                seg, data = _seg_of([ex])
+                units.append(_Unit(split, False, ex.lang or "", seg, data=data))
+    return units
+
+
 def _mined_file(f: _File, r: dict[str, Any]) -> examples.MinedFile:
     fa = FileAnalysis.from_dict(r["analysis"])
     for c in fa.chunks:
@@ -344,11 +785,17 @@ def _mined_file(f: _File, r: dict[str, Any]) -> examples.MinedFile:
 
 def _file_units(files: list[_File], results: dict[str, Any], store: LineStore,
                 cfg: MineConfig, context_tokens: int) -> list[_Unit]:
-    """Per-file kinds: stored lines when present, else derived once and stored."""
+    """Per-file kinds: stored lines when present, else derived once and stored.
+
+    Derived split by split (held-out first): a split's lines then lie together in the
+    store, and writing the split takes a few ranges instead of one per file.
+    """
     k, seed = cfg.kinds, cfg.seed
-    out = []
-    for f in files:
-        key = f.akey + "\0" + f.path
+    keys = [f.akey + "\0" + f.path for f in files]
+    segs: dict[str, Seg] = {}
+    for i in ([i for i, f in enumerate(files) if f.split == "valid"]
+              + [i for i, f in enumerate(files) if f.split != "valid"]):
+        f, key = files[i], keys[i]
         seg = store.seg(key)
         if seg is None:
             mf = _mined_file(f, results[f.akey])
@@ -362,8 +809,8 @@ def _file_units(files: list[_File], results: dict[str, Any], store: LineStore,
             if k.code_to_doc > 0:
                 exs.extend(examples.code_to_doc(mf, k.code_to_doc, seed, context_tokens))
             seg = store.add(key, *_serialize(exs))
-        out.append(_Unit(f.split, f.changed, f.lang, seg, key))
-    return out
+        segs[key] = seg
+    return [_Unit(f.split, f.changed, f.lang, segs[key], key) for f, key in zip(files, keys, strict=True)]
 
 
 def _counts(db: sqlite3.Connection, table: str, keys: list[str]) -> dict[str, int]:
@@ -453,9 +900,7 @@ def _nshards(n_files: int) -> int:
     return 1 if n_files < 2048 else 2 ** int(math.log2(n_files / 1024))
 
 
-def _raft_units(files: list[_File], results: dict[str, Any], store: LineStore, cfg: MineConfig,
-                analyses: Callable[[dict[str, tuple[gitio.Entry, str]]], None],
-                context_tokens: int) -> list[_Unit]:
+def _raft_units(ctx: _Ctx, files: list[_File]) -> list[_Unit]:
     """RAFT lines per question file, rebuilt only where the question or its pool changed.
 
     Questions need repo-wide uniqueness: the symbol table (``store.sym``) is updated for the
@@ -465,22 +910,34 @@ def _raft_units(files: list[_File], results: dict[str, Any], store: LineStore, c
     are keyed by its blob, path, split, spec and the shard's content, so a cold and an
     incremental mine of one commit give the same lines.
     """
-    idx = store.index
-    if cfg.kinds.raft <= 0:
-        idx.files = {}
+    idx = ctx.store.index
+    if ctx.cfg.kinds.raft <= 0:
+        ctx.store.note_files(list(idx.files), {})
         return []
-    by_path = {f.path: f for f in files}
     cur = {f.path: f.akey for f in files}
     prev = idx.files
-    gone = [p for p, a in prev.items() if cur.get(p) != a]
-    new = [f for f in files if prev.get(f.path) != f.akey]
-    db = store.sym
-    if gone or new:
-        analyses({f.akey: (f.entry, f.lang) for f in new})
-        with db:
-            _update_symbols(db, gone, [(f.path, results[f.akey]["analysis"]) for f in new])
-        idx.files = cur
-        store.dirty = True
+    _symbols(ctx, [p for p, a in prev.items() if cur.get(p) != a],
+             [f for f in files if prev.get(f.path) != f.akey])
+    return _raft_lines(ctx, files)
+
+
+def _symbols(ctx: _Ctx, gone: list[str], new: list[_File]) -> None:
+    """Apply files gone (or changed) and new (or changed) to the symbol table and to the
+    index's record of what it holds (``Index.files``)."""
+    if not (gone or new):
+        return
+    store = ctx.store
+    ctx.analyses({f.akey: (f.entry, f.lang) for f in new})
+    with store.sym:
+        _update_symbols(store.sym, gone, [(f.path, ctx.results[f.akey]["analysis"]) for f in new])
+    store.note_files(gone, {f.path: f.akey for f in new})
+
+
+def _raft_lines(ctx: _Ctx, files: list[_File]) -> list[_Unit]:
+    """The RAFT units of the question files among ``files`` (all mined files, in order)."""
+    store, cfg, results, analyses = ctx.store, ctx.cfg, ctx.results, ctx.analyses
+    idx, db = store.index, store.sym
+    by_path = {f.path: f for f in files}
     qfiles = {p: d for p, d in db.execute("SELECT path, data FROM spec") if p in by_path}
     if not qfiles:
         return []
@@ -517,7 +974,7 @@ def _raft_units(files: list[_File], results: dict[str, Any], store: LineStore, c
         got: dict[str, list[examples.Example]] = defaultdict(list)
         for ex in examples.raft(pool, cfg.kinds.raft, cfg.raft_distractors,
                                 cfg.raft_oracle_fraction, cfg.seed, questions=qs,
-                                context_tokens=context_tokens):
+                                context_tokens=ctx.context_tokens):
             got[ex.path or ""].append(ex)
         for p in qpaths:
             store.add(keys[p], *_serialize(got.get(p, [])))
@@ -683,7 +1140,7 @@ def _history(repo: Path, sha: str, since: str | None,
 
 
 def _commits(repo: Path, history: tuple[list[str], set[str] | None], cfg: MineConfig,
-             budget: int, cache: MineCache, split: dict[str, str],
+             budget: int, cache: MineCache, split_of: Callable[[str], str | None],
              redactions: Counter[str]) -> list[dict[str, Any]]:
     shas, in_range = history
     if not shas:
@@ -718,7 +1175,7 @@ def _commits(repo: Path, history: tuple[list[str], set[str] | None], cfg: MineCo
         if not c or not c["parts"] or not c["message"].strip():
             continue
         redactions.update(c.get("redactions", {}))
-        parts = [(split.get(p) or ("valid" if cfg.heldout_fraction > 0 and
+        parts = [(split_of(p) or ("valid" if cfg.heldout_fraction > 0 and
                                    _split_hash(p) < cfg.heldout_fraction else "train"),
                   filters.language_of(p), p, d) for p, d in c["parts"]]
         out.append({"sha": s, "message": c["message"], "parts": parts,
@@ -743,19 +1200,17 @@ def as_text(record: dict[str, Any]) -> str:
     return "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in record["messages"])
 
 
-def _write(out_dir: Path, units: list[_Unit], store: LineStore, rep: MineReport,
-           linked: bool) -> None:
+def _write(out_dir: Path, units: list[_Unit], tally: _Tally, store: LineStore,
+           rep: MineReport, linked: bool) -> int:
     """Exact-duplicate removal (held-out copy wins), stats, and the four JSONL files.
 
     Stored lines are referenced (``linked``: the training split, see
     :mod:`forged.mine.linked`) or copied from the store by file range (adjacent ranges
     merged); only lines in memory and lines with duplicates removed are written here.
+    ``tally``: the units' (duplicates are taken out of it here). Returns the number of
+    lines removed as duplicates.
     """
-    from forged.mine.chunker import NWS_PER_TOKEN
-
-    by_split = {"valid": [u for u in units if u.split == "valid"],
-                "train": [u for u in units if u.split == "train"]}
-    order = by_split["valid"] + by_split["train"]
+    order = [u for u in units if u.split == "valid"] + [u for u in units if u.split == "train"]
     every = array("Q", b"".join([u.seg.hashes for u in order]))
     drops: dict[int, set[int]] = {}
     if len(set(every)) != len(every):
@@ -767,71 +1222,73 @@ def _write(out_dir: Path, units: list[_Unit], store: LineStore, rep: MineReport,
                     drops.setdefault(id(u), set()).add(i)
                 else:
                     seen.add(h)
-    by_kind: dict[str, Counter[str]] = {}
-    by_lang: dict[str, Counter[str]] = {}
-    chars: Counter[str] = Counter()
-    nws: Counter[str] = Counter()
-    counts: Counter[str] = Counter()
-    for split, us in by_split.items():
-        segs = [u.seg for u in us]
-        kn = [sum(col) for col in zip(*[s.kinds for s in segs], strict=True)] or [0] * len(KINDS)
-        lang: Counter[str] = Counter()
-        for u, s in zip(us, segs, strict=True):
-            lang[u.lang or "none"] += s.n
-        counts[split] = sum(s.n for s in segs)
-        chars[split] = sum(s.chars for s in segs)
-        nws[split] = sum(s.nws for s in segs)
-        for u in us:  # duplicates removed: take their lines out of the stats
-            d = drops.get(id(u))
-            if d:
-                st = array("I", u.seg.stats)
-                for i in d:
-                    kn[st[3 * i]] -= 1
-                    chars[split] -= st[3 * i + 1]
-                    nws[split] -= st[3 * i + 2]
-                counts[split] -= len(d)
-                lang[u.lang or "none"] -= len(d)
-        by_lang[split] = +lang
-        by_kind[split] = Counter({KINDS[k]: v for k, v in enumerate(kn) if v})
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "mlx").mkdir(exist_ok=True)
+    for u in units:  # duplicates removed: take their lines out of the stats
+        d = drops.get(id(u))
+        if d:
+            row, st = tally.by[u.split], array("I", u.seg.stats)
+            for i in d:
+                row[0][st[3 * i]] -= 1
+                row[3] -= st[3 * i + 1]
+                row[4] -= st[3 * i + 2]
+            row[2] -= len(d)
+            row[1][u.lang or "none"] -= len(d)
+    dups = sum(len(d) for d in drops.values())
+    rep.duplicates_removed = dups
+    tally.report(rep)
     store.flush()
-    # Each output file as ranges (source, offset, length, swap-the-changed-flag) of the
-    # store's meta (0) / mlx (1) data or of this mine's own lines (2), adjacent ones merged.
     extra = bytearray()
-    plans: dict[str, list[tuple[int, int, int, int]]] = {}
-    for split, name in (("train", "train.jsonl"), ("valid", "valid.jsonl")):
-        mine = [u for u in units if u.split == split]
-        for mlx, rel in ((False, name), (True, "mlx/" + name)):
-            ranges: list[tuple[int, int, int, int]] = []
-            for u in mine:
-                d = drops.get(id(u)) if drops else None
-                flip = int(not mlx and u.changed and u.data is None)
-                if u.data is None and not d:
-                    moff, mlen, xoff, xlen = u.seg[:4]
-                    src, off, n = (1, xoff, xlen) if mlx else (0, moff, mlen)
-                else:
-                    if u.data is not None:
-                        data = u.data[1] if mlx else u.data[0]
-                    else:
-                        data = store.read_mlx(u.seg) if mlx else store.read_meta(u.seg)
-                    if flip:
-                        data = data.replace(_FALSE, _TRUE)
-                    if d:
-                        data = b"".join(ln for i, ln in enumerate(data.splitlines(keepends=True))
-                                        if i not in d)
-                    src, off, n, flip = 2, len(extra), len(data), 0
-                    extra += data
+    plans = _plans(units, drops, store, extra)
+    _emit(out_dir, plans, extra, store, linked)
+    return dups
+
+
+def _plans(units: list[_Unit], drops: dict[int, set[int]], store: LineStore, extra: bytearray,
+           flips: bool = True,
+           into: dict[str, list[tuple[int, int, int, int]]] | None = None,
+           ) -> dict[str, list[tuple[int, int, int, int]]]:
+    """The four output files (:data:`_FORMS`) as ranges (source, offset, length,
+    swap-the-changed-flag) of the store's meta (0) / mlx (1) data or of this mine's own
+    lines (2, appended to ``extra``): ``units`` appended to ``into`` (or to empty plans),
+    each to its split's two files, adjacent ranges merged. ``flips``: mark changed units'
+    lines (without: the plan as if nothing changed, what a re-mine patches)."""
+    plans = into if into is not None else {rel: [] for rel in _FORMS}
+    forms = {split: [(rel, mlx) for rel, (s, mlx) in _FORMS.items() if s == split]
+             for split in ("train", "valid")}
+    for u in units:
+        d = drops.get(id(u)) if drops else None
+        for rel, mlx in forms[u.split]:
+            flip = int(flips and not mlx and u.changed and u.data is None)
+            if u.data is None and not d:
+                src, off, n = (1, u.seg[2], u.seg[3]) if mlx else (0, u.seg[0], u.seg[1])
+                ranges = plans[rel]
                 if not n:
                     continue
-                last = ranges[-1] if ranges else None
+                last = ranges[-1] if ranges else None  # _merge, inline: once per stored file
                 if last and last[0] == src and last[3] == flip and last[1] + last[2] == off:
                     ranges[-1] = (src, last[1], last[2] + n, flip)
                 else:
                     ranges.append((src, off, n, flip))
-            plans[rel] = ranges
+                continue
+            if u.data is not None:
+                data = u.data[1] if mlx else u.data[0]
+            else:
+                data = store.read_mlx(u.seg) if mlx else store.read_meta(u.seg)
+            if flip:
+                data = data.replace(_FALSE, _TRUE)
+            if d:
+                data = b"".join(ln for i, ln in enumerate(data.splitlines(keepends=True))
+                                if i not in d)
+            _merge(plans[rel], 2, len(extra), len(data), 0)
+            extra += data
+    return plans
 
+
+def _emit(out_dir: Path, plans: dict[str, list[tuple[int, int, int, int]]], extra: bytearray,
+          store: LineStore, linked: bool) -> None:
+    """Write the planned files: the training split linked where it can be, the rest plain."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "mlx").mkdir(exist_ok=True)
+    store.flush()
     link = linked and _link_store(out_dir, store, extra, {k: v for k, v in plans.items()
                                                           if k.endswith("train.jsonl")})
     fds = [store.meta.fileno(), store.mlx.fileno()]
@@ -855,12 +1312,6 @@ def _write(out_dir: Path, units: list[_Unit], store: LineStore, rep: MineReport,
         os.replace(tmp, path)
     if not link:
         linked_layout.unlink(out_dir)
-    rep.duplicates_removed = sum(len(d) for d in drops.values())
-    rep.examples = {"train": counts["train"], "valid": counts["valid"]}
-    rep.by_kind = {s: dict(sorted(c.items())) for s, c in by_kind.items()}
-    rep.by_lang = {s: dict(sorted(c.items())) for s, c in by_lang.items()}
-    rep.chars = {s: chars[s] for s in ("train", "valid") if s in chars}
-    rep.tokens_est = {s: int(nws[s] / NWS_PER_TOKEN) for s in ("train", "valid") if s in nws}
 
 
 def _write_all(fd: int, data: bytes | memoryview) -> None:
@@ -893,15 +1344,23 @@ def _link_store(out_dir: Path, store: LineStore,  extra: bytearray,
     return True
 
 
-def _housekeep(store: LineStore, units: list[_Unit], paths: set[str], akeys: set[str]) -> None:
-    """Compact the store once dead segments outweigh the live ones (old blobs, old pools)."""
-    live = [u.key for u in units if u.key is not None]
+def _compaction_due(store: LineStore, live_bytes: int, n_paths: int) -> bool:
+    """Dead segments outweigh the live ones (old blobs, old pools), or old paths the tree's."""
+    return (store.size() > 2 * live_bytes + (32 << 20)
+            or len(store.index.paths) > 2 * n_paths + 1024)
+
+
+def _housekeep(store: LineStore, units: list[_Unit], paths: set[str], akeys: set[str]) -> bool:
+    """Compact the store when :func:`_compaction_due`; True when it did. The live lines
+    are rewritten split by split, in output order (each split's then a few ranges)."""
+    live = [u.key for s in ("valid", "train") for u in units if u.key is not None and u.split == s]
     live_bytes = sum(u.seg.meta_len + u.seg.mlx_len for u in units if u.key is not None)
     idx = store.index
-    if store.size() <= 2 * live_bytes + (32 << 20) and len(idx.paths) <= 2 * len(paths) + 1024:
-        return
-    keep = set(live) | {k for k, s in idx.segs.items()
-                        if not Seg._make(s).n and k.startswith(("raft", "teacher"))}
+    if not _compaction_due(store, live_bytes, len(paths)):
+        return False
+    keep = set(live) | {k for k in idx.segs
+                        if k.startswith(("raft", "teacher")) and not store.seg(k).n}
     store.compact([k for k in live] + sorted(keep - set(live)))
     idx.paths = {p: v for p, v in idx.paths.items() if p in paths}
     idx.info = {k: v for k, v in idx.info.items() if k in akeys}
+    return True

@@ -95,9 +95,35 @@ def cat_blobs(repo: Path, shas: Iterable[str]) -> Iterator[tuple[str, bytes]]:
         t.join(timeout=1)
 
 
-def changed_paths(repo: Path, since: str, sha: str) -> set[str]:
-    out = git(repo, "diff", "--name-only", "--no-renames", "-z", since, sha)
-    return {p.decode("utf-8", "surrogateescape") for p in out.split(b"\0") if p}
+def changes(repo: Path, since: str, sha: str) -> dict[str, str | None]:
+    """Paths changed since..sha → the new blob, or None where the path holds no regular
+    file any more (deleted, or now a symlink or submodule: :func:`ls_tree` lists neither)."""
+    out = git(repo, "diff-tree", "-r", "-z", "--raw", "--no-renames", "--no-abbrev", since, sha)
+    # -z records: ":<old mode> <new mode> <old sha> <new sha> <status>\0<path>\0"
+    fields = out.split(b"\0")
+    got: dict[str, str | None] = {}
+    for head, path in zip(fields[0::2], fields[1::2], strict=False):
+        if not head.startswith(b":"):
+            continue
+        _old_mode, mode, _old, new, _status = head[1:].split(b" ")
+        got[path.decode("utf-8", "surrogateescape")] = (
+            new.decode() if mode.startswith(b"10") and mode != b"120000" else None)
+    return got
+
+
+def blob_sizes(repo: Path, blobs: Iterable[str]) -> dict[str, int]:
+    """Sizes of blobs (one `git cat-file --batch-check`)."""
+    blobs = list(dict.fromkeys(blobs))
+    if not blobs:
+        return {}
+    out = git(repo, "cat-file", "--batch-check", input="".join(b + "\n" for b in blobs).encode())
+    sizes: dict[str, int] = {}
+    for line in out.decode().splitlines():
+        obj, kind, *size = line.split(" ")
+        if kind != "blob" or len(size) != 1:
+            raise GitError(f"git cat-file: {obj} is not a blob ({kind})")
+        sizes[obj] = int(size[0])
+    return sizes
 
 
 def rev_list(repo: Path, sha: str, n: int, since: str | None = None) -> list[str]:
