@@ -515,7 +515,8 @@ class Engine:
             self.log.info("worker_exit", stage=w.stage, code=code, stop=w.stop_reason)
             if w.warnings:  # kept with the cycle: status and the report show them
                 old = json.loads(cyc["metrics"] or "{}").get("warnings") or []
-                self._merge_metrics(w.cycle_id, {"warnings": old + w.warnings})
+                # once each: a stage resumed after a crash says the same again
+                self._merge_metrics(w.cycle_id, {"warnings": old + [x for x in w.warnings if x not in old]})
             if code == 0 and w.stage in NEXT_STAGE:
                 if w.stage == "mine":
                     self._merge_metrics(w.cycle_id, {"dataset": result.get("manifest", {})})
