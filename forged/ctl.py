@@ -105,6 +105,8 @@ def _progress_text(r: dict[str, Any]) -> str:
         return f"teacher {prog.get('questions_done', 0)}/{prog['questions_total']} questions"
     if prog.get("files_total"):
         return f"{prog.get('files_done', 0)}/{prog['files_total']} files"
+    if prog.get("text"):  # a stage's own words (export, fidelity check)
+        return str(prog["text"])
     return (r.get("progress") or {}).get("text") or "—"
 
 

@@ -120,11 +120,13 @@ def run_stage(stage: str, cycle_dir: Path, job: dict[str, Any], stop: threading.
         if base.kind != "gguf":
             out.update(passed=False, export_error=f"export needs a GGUF base; {cfg.train.base_model} is {base.kind}")
             return out
+        progress({"stage": "export", "text": "exporting the adapter to GGUF"})
         if cfg.publish.export == "fused":  # a full GGUF with the adapter merged (published FROM it alone)
             exported = export_fused(adapter, Path(base.path), cycle_dir / "export" / "model.gguf")
         else:
             exported = export_adapter(adapter, Path(base.path), cycle_dir / "export" / "adapter.gguf")
-        progress({"stage": "export", "path": str(exported.path)})
+        progress({"stage": "export", "path": str(exported.path),
+                  "text": "checking the export in llama.cpp against the trainer"})
         texts = _heldout_texts(cycle_dir / "dataset" / "valid.jsonl", limit=8)
         fid = check_fidelity(adapter, exported.path, Path(base.path), cfg.train, texts,
                              min_corr=cfg.judge.fidelity_min_corr,

@@ -283,3 +283,18 @@ def test_daemon_stops_when_its_home_is_deleted(short_tmp: Path) -> None:
     second = DaemonProc(short_tmp / "h", QUIET).start()  # a fresh one can take over
     assert second.request("GET", "/v1/status")[0] == 200
     second.stop()
+
+
+def test_status_line_says_what_each_stage_is_doing() -> None:
+    from forged.ctl import _progress_text
+
+    def line(prog: dict) -> str:
+        return _progress_text({"cycle": {"progress": prog}, "progress": {"text": "40 / 300 lines"}})
+
+    assert line({"step": 3, "total_steps": 40, "loss": 1.5}) == "step 3/40, loss 1.500"
+    assert line({"metric": "fim", "model": "base", "done": 2, "total": 8}) == "judging base fim 2/8"
+    # the judge worker's export and llama.cpp check take minutes: their own words, not the
+    # repo's change accounting
+    assert line({"stage": "export", "text": "checking the export in llama.cpp against the trainer"}) \
+        == "checking the export in llama.cpp against the trainer"
+    assert line({}) == "40 / 300 lines"
