@@ -384,12 +384,9 @@ class _Doc:
         if self.est <= budget:
             return self.full, self.est
         if not self.code:  # measured on first use: most chunks are never cut
-            lines = self.full.rstrip("\n").split("\n")
-            # render(): the header lines (path, enclosing signatures), then the code
-            n_head = self.full.count("\n") - self.chunk.text.strip("\n").rstrip().count("\n") - 1
-            self.head = "".join(ln + "\n" for ln in lines[:n_head])
-            self.path_line = lines[0] + "\n"
-            self.code = lines[n_head:]
+            self.head = _header(self.chunk)  # path line, enclosing signatures
+            self.path_line = self.head[: self.head.index("\n") + 1]
+            self.code = self.full[len(self.head):].rstrip("\n").split("\n")
             self.text = "\n".join(self.code)
             self.starts = list(accumulate((len(ln) + 1 for ln in self.code[:-1]), initial=0))
             self.head_est, self.path_est = _est_tokens(self.head), _est_tokens(self.path_line)
