@@ -1,3 +1,3 @@
-from forged.daemon import main
+from forged.cli import main
 
 raise SystemExit(main())

@@ -16,7 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from forged import __version__, config, paths
+from forged import __version__
+from forged.common import config, paths
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NO_DAEMON = 0, 1, 2, 3
 
@@ -185,7 +186,7 @@ def cmd_doctor(p: paths.Paths, client: Client) -> int:
         line(True if found else None, f"module {mod}", "importable" if found else f"missing (pip install 'forged[{extra}]')")
     if cfg is not None:
         try:
-            from forged.train.backend import choose_backend
+            from forged.common.backends import choose_backend
 
             name, why = choose_backend(cfg.train)
             line(True, "training back end", f"{name} — {why}")
@@ -320,7 +321,7 @@ def run(args: argparse.Namespace, p: paths.Paths) -> int:
     if args.cmd == "logs":
         return cmd_logs(p, args.follow, args.lines)
     if args.cmd in ("install", "uninstall"):
-        from forged import service
+        from forged.daemon import service
 
         return service.main(args.cmd, dry_run=args.dry_run, p=p)
     if args.cmd == "watch":
@@ -373,7 +374,7 @@ def run(args: argparse.Namespace, p: paths.Paths) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from forged.daemon import default_home
+    from forged.daemon.main import default_home
 
     default_home()
     ap = build_parser()

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from forged.server import wait_for_socket
+from forged.daemon.server import wait_for_socket
 
 
 class UnixHTTP(http.client.HTTPConnection):

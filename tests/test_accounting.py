@@ -9,13 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from forged.accounting import (
-    RepoError,
-    account,
-    check_work_tree,
-    git_state,
-)
-from forged.config import ThresholdConfig
+from forged.common.config import ThresholdConfig
+from forged.daemon.accounting import RepoError, account, check_work_tree, git_state
 from tests.gitrepo import ENV, GitRepo
 
 CFG = ThresholdConfig(min_changed_lines=300, min_commits=10, max_age_days=7.0)

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from forged import approval
-from forged.approval import ApprovalRequest, ask
+from forged.daemon import approval
+from forged.daemon.approval import ApprovalRequest, ask
 
 REQ = ApprovalRequest(repo="click", version=3, commits=12, metric_deltas={"bpb": -0.0123, "exact": 0.05})
 BUS = {"DBUS_SESSION_BUS_ADDRESS": "unix:path=/run/user/1000/bus"}

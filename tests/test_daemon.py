@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from forged import config, paths, service
+from forged.common import config, paths
+from forged.daemon import service
 from tests.conftest import make_repo
 from tests.daemon_proc import DaemonProc
 
@@ -235,9 +236,9 @@ def test_daemon_imports_no_ml_libraries(tmp_path: Path) -> None:
     code = f"""
 import sys, types
 from pathlib import Path
-from forged import config, paths
-from forged.daemon import Daemon
-import forged.cycle, forged.gates, forged.watcher, forged.accounting, forged.publish, forged.approval, forged.ctl
+from forged.common import config, paths
+from forged.daemon.main import Daemon
+import forged.daemon.engine, forged.daemon.gates, forged.daemon.watcher, forged.daemon.accounting, forged.daemon.publish, forged.daemon.approval, forged.ctl
 d = Daemon(paths.resolve({{'FORGED_HOME': {str(tmp_path)!r}}}), config.Config())
 d.start()
 d.engine.tick()

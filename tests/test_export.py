@@ -22,7 +22,7 @@ from lora_fixtures import (
 )
 from tiny import TINY, bundled_gguf
 
-from forged.export import (
+from forged.worker.judge.export import (
     HF_TO_GGUF,
     ExportError,
     export_adapter,
@@ -127,10 +127,10 @@ def test_lora_export_applies_the_trained_delta(base: Path, hf: Path, tmp_path: P
 
 def test_without_qk_permutation_the_delta_is_wrong(base: Path, hf: Path, tmp_path: Path, monkeypatch) -> None:
     # Guards the test above: it must be able to see a missing permutation.
-    import forged.export
+    import forged.worker.judge.export
 
     ad = make_peft_adapter(hf, tmp_path / "ad", rank=4)
-    monkeypatch.setattr(forged.export, "PERMUTED_QK_ARCHS", set())
+    monkeypatch.setattr(forged.worker.judge.export, "PERMUTED_QK_ARCHS", set())
     res = export_adapter(ad, base, tmp_path / "a.gguf")
     got, want = hf_weights_after_export(base, res.path), merged_hf_weights(hf, ad)
     assert not np.allclose(got["0.q_proj"], want["0.q_proj"], atol=1e-3)
@@ -159,7 +159,7 @@ def test_mlx_layout_exports_like_peft(base: Path, hf: Path, tmp_path: Path) -> N
     """An mlx-lm adapter (x@A@B, absolute scale, trained on GGUF q/k order) gives the same file."""
     from safetensors.numpy import load_file, save_file
 
-    from forged.export import permute_rows
+    from forged.worker.judge.export import permute_rows
 
     peft_dir = make_peft_adapter(hf, tmp_path / "peft", rank=4, alpha=8.0)
     want = read_gguf(export_adapter(peft_dir, base, tmp_path / "peft.gguf").path)[1]
@@ -239,7 +239,7 @@ def test_fused_model_in_llama_cpp_equals_base_plus_adapter(
     base: Path, q4_base: Path, hf: Path, tmp_path: Path, llama_cpp, which: str
 ) -> None:
     """llama.cpp's logits from the fused GGUF equal its own base + GGUF adapter."""
-    from forged.fidelity import _llama, llama_logits, pearson
+    from forged.worker.judge.fidelity import _llama, llama_logits, pearson
 
     b = base if which == "f32" else q4_base
     ad = make_peft_adapter(hf, tmp_path / "ad", rank=4, alpha=8.0, rslora=True, std=0.2)
@@ -325,7 +325,7 @@ def llama_cpp():
 
 
 def _cfg(base: Path):
-    from forged.config import TrainConfig
+    from forged.common.config import TrainConfig
 
     return TrainConfig(backend="torch", base_model=str(base))
 
@@ -346,7 +346,7 @@ def rewrite_alpha(src: Path, dst: Path, factor: float) -> None:
 
 
 def test_fidelity_passes_for_a_correct_export(base: Path, hf: Path, tmp_path: Path, llama_cpp) -> None:
-    from forged.fidelity import check_fidelity
+    from forged.worker.judge.fidelity import check_fidelity
 
     ad = make_peft_adapter(hf, tmp_path / "ad", rank=4, alpha=8.0, rslora=True, std=0.2)
     # The production path: the trainer reads the GGUF base (transformers un-permutes q/k)
@@ -365,7 +365,7 @@ def test_fidelity_passes_for_a_correct_export(base: Path, hf: Path, tmp_path: Pa
 
 
 def test_fidelity_passes_for_pissa(base: Path, hf: Path, tmp_path: Path, llama_cpp) -> None:
-    from forged.fidelity import check_fidelity
+    from forged.worker.judge.fidelity import check_fidelity
 
     ad, _ = make_pissa_adapter(hf, tmp_path / "pissa", rank=4, alpha=4.0, step=0.1)
     res = export_adapter(ad, base, tmp_path / "p.gguf")
@@ -374,8 +374,8 @@ def test_fidelity_passes_for_pissa(base: Path, hf: Path, tmp_path: Path, llama_c
 
 
 def test_fidelity_fails_for_broken_exports(base: Path, hf: Path, tmp_path: Path, llama_cpp, monkeypatch) -> None:
-    import forged.export
-    from forged.fidelity import check_fidelity
+    import forged.worker.judge.export
+    from forged.worker.judge.fidelity import check_fidelity
 
     # A small adapter keeps the logit change near-linear in its scale, so a lost
     # scale shows as a size ratio of ~3 as well as a low correlation.
@@ -386,7 +386,7 @@ def test_fidelity_fails_for_broken_exports(base: Path, hf: Path, tmp_path: Path,
     assert not fid.passed and "correlation" in fid.reason
     assert fid.delta_norm_ratio > 1.5
 
-    monkeypatch.setattr(forged.export, "PERMUTED_QK_ARCHS", set())
+    monkeypatch.setattr(forged.worker.judge.export, "PERMUTED_QK_ARCHS", set())
     unpermuted = export_adapter(ad, base, tmp_path / "noperm.gguf").path
     fid = check_fidelity(ad, unpermuted, base, _cfg(hf), HELDOUT)
     assert not fid.passed, fid.reason
@@ -399,8 +399,8 @@ def test_fidelity_fails_for_broken_exports(base: Path, hf: Path, tmp_path: Path,
 def test_fidelity_checks_fused_exports(base: Path, hf: Path, tmp_path: Path, llama_cpp, monkeypatch) -> None:
     """The same check for a fused model: Δ = llama.cpp(fused) − llama.cpp(base), and the q/k
     part as a fused model of the q/k-only adapter; a q/k layout error still fails it."""
-    import forged.export
-    from forged.fidelity import check_fidelity
+    import forged.worker.judge.export
+    from forged.worker.judge.fidelity import check_fidelity
 
     ad = make_peft_adapter(hf, tmp_path / "ad", rank=4, alpha=8.0, rslora=True, std=0.05)
     fused = export_fused(ad, base, tmp_path / "f.gguf").path
@@ -409,7 +409,7 @@ def test_fidelity_checks_fused_exports(base: Path, hf: Path, tmp_path: Path, lla
     assert fid.correlation >= 0.99 and fid.correlation_qk is not None and fid.correlation_qk >= 0.95
     assert fid.delta_norm_ratio == pytest.approx(1.0, abs=0.05)
 
-    monkeypatch.setattr(forged.export, "PERMUTED_QK_ARCHS", set())
+    monkeypatch.setattr(forged.worker.judge.export, "PERMUTED_QK_ARCHS", set())
     unpermuted = export_fused(ad, base, tmp_path / "noperm.gguf").path
     fid = check_fidelity(ad, unpermuted, base, _cfg(hf), HELDOUT)
     assert not fid.passed and "correlation" in fid.reason, fid.reason  # whole (0.94 here) or q/k part
@@ -419,8 +419,8 @@ def test_fidelity_checks_fused_exports(base: Path, hf: Path, tmp_path: Path, lla
 def test_real_base_export_and_fidelity(tmp_path: Path, llama_cpp) -> None:
     """SmolLM2-135M (bundled Q4_1 GGUF): an rsLoRA adapter on all seven projections,
     exported and verified against llama.cpp — the 4-bit base, 9 q heads / 3 kv heads."""
-    from forged.config import TrainConfig
-    from forged.fidelity import check_fidelity
+    from forged.common.config import TrainConfig
+    from forged.worker.judge.fidelity import check_fidelity
 
     base = bundled_gguf()
     # std 0.05: a random adapter's effect must stand well above llama.cpp's Q8 activation

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from forged.config import GatesConfig
-from forged.gates import GateReading, Probe, all_open, closed, read_gates
+from forged.common.config import GatesConfig
+from forged.daemon.gates import GateReading, Probe, all_open, closed, read_gates
 
 FIX = Path(__file__).parent / "fixtures" / "gates"
 GIB = 1024**3

@@ -11,8 +11,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
-from forged.config import TrainConfig  # noqa: E402
-from forged.train import load_model  # noqa: E402
+from forged.common.config import TrainConfig  # noqa: E402
+from forged.worker.train import load_model  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from lora_fixtures import make_peft_adapter, tiny_hf  # noqa: E402

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from forged.config import JudgeConfig, TrainConfig
-from forged.judge import (
+from forged.common.config import JudgeConfig, TrainConfig
+from forged.worker.judge.gate import summary_line
+from forged.worker.judge.judge import (
     JudgeError,
     answer_matches,
     edit_similarity,
@@ -18,7 +19,6 @@ from forged.judge import (
     gate_decision,
     load_heldout,
 )
-from forged.judge_gate import summary_line
 
 # ---------------------------------------------------------------- gate (pure)
 
@@ -64,7 +64,7 @@ def test_gate_module_is_light() -> None:
     """The daemon imports the gate: it must not drag numpy/torch in."""
     import subprocess
 
-    code = "import sys, forged.judge_gate, forged.judge; print(sorted(m for m in ('numpy','torch','transformers') if m in sys.modules))"
+    code = "import sys, forged.worker.judge.gate, forged.judge; print(sorted(m for m in ('numpy','torch','transformers') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -165,7 +165,7 @@ def tiny_setup(tmp_path_factory: pytest.TempPathFactory):
 
 
 def test_judge_end_to_end(tiny_setup) -> None:
-    from forged.judge import judge
+    from forged.worker.judge.judge import judge
 
     base, ds, trained, off_topic = tiny_setup
     cfg_t = TrainConfig(backend="torch", base_model=str(base))

@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("tree_sitter")
 
-from forged.mine.chunker import analyze, budget_bytes, parser_for  # noqa: E402
+from forged.worker.mine.chunker import analyze, budget_bytes, parser_for  # noqa: E402
 
 
 def nws(s: str) -> int:

@@ -13,10 +13,10 @@ import pytest
 
 pytest.importorskip("tree_sitter")
 
-from forged.config import MineConfig  # noqa: E402
-from forged.mine import linked, mine_repo  # noqa: E402
-from forged.mine.examples import ANSWER, BEGIN_QUOTE, END_QUOTE  # noqa: E402
-from forged.mine.gitio import GitError  # noqa: E402
+from forged.common.config import MineConfig  # noqa: E402
+from forged.worker.mine import linked, mine_repo  # noqa: E402
+from forged.worker.mine.examples import ANSWER, BEGIN_QUOTE, END_QUOTE  # noqa: E402
+from forged.worker.mine.gitio import GitError  # noqa: E402
 
 
 def git(repo: Path, *args: str) -> str:
@@ -224,7 +224,7 @@ def test_kinds_off_and_bad_input(repo: Path, tmp_path: Path) -> None:
 
 
 def test_cli(repo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from forged.mine.cli import main
+    from forged.worker.mine.cli import main
 
     out = tmp_path / "cli-out"
     assert main([str(repo), "--out", str(out), "--cache", str(tmp_path / "c"), "--quiet"]) == 0
@@ -235,7 +235,7 @@ def test_cli(repo: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> 
 
 def test_process_pool_path_matches_inline(repo: Path, tmp_path: Path,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    from forged.mine import dataset
+    from forged.worker.mine import dataset
 
     inline = mine_repo(repo, tmp_path / "a", cfg(), tmp_path / "ca")
     monkeypatch.setattr(dataset, "_INLINE_BYTES", 0)  # force the pool even for a tiny repo
@@ -247,7 +247,7 @@ def test_process_pool_path_matches_inline(repo: Path, tmp_path: Path,
 @pytest.mark.parametrize("shards", [1, 8])
 def test_remine_rederives_only_the_changed_file_and_matches_cold(
         repo: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, shards: int) -> None:
-    from forged.mine import dataset, examples
+    from forged.worker.mine import dataset, examples
 
     monkeypatch.setattr(dataset, "_nshards", lambda n: shards)  # RAFT pools: force shards
     per_file: list[str] = []
@@ -295,7 +295,7 @@ def test_remine_rederives_only_the_changed_file_and_matches_cold(
 
 def test_store_compaction_and_log_keep_output_identical(repo: Path, tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    from forged.mine import store
+    from forged.worker.mine import store
 
     c, cache = cfg(), tmp_path / "cache"
     mine_repo(repo, tmp_path / "o1", c, cache)
@@ -326,8 +326,8 @@ def test_config_change_replaces_the_repos_store(repo: Path, tmp_path: Path) -> N
 
 def test_linked_layout_shares_the_store_and_reads_like_plain(repo: Path, tmp_path: Path,
                                                             monkeypatch: pytest.MonkeyPatch) -> None:
-    from forged.mine import dataset, store
-    from forged.train.data import load_dataset
+    from forged.worker.mine import dataset, store
+    from forged.worker.train.data import load_dataset
 
     c, cache = cfg(), tmp_path / "cache"
     mine_repo(repo, tmp_path / "l1", c, cache)
@@ -407,7 +407,7 @@ def test_failure_reports_say_what_to_do_when_the_disk_is_full(tmp_path: Path) ->
     import errno
     import sqlite3
 
-    from forged.paths import describe_failure
+    from forged.common.paths import describe_failure
 
     fd = os.open("/dev/full", os.O_WRONLY)  # the kernel's own ENOSPC
     try:
@@ -428,7 +428,7 @@ def test_remine_patches_the_last_mine_and_matches_cold(repo: Path, tmp_path: Pat
     """A re-mine from the last mined commit patches that mine (no tree listing) and gives a
     cold mine's bytes through adds, edits, deletes, renames, binary and held-out changes;
     from any other commit, with duplicates, or without its saved state it mines in full."""
-    from forged.mine import gitio
+    from forged.worker.mine import gitio
 
     listed: list[str] = []
     ls_tree = gitio.ls_tree

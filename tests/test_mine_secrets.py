@@ -13,9 +13,9 @@ import pytest
 
 pytest.importorskip("tree_sitter")
 
-from forged.config import MineConfig  # noqa: E402
-from forged.mine import mine_repo  # noqa: E402
-from forged.mine.redact import SECRET, redact  # noqa: E402
+from forged.common.config import MineConfig  # noqa: E402
+from forged.worker.mine import mine_repo  # noqa: E402
+from forged.worker.mine.redact import SECRET, redact  # noqa: E402
 
 # Built at run time so no credential-shaped literal sits in this repo.
 R = random.Random(1234)

@@ -27,10 +27,10 @@ pytest.importorskip("tree_sitter")
 
 from ollama_double import OllamaDouble  # noqa: E402
 
-from forged.config import MineConfig  # noqa: E402
-from forged.mine import mine_repo, teacher  # noqa: E402
-from forged.mine.chunker import Chunk  # noqa: E402
-from forged.publish import Publisher  # noqa: E402
+from forged.common.config import MineConfig  # noqa: E402
+from forged.daemon.publish import Publisher  # noqa: E402
+from forged.worker.mine import mine_repo, teacher  # noqa: E402
+from forged.worker.mine.chunker import Chunk  # noqa: E402
 from tests.test_mine_pipeline import body, commit, git, module, read  # noqa: E402
 from tests.test_mine_secrets import SECRETS, leaky_repo  # noqa: E402, F401 (a fixture)
 
@@ -237,8 +237,8 @@ def test_worker_mine_stage_asks_at_the_publish_host(od: OllamaDouble, tag: str, 
     report travels in the stage result (the cycle report) and the manifest."""
     import threading
 
-    from forged import config
-    from forged.worker import run_stage
+    from forged.common import config
+    from forged.worker.main import run_stage
 
     od.chat_reply = grounded
     cfg_ = config.Config()
@@ -430,8 +430,8 @@ def test_grounding_rule_and_anchors() -> None:
 
 
 def test_selection_is_deterministic_and_seeded() -> None:
-    from forged.mine.chunker import analyze, budget_bytes
-    from forged.mine.examples import MinedFile
+    from forged.worker.mine.chunker import analyze, budget_bytes
+    from forged.worker.mine.examples import MinedFile
 
     text = "".join(module(i) for i in range(12))
     fa = analyze("pkg/all.py", "python", text.encode(), budget_bytes(64))

@@ -11,9 +11,10 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from forged.config import TrainConfig  # noqa: E402
-from forged.train.backend import open_backend  # noqa: E402
-from forged.train.models import cached_dequantized, resolve_base  # noqa: E402
+from forged.common.config import TrainConfig  # noqa: E402
+from forged.common.models import resolve_base  # noqa: E402
+from forged.worker.train.backend import open_backend  # noqa: E402
+from forged.worker.train.models import cached_dequantized  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny import make_tiny_gguf  # noqa: E402
@@ -22,7 +23,7 @@ from tiny import tokenizer_dir as tiny_tokenizer_dir  # noqa: E402
 
 def test_gguf_base_is_converted_once_and_the_copy_gives_the_same_model(tmp_path, monkeypatch):
     monkeypatch.setenv("FORGED_HOME", str(tmp_path / "home"))
-    from forged.paths import resolve
+    from forged.common.paths import resolve
 
     g = make_tiny_gguf(tmp_path / "g")
     base = resolve_base(str(g))

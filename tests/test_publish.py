@@ -12,8 +12,8 @@ import ollama
 import pytest
 from ollama_double import OllamaDouble, bundled_base, make_lora_adapter
 
-from forged import publish
-from forged.publish import OllamaUnavailable, Publisher, PublishError
+from forged.daemon import publish
+from forged.daemon.publish import OllamaUnavailable, Publisher, PublishError
 
 HAS_LLAMA = importlib.util.find_spec("llama_cpp") is not None
 needs_llama = pytest.mark.skipif(not HAS_LLAMA, reason="llama-cpp-python is not installed")
@@ -304,7 +304,7 @@ def make_fused(tmp: Path) -> Path:
     import numpy as np
     from safetensors.numpy import save_file
 
-    from forged.export import export_fused
+    from forged.worker.judge.export import export_fused
 
     rng = np.random.default_rng(0)
     ad = tmp / "adapter"

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from forged.config import TrainConfig
-from forged.train.data import Record, load_dataset, select_replay, tokenize
-from forged.train.models import ModelError, model_dims, read_gguf_metadata, resolve_base
-from forged.train.packing import IGNORE, RowStream, collate, epoch_rows, pack
+from forged.common.config import TrainConfig
+from forged.common.gguf import read_gguf_metadata
+from forged.common.models import ModelError, model_dims, resolve_base
+from forged.worker.train.data import Record, load_dataset, select_replay, tokenize
+from forged.worker.train.packing import IGNORE, RowStream, collate, epoch_rows, pack
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny import tokenizer_dir, write_code_dataset  # noqa: E402
@@ -31,9 +32,9 @@ def tok():
 
 
 def test_daemon_side_imports_stay_light():
-    code = ("import sys, forged.train, forged.train.memory as m; from forged.config import TrainConfig;"
-            "print(forged.train.choose_backend(TrainConfig()));"
-            "b = forged.train.resolve_base('bundled:smollm2-135m');"
+    code = ("import sys, forged.worker.train, forged.worker.train.memory as m; from forged.config import TrainConfig;"
+            "print(forged.worker.train.choose_backend(TrainConfig()));"
+            "b = forged.worker.train.resolve_base('bundled:smollm2-135m');"
             "print(m.estimate_for(b, TrainConfig(), 'torch'));"
             "heavy = [x for x in ('torch', 'transformers', 'peft', 'mlx', 'gguf', 'numpy') if x in sys.modules];"
             "assert not heavy, heavy")
@@ -42,7 +43,7 @@ def test_daemon_side_imports_stay_light():
 
 
 def test_choose_backend_explains(monkeypatch):
-    from forged.train import backend
+    from forged.common import backends as backend
 
     name, why = backend.choose_backend(TrainConfig(backend="auto"))
     assert name in ("torch", "mlx") and why
@@ -59,7 +60,7 @@ def test_resolve_bundled_and_dims():
     assert b.kind == "gguf" and b.architecture == "llama" and len(b.sha256) == 64
     d = model_dims(b)
     assert (d["layers"], d["hidden"], d["heads"], d["kv_heads"], d["vocab"]) == (30, 576, 9, 3, 49152)
-    from forged.train.memory import estimate_peak_memory, n_params
+    from forged.common.memory import estimate_peak_memory, n_params
 
     assert 130e6 < n_params(d) < 140e6  # SmolLM2-135M
     small = estimate_peak_memory(d, seq_len=256, batch_size=2)
@@ -71,7 +72,7 @@ def test_resolve_bundled_and_dims():
 def test_memory_estimate_covers_measured_peaks():
     """Peak RSS measured with bench/train/bench.py memory (forged's PyTorch trainer, PiSSA,
     SmolLM2-135M from the GGUF; docs/benchmarks.md): the estimate is slightly conservative."""
-    from forged.train.memory import estimate_peak_memory
+    from forged.common.memory import estimate_peak_memory
 
     d = {"layers": 30, "hidden": 576, "intermediate": 1536, "vocab": 49152, "heads": 9, "kv_heads": 3}
     measured = [({"batch_size": 4, "seq_len": 512}, 7_735_140_352),
@@ -111,7 +112,7 @@ def test_resolve_errors_and_ollama_store(tmp_path, monkeypatch):
 
 
 def test_masks_for_each_record_kind(tok):
-    from forged.train.data import start_id, tokenize_record
+    from forged.worker.train.data import start_id, tokenize_record
 
     s = start_id(tok)
     assert tok.convert_ids_to_tokens(s) == "<|endoftext|>"
@@ -200,8 +201,8 @@ def test_mined_raft_examples_fit_the_training_context(tok, tmp_path):
 
     from conftest import make_repo
 
-    from forged.config import MineConfig
-    from forged.mine import linked, mine_repo
+    from forged.common.config import MineConfig
+    from forged.worker.mine import linked, mine_repo
 
     # ... and one documented function too long to fit seq_len beside its documentation
     steps = "\n".join(f"    table[{k}] = table.get({k}, 0) + weight_{k % 7} * len(rows)" for k in range(60))
@@ -227,7 +228,7 @@ def test_mined_raft_examples_fit_the_training_context(tok, tmp_path):
     assert not dropped, dropped
     # With room to spare the documents are whole chunks: too long for seq_len, and the
     # trainer is left with nothing to learn from most of them (it says how many).
-    from forged.train.data import start_id, tokenize_record
+    from forged.worker.train.data import start_id, tokenize_record
 
     long = sum(len(tokenize_record(tok, r, start_id(tok))) > seq_len for r in raft["roomy"])
     assert long > len(raft["roomy"]) / 2

@@ -39,8 +39,8 @@ def _real_repo_dataset(out: Path) -> Path:
 def test_smollm2_few_steps_lower_heldout_loss(tmp_path, monkeypatch):
     pytest.importorskip("click")
     monkeypatch.setenv("FORGED_HOME", str(tmp_path / "home"))
-    from forged.config import TrainConfig
-    from forged.train import load_model, train
+    from forged.common.config import TrainConfig
+    from forged.worker.train import load_model, train
 
     ds = _real_repo_dataset(tmp_path / "ds")
     cfg = TrainConfig(backend="torch", method="pissa", seq_len=256, batch_size=2, max_steps=24, warmup_steps=2,

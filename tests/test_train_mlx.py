@@ -14,11 +14,11 @@ import pytest
 mx = pytest.importorskip("mlx.core")
 pytest.importorskip("mlx_lm")
 
-from forged.config import TrainConfig  # noqa: E402
-from forged.train import load_model, train  # noqa: E402
-from forged.train.backend import open_backend  # noqa: E402
-from forged.train.data import load_dataset  # noqa: E402
-from forged.train.pissa import pissa_init, principal, to_plain_lora  # noqa: E402
+from forged.common.config import TrainConfig  # noqa: E402
+from forged.worker.train import load_model, train  # noqa: E402
+from forged.worker.train.backend import open_backend  # noqa: E402
+from forged.worker.train.data import load_dataset  # noqa: E402
+from forged.worker.train.pissa import pissa_init, principal, to_plain_lora  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny import make_tiny_gguf, write_code_dataset  # noqa: E402
@@ -35,7 +35,7 @@ def tiny_gguf(tmp_path_factory) -> Path:
     import os
     import shutil
 
-    from forged.train.models import resolve_base
+    from forged.common.models import resolve_base
 
     g = make_tiny_gguf(tmp_path_factory.mktemp("tinyg"))
     # Its tokenizer is SmolLM2's: seed forged's tokenizer cache instead of converting
@@ -43,7 +43,7 @@ def tiny_gguf(tmp_path_factory) -> Path:
     old = os.environ.get("FORGED_HOME")
     os.environ["FORGED_HOME"] = str(tmp_path_factory.getbasetemp() / "home")
     try:
-        from forged.paths import resolve
+        from forged.common.paths import resolve
 
         cache = resolve().cache_dir / "tokenizers" / resolve_base(str(g)).sha256[:16]
         if not cache.exists():

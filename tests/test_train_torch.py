@@ -17,12 +17,12 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
-from forged.config import TrainConfig  # noqa: E402
-from forged.train import load_model, train  # noqa: E402
-from forged.train.data import DatasetError, load_dataset, tokenize  # noqa: E402
-from forged.train.models import ModelError, resolve_base  # noqa: E402
-from forged.train.packing import collate, pack, single  # noqa: E402
-from forged.train.run import TrainError  # noqa: E402
+from forged.common.config import TrainConfig  # noqa: E402
+from forged.common.models import ModelError, resolve_base  # noqa: E402
+from forged.worker.train import load_model, train  # noqa: E402
+from forged.worker.train.data import DatasetError, load_dataset, tokenize  # noqa: E402
+from forged.worker.train.packing import collate, pack, single  # noqa: E402
+from forged.worker.train.run import TrainError  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
 from tiny import make_tiny_llama, write_code_dataset  # noqa: E402
@@ -53,7 +53,7 @@ def cfg_for(tiny: Path, **kw) -> TrainConfig:
 
 
 def open_torch(cfg: TrainConfig):
-    from forged.train.backend import open_backend
+    from forged.worker.train.backend import open_backend
 
     return open_backend(cfg, name="torch")
 
@@ -165,7 +165,7 @@ def test_kill9_mid_run_then_resume(tiny, dataset, tmp_path):
         'warmup_steps = 1\ncheckpoint_every = 2\nrank = 4\nalpha = 8.0\nlearning_rate = 2e-3\nmax_minutes = 0\n'
         "threads = 1\n"
     )
-    cmd = [sys.executable, "-m", "forged.train.cli", str(dataset), "--out", str(tmp_path / "run"),
+    cmd = [sys.executable, "-m", "forged.worker.train.cli", str(dataset), "--out", str(tmp_path / "run"),
            "--config", str(cfg_file)]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
@@ -220,7 +220,7 @@ def test_bad_inputs_fail_before_training(tiny, dataset, tmp_path):
 
 
 def test_nan_loss_stops_and_reports_last_good_checkpoint(tiny, dataset, tmp_path, monkeypatch):
-    from forged.train import torch_backend
+    from forged.worker.train import torch_backend
 
     real = torch_backend.TorchBackend.train_step
     calls = {"n": 0}

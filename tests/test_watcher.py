@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from forged.accounting import account
-from forged.config import ThresholdConfig
-from forged.watcher import RepoWatcher, git_path_matters
+from forged.common.config import ThresholdConfig
+from forged.daemon.accounting import account
+from forged.daemon.watcher import RepoWatcher, git_path_matters
 from tests.gitrepo import GitRepo
 
 SETTLE = 0.2
@@ -22,7 +22,7 @@ QUIET = 0.7  # long enough that a pass would have fired: settle + batch + slack
 
 @pytest.fixture(autouse=True)
 def _fast_batches(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("forged.watcher.BATCH_SECONDS", 0.05)
+    monkeypatch.setattr("forged.daemon.watcher.BATCH_SECONDS", 0.05)
 
 
 def wait_until(cond: Callable[[], bool], timeout: float = 5.0) -> bool:
@@ -235,7 +235,7 @@ def test_repo_rm_rf_and_recreated(repo: GitRepo, watched: Watched) -> None:
 
 
 def test_start_rejects_a_non_repo(tmp_path: Path) -> None:
-    from forged.accounting import RepoError
+    from forged.daemon.accounting import RepoError
 
     with pytest.raises(RepoError, match="not a git repository"):
         RepoWatcher(tmp_path, lambda: None).start()

@@ -6,7 +6,7 @@ import os
 import stat
 from pathlib import Path
 
-from forged.cycle import qos_prefix
+from forged.daemon.engine import qos_prefix
 
 
 def test_macos_worker_is_clamped_to_utility_qos_not_background(tmp_path: Path) -> None:
@@ -25,7 +25,7 @@ def test_worker_lowers_its_own_priority(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    from forged import config
+    from forged.common import config
 
     cfg = config.to_dict(config.Config())
     cfg["daemon"]["worker_nice"] = 7

@@ -25,10 +25,11 @@ def main() -> int:
     args = ap.parse_args()
     import numpy as np
 
-    from forged.config import TrainConfig
-    from forged.export import export_adapter, export_fused
-    from forged.fidelity import _adapted_llama, check_fidelity, llama_logits
-    from forged.train import load_model, resolve_base
+    from forged.common.config import TrainConfig
+    from forged.common.models import resolve_base
+    from forged.worker.judge.export import export_adapter, export_fused
+    from forged.worker.judge.fidelity import _adapted_llama, check_fidelity, llama_logits
+    from forged.worker.train import load_model
 
     cfg = TrainConfig(backend="torch", method=args.method)
     base = Path(resolve_base(cfg.base_model).path)

@@ -33,9 +33,9 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(1)
-    from forged import judge
-    from forged.config import TrainConfig
-    from forged.train import load_model
+    from forged.common.config import TrainConfig
+    from forged.worker.judge import judge
+    from forged.worker.train import load_model
 
     h = judge.load_heldout(args.dataset, 24, args.n, max_raft=args.n)
     be = load_model(TrainConfig(backend="torch", threads=1), args.adapter)

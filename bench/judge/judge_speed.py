@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def build(n_text: int, n_fim: int, n_raft: int, seed: int = 0):
-    from forged.judge import FimExample, Heldout, RaftExample
+    from forged.worker.judge.judge import FimExample, Heldout, RaftExample
 
     rng = random.Random(seed)
     files = sorted((ROOT / "forged").rglob("*.py"))
@@ -63,9 +63,9 @@ def main() -> int:
     ap.add_argument("--n-fim", type=int, default=12)
     ap.add_argument("--n-raft", type=int, default=8)
     args = ap.parse_args()
-    from forged.config import TrainConfig
-    from forged.judge import Heldout, score_model
-    from forged.train import load_model
+    from forged.common.config import TrainConfig
+    from forged.worker.judge.judge import Heldout, score_model
+    from forged.worker.train import load_model
 
     data = build(args.n_text, args.n_fim, args.n_raft)
     t0 = time.monotonic()

@@ -37,10 +37,11 @@ def main() -> int:
     ap.add_argument("--method", default="pissa", choices=["pissa", "lora"])
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    from forged.config import TrainConfig
-    from forged.export import export_adapter
-    from forged.fidelity import check_fidelity
-    from forged.train import resolve_base, train
+    from forged.common.config import TrainConfig
+    from forged.common.models import resolve_base
+    from forged.worker.judge.export import export_adapter
+    from forged.worker.judge.fidelity import check_fidelity
+    from forged.worker.train import train
 
     out = args.out or Path(tempfile.mkdtemp(prefix="forged-realfid-"))
     texts = code_texts(48)

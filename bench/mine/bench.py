@@ -74,7 +74,7 @@ def evaluate(files: dict[str, str], chunks: dict[str, list[str]], budget: int,
     budget. No chunk within the budget can hold that token, so every chunk touching it is a
     slice of it and cannot parse; the same rule is applied to every chunker.
     """
-    from forged.mine.chunker import parser_for
+    from forged.worker.mine.chunker import parser_for
 
     parser = parser_for(lang)
     funcs_t = FUNCS[lang]
@@ -169,7 +169,7 @@ def timed_rounds(files: dict[str, str], budget: int, lang: str, peers: list[str]
     of one chunker after another measured different machines (±30–50% swings)."""
     import numpy  # noqa: F401  one-time import outside the timing (the peers import theirs too)
 
-    from forged.mine.chunker import chunk_code, parser_for
+    from forged.worker.mine.chunker import chunk_code, parser_for
 
     parser_for(lang)
     live = [_Peer(name, budget, listing, lang) for name in peers] if PEERS_PY.exists() else []
@@ -229,8 +229,8 @@ def commit_all(repo: Path) -> str:
 
 def full_mine(root: Path) -> dict:
     """Cold mine_repo over the corpus as a git repo (everything: redaction, examples, write)."""
-    from forged.config import MineConfig
-    from forged.mine import mine_repo
+    from forged.common.config import MineConfig
+    from forged.worker.mine import mine_repo
 
     with tempfile.TemporaryDirectory() as d:
         repo = Path(d) / "repo"
@@ -244,8 +244,8 @@ def full_mine(root: Path) -> dict:
 _COLD_PASS = """
 import json, sys, time
 from pathlib import Path
-from forged import filters
-from forged.mine import dataset, gitio
+from forged.common import filters
+from forged.worker.mine import dataset, gitio
 repo, sha, budget, workers = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 missing = {e.path: (e, filters.language_of(e.path) or "") for e in gitio.ls_tree(repo, sha)}
 t = time.perf_counter()
@@ -290,8 +290,8 @@ def remine(n_files: int, rounds: int = 3) -> dict:
     Wall and CPU seconds per mine (the box is shared: wall time includes the neighbours),
     the files whose examples were re-derived (counted, not timed), and the dataset size.
     """
-    from forged.config import MineConfig
-    from forged.mine import examples, mine_repo
+    from forged.common.config import MineConfig
+    from forged.worker.mine import examples, mine_repo
 
     derived: list[str] = []
     cont = examples.continuation

@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).parent))
 
 from bench import corpus_files  # noqa: E402
-from forged.mine import chunker  # noqa: E402
+from forged.worker.mine import chunker  # noqa: E402
 
 
 class _Parsed:

@@ -31,7 +31,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from ollama_double import OllamaDouble, bundled_base, make_lora_adapter  # noqa: E402
 
-from forged import publish  # noqa: E402
+from forged.daemon import publish  # noqa: E402
 
 
 def _stats(xs: list[float]) -> dict[str, float]:

@@ -55,7 +55,7 @@ def make_dataset(src: Path, out: Path, valid_frac: float = 0.15, seed: int = 0) 
 
 
 def _cfg(**kw):
-    from forged.config import TrainConfig
+    from forged.common.config import TrainConfig
 
     c = dict(base_model="bundled:smollm2-135m", batch_size=4, seq_len=512, rank=16, alpha=16.0,
              learning_rate=2e-4, warmup_steps=2, max_minutes=0, checkpoint_every=10_000, seed=0)
@@ -90,7 +90,7 @@ def keep_layers(n: int, mlx: bool) -> None:
         return model
 
     if not mlx:
-        import forged.train.torch_backend as ftb
+        import forged.worker.train.torch_backend as ftb
 
         init = ftb.TorchBackend.__init__
 
@@ -101,7 +101,7 @@ def keep_layers(n: int, mlx: bool) -> None:
         ftb.TorchBackend.__init__ = torch_init
         KEEP["torch"] = cut_torch
         return
-    import forged.train.mlx_backend as fmb
+    import forged.worker.train.mlx_backend as fmb
 
     load = fmb.load_gguf_model
 
@@ -126,7 +126,7 @@ def _train_only(ds: Path) -> Path:
 
 
 def _forged_run(ds: Path, cfg, backend: str, tag: str) -> dict:
-    from forged.train.run import train
+    from forged.worker.train.run import train
 
     out = Path(f"/tmp/forged-bench-{tag}-{os.getpid()}")
     t = time.monotonic()
@@ -144,8 +144,9 @@ def _hf_run(ds: Path, cfg, steps: int) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
-    from forged.train.data import load_dataset, tokenize
-    from forged.train.models import load_tokenizer, resolve_base
+    from forged.common.models import resolve_base
+    from forged.worker.train.data import load_dataset, tokenize
+    from forged.worker.train.models import load_tokenizer
 
     t = time.monotonic()
     load0 = os.getloadavg()[0]
@@ -217,8 +218,8 @@ def _summary(bench: str, results: dict[str, list[dict]], ours: str, ref: str) ->
 
 def torch_throughput(ds: Path, steps: int, rounds: int, seq_len: int, threads: int) -> None:
     """forged's packed PyTorch loop vs a plain transformers Trainer + PEFT LoRA, alternating rounds."""
-    from forged.train.memory import estimate_for
-    from forged.train.models import resolve_base
+    from forged.common.memory import estimate_for
+    from forged.common.models import resolve_base
 
     cfg = _cfg(backend="torch", method="lora", max_steps=steps, seq_len=seq_len, threads=threads)
     ds = _train_only(ds)
@@ -244,9 +245,10 @@ def _mlxlm_run(ds: Path, cfg, steps: int) -> dict:
     from mlx_lm.tuner.datasets import CacheDataset, TextDataset
     from mlx_lm.tuner.utils import linear_to_lora_layers
 
-    import forged.train.mlx_backend as fmb
-    from forged.train.data import load_dataset
-    from forged.train.models import load_tokenizer, resolve_base
+    import forged.worker.train.mlx_backend as fmb
+    from forged.common.models import resolve_base
+    from forged.worker.train.data import load_dataset
+    from forged.worker.train.models import load_tokenizer
 
     t = time.monotonic()
     load0 = os.getloadavg()[0]
@@ -307,7 +309,7 @@ def mlx_throughput(ds: Path, steps: int, rounds: int, seq_len: int) -> None:
 
 def pissa(ds: Path, steps: int, eval_every: int, lr: float, seq_len: int, threads: int, max_valid: int) -> None:
     """Held-out loss every ``eval_every`` steps, LoRA then PiSSA (same data order, lr, batch)."""
-    from forged.train.run import train
+    from forged.worker.train.run import train
 
     if max_valid:
         small = Path(f"/tmp/forged-bench-pissa-ds-{os.getpid()}")
@@ -348,8 +350,8 @@ def memory(ds: Path, steps: int, only: int | None, threads: int) -> None:
             subprocess.run([sys.executable, __file__, "memory", str(ds), "--steps", str(steps), "--only", str(i),
                             "--threads", str(threads)], check=True)
         return
-    from forged.train.memory import estimate_for
-    from forged.train.models import resolve_base
+    from forged.common.memory import estimate_for
+    from forged.common.models import resolve_base
 
     kw = MEMORY_CONFIGS[only]
     cfg = _cfg(backend="torch", method="pissa", max_steps=steps, threads=threads, **kw)

