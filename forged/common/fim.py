@@ -1,0 +1,106 @@
+"""Fill-in-the-middle formats: one per base, used by the miner, the judge and the template.
+
+A base's FIM format is found from the base itself (:func:`detect`):
+
+1. the GGUF's ``tokenizer.ggml.fim_pre_token_id`` / ``fim_suf_token_id`` /
+   ``fim_mid_token_id`` (llama.cpp's converter writes them where it knows them);
+2. otherwise a known family's tokens, looked up in the vocabulary;
+3. otherwise forged's own textual format, :data:`FORGED_TEXT`: StarCoder's strings, which is
+   also Continue's default autocomplete template, so an editor that knows nothing of the
+   model sends the prompt the model was trained on.
+
+Every stage renders through :meth:`FimFormat.render`, so the training examples, the
+judge's prompts and the published template are the same bytes for the same prefix and
+suffix. Only prefix-suffix-middle (PSM) order is used: it is what every editor sends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class FimFormat:
+    """The strings around a FIM request; ``stop`` ends a middle (the base's EOT / file separator)."""
+
+    name: str
+    prefix: str
+    suffix: str
+    middle: str
+    stop: tuple[str, ...] = ()
+    special: bool = True  # the markers are single tokens of the base's vocabulary
+
+    def render(self, prefix: str, suffix: str) -> str:
+        """The prompt that asks for the middle between ``prefix`` and ``suffix``."""
+        return f"{self.prefix}{prefix}{self.suffix}{suffix}{self.middle}"
+
+    def markers(self) -> tuple[str, str, str]:
+        return self.prefix, self.suffix, self.middle
+
+    def to_dict(self) -> dict[str, object]:
+        return {"name": self.name, "prefix": self.prefix, "suffix": self.suffix, "middle": self.middle,
+                "stop": list(self.stop), "special": self.special}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, object]) -> FimFormat:
+        stop = d.get("stop") or ()
+        return cls(str(d["name"]), str(d["prefix"]), str(d["suffix"]), str(d["middle"]),
+                   tuple(str(s) for s in stop) if isinstance(stop, (list, tuple)) else (),
+                   bool(d.get("special", True)))
+
+
+QWEN = FimFormat("qwen", "<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>",
+                 ("<|endoftext|>", "<|fim_pad|>", "<|file_sep|>", "<|repo_name|>"))
+STARCODER = FimFormat("starcoder", "<fim_prefix>", "<fim_suffix>", "<fim_middle>",
+                      ("<|endoftext|>", "<file_sep>"))
+CODELLAMA = FimFormat("codellama", "<PRE> ", " <SUF>", " <MID>", ("<EOT>",))
+DEEPSEEK = FimFormat("deepseek", "<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>", ("<|EOT|>", "<｜end▁of▁sentence｜>"))
+CODEGEMMA = FimFormat("codegemma", "<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>",
+                      ("<|file_separator|>", "<eos>"))
+
+# Known families, most specific first: CodeGemma shares Qwen's markers and differs by its stop.
+FAMILIES: tuple[FimFormat, ...] = (CODEGEMMA, QWEN, STARCODER, CODELLAMA, DEEPSEEK)
+
+# The bundled SmolLM2 has no FIM tokens: StarCoder's strings as plain text, ended by its EOS.
+FORGED_TEXT = FimFormat("forged-text", STARCODER.prefix, STARCODER.suffix, STARCODER.middle,
+                        ("<|endoftext|>",), special=False)
+
+_GGUF_KEYS = ("tokenizer.ggml.fim_pre_token_id", "tokenizer.ggml.fim_suf_token_id", "tokenizer.ggml.fim_mid_token_id")
+_GGUF_STOP_KEYS = ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.fim_sep_token_id", "tokenizer.ggml.eos_token_id")
+
+
+def detect(tokens: Sequence[str], metadata: Mapping[str, object] | None = None) -> FimFormat:
+    """The FIM format of a base with vocabulary ``tokens`` (GGUF ``tokenizer.ggml.tokens``)."""
+    meta = metadata or {}
+    tokens = [_norm(t) for t in tokens]
+    vocab = set(tokens)
+    ids = [meta.get(k) for k in _GGUF_KEYS]
+    if all(isinstance(i, int) and 0 <= i < len(tokens) for i in ids):
+        pre, suf, mid = (tokens[i] for i in ids)  # type: ignore[index]
+        family = next((f for f in FAMILIES if tuple(map(_norm, f.markers())) == (pre, suf, mid)
+                       and _stops(f, vocab)), None)
+        if family is not None:
+            return family
+        stop = tuple(dict.fromkeys(tokens[i] for k in _GGUF_STOP_KEYS
+                                   if isinstance(i := meta.get(k), int) and 0 <= i < len(tokens)))
+        return FimFormat("gguf", pre, suf, mid, stop)
+    for f in FAMILIES:
+        if all(_norm(m) in vocab for m in f.markers()) and _stops(f, vocab):
+            return f
+    for f in FAMILIES:  # markers known, stop tokens named differently: keep the ones present
+        if all(_norm(m) in vocab for m in f.markers()):
+            return FimFormat(f.name, f.prefix, f.suffix, f.middle, tuple(s for s in f.stop if s in vocab))
+    eos = meta.get("tokenizer.ggml.eos_token_id")
+    stop = (tokens[eos],) if isinstance(eos, int) and 0 <= eos < len(tokens) else FORGED_TEXT.stop
+    return FimFormat(FORGED_TEXT.name, FORGED_TEXT.prefix, FORGED_TEXT.suffix, FORGED_TEXT.middle, stop,
+                     special=False)
+
+
+def _stops(f: FimFormat, vocab: set[str]) -> bool:
+    return any(_norm(s) in vocab for s in f.stop)
+
+
+def _norm(token: str) -> str:
+    """A vocabulary entry as text: SentencePiece marks a leading space with U+2581 (CodeLlama's ``▁<PRE>``)."""
+    return token.replace("\u2581", " ").strip()
