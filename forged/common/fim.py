@@ -16,8 +16,10 @@ suffix. Only prefix-suffix-middle (PSM) order is used: it is what every editor s
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -104,3 +106,49 @@ def _stops(f: FimFormat, vocab: set[str]) -> bool:
 def _norm(token: str) -> str:
     """A vocabulary entry as text: SentencePiece marks a leading space with U+2581 (CodeLlama's ``▁<PRE>``)."""
     return token.replace("\u2581", " ").strip()
+
+
+class FimError(ValueError):
+    """A base whose vocabulary cannot be read; the message names the path."""
+
+
+def for_base(kind: str, path: Path) -> FimFormat:
+    """The FIM format of a resolved base (``BaseModel.kind`` / ``.path``), read cheaply:
+    a GGUF's header (tokens and FIM ids) or an HF directory's tokenizer files, no model load."""
+    if kind == "gguf":
+        from forged.common.gguf import GGUFError, read_gguf_header
+
+        try:
+            kv = read_gguf_header(Path(path), arrays=True).kv
+        except GGUFError as e:
+            raise FimError(str(e)) from None
+        tokens = kv.get("tokenizer.ggml.tokens")
+        if not isinstance(tokens, list):
+            raise FimError(f"{path}: GGUF has no tokenizer.ggml.tokens")
+        return detect([str(t) for t in tokens], {k: v for k, v in kv.items() if not isinstance(v, list)})
+    return detect(*_hf_vocab(Path(path)))
+
+
+def _hf_vocab(d: Path) -> tuple[list[str], dict[str, object]]:
+    """An HF directory's vocabulary in id order (tokenizer.json's model vocab and added
+    tokens) and its EOS id as GGUF metadata would give it."""
+    try:
+        tj = json.loads((d / "tokenizer.json").read_text(encoding="utf-8"))
+        tc_file = d / "tokenizer_config.json"
+        tc = json.loads(tc_file.read_text(encoding="utf-8")) if tc_file.is_file() else {}
+    except (OSError, ValueError) as e:
+        raise FimError(f"{d}: cannot read tokenizer.json ({e})") from None
+    by_id: dict[int, str] = {}
+    vocab = (tj.get("model") or {}).get("vocab") or {}
+    if isinstance(vocab, dict):
+        by_id.update({int(i): str(t) for t, i in vocab.items()})
+    elif isinstance(vocab, list):  # Unigram: [piece, score] pairs
+        by_id.update({i: str(p[0]) for i, p in enumerate(vocab)})
+    by_id.update({int(a["id"]): str(a["content"]) for a in tj.get("added_tokens") or []})
+    tokens = [by_id.get(i, "") for i in range(max(by_id, default=-1) + 1)]
+    meta: dict[str, object] = {}
+    eos = tc.get("eos_token")
+    eos = eos.get("content") if isinstance(eos, dict) else eos
+    if isinstance(eos, str) and eos in tokens:
+        meta["tokenizer.ggml.eos_token_id"] = tokens.index(eos)
+    return tokens, meta

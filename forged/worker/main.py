@@ -88,13 +88,18 @@ def run_stage(stage: str, cycle_dir: Path, job: dict[str, Any], stop: threading.
     cfg = config.from_dict(job["config"])
     progress = lambda d: emit("progress", d)  # noqa: E731
     if stage == "mine":
+        from forged.common import fim
+        from forged.common.models import resolve_base
         from forged.worker.mine import mine_repo
+
+        base = resolve_base(cfg.train.base_model)  # its FIM format, from the header: no model load
 
         report = mine_repo(
             Path(job["repo_path"]), cycle_dir / "dataset", cfg.mine, Path(job["cache_dir"]),
             commit=job["head_commit"], changed_since=job.get("base_commit"), progress=progress,
             ollama_host=cfg.publish.ollama_host,  # only for [mine] teacher
             context_tokens=cfg.train.seq_len,  # RAFT examples must fit the trainer's rows
+            fim_format=fim.for_base(base.kind, base.path),
         )
         return {"manifest": report.to_dict()}
     if stage == "train":

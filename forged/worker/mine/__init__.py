@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from forged.common.config import DEFAULT_OLLAMA_HOST, DEFAULT_SEQ_LEN
+from forged.common.fim import FORGED_TEXT, FimFormat
 
 if TYPE_CHECKING:
     from forged.common.config import MineConfig
@@ -54,6 +55,8 @@ class MineReport:
     teacher: dict[str, Any] = field(default_factory=dict)
     durations: dict[str, float] = field(default_factory=dict)  # stage → seconds
     out_dir: str = ""
+    fim_format: dict[str, Any] = field(default_factory=dict)  # FimFormat.to_dict() of the base
+
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -63,7 +66,7 @@ def mine_repo(repo: Path, out_dir: Path, cfg: MineConfig, cache_dir: Path, *, co
               changed_since: str | None = None,
               progress: Callable[[dict], None] | None = None, linked: bool = True,
               ollama_host: str = DEFAULT_OLLAMA_HOST,
-              context_tokens: int = DEFAULT_SEQ_LEN) -> MineReport:
+              context_tokens: int = DEFAULT_SEQ_LEN, fim_format: FimFormat | None = None) -> MineReport:
     """Mine ``repo`` at ``commit`` into ``out_dir`` (train.jsonl, valid.jsonl, manifest.json).
 
     Only blobs missing from the cache under ``cache_dir`` are parsed. With ``linked`` (the
@@ -75,12 +78,15 @@ def mine_repo(repo: Path, out_dir: Path, cfg: MineConfig, cache_dir: Path, *, co
     ``ollama_host`` (``[publish] ollama_host``) is used only when ``cfg.teacher`` names a
     model; the mine completes whether or not the teacher answers (see ``rep.teacher``).
     ``context_tokens`` (``[train] seq_len``): RAFT examples are sized to fit it.
+    ``fim_format``: the base's (:func:`forged.common.fim.for_base`); FIM examples are
+    rendered in it, and it is recorded in the manifest for the trainer, judge and publish.
     """
     from forged.worker.mine.dataset import run
 
     return run(Path(repo), Path(out_dir), cfg, Path(cache_dir), commit=commit,
                changed_since=changed_since, progress=progress, linked=linked,
-               ollama_host=ollama_host, context_tokens=context_tokens)
+               ollama_host=ollama_host, context_tokens=context_tokens,
+               fim_format=fim_format or FORGED_TEXT)
 
 
 __all__ = ["KINDS", "MineReport", "mine_repo"]

@@ -21,6 +21,7 @@ from typing import Any
 
 from forged.common import filters
 from forged.common.config import DEFAULT_OLLAMA_HOST, DEFAULT_SEQ_LEN, MineConfig
+from forged.common.fim import FORGED_TEXT, FimFormat
 from forged.worker.mine import KINDS, MineReport, examples, gitio
 from forged.worker.mine import linked as linked_layout
 from forged.worker.mine.cache import MineCache
@@ -80,13 +81,15 @@ def _workers(cfg: MineConfig) -> int:
     return cfg.workers or os.cpu_count() or 1
 
 
-def _store_key(repo: str, cfg: MineConfig, version: str, budget: int, context_tokens: int) -> str:
+def _store_key(repo: str, cfg: MineConfig, version: str, budget: int, context_tokens: int,
+               fim_format: FimFormat) -> str:
     """``<repo hash>-<config hash>``: the config part is everything a file's finished lines
     depend on besides its own (path, blob)."""
     from forged.worker.mine.store import STORE_VERSION
 
     parts = [STORE_VERSION, version, budget, asdict(cfg.kinds), cfg.seed,
              cfg.raft_distractors, cfg.raft_oracle_fraction, context_tokens, examples.EXAMPLES_FORMAT,
+             fim_format.to_dict(),
              sorted(filters.LANGUAGES.items()),
              filters.SECRET_FILE_GLOBS, sorted(filters.VENDORED_DIRS), sorted(filters.LOCK_FILES),
              filters.GENERATED_NAME.pattern]
@@ -194,6 +197,7 @@ class _Ctx:
     cache: MineCache
     progress: Callable[[dict], None]
     context_tokens: int  # [train] seq_len: examples are sized to fit it
+    fim_format: FimFormat  # the base's: FIM examples are rendered in it
     results: dict[str, Any] = field(default_factory=dict)  # analysis key → analysis
     parsed: int = 0
     total: int = 0  # files to mine (for progress)
@@ -338,7 +342,7 @@ class _Tally:
 def run(repo: Path, out_dir: Path, cfg: MineConfig, cache_dir: Path, *, commit: str = "HEAD",
         changed_since: str | None = None, progress: Callable[[dict], None] | None = None,
         linked: bool = True, ollama_host: str = DEFAULT_OLLAMA_HOST,
-        context_tokens: int = DEFAULT_SEQ_LEN) -> MineReport:
+        context_tokens: int = DEFAULT_SEQ_LEN, fim_format: FimFormat = FORGED_TEXT) -> MineReport:
     t0 = time.perf_counter()
     tick = t0
     durations: dict[str, float] = {}
@@ -358,7 +362,8 @@ def run(repo: Path, out_dir: Path, cfg: MineConfig, cache_dir: Path, *, commit: 
     budget = budget_bytes(cfg.chunk_tokens)
     rep = MineReport(repo=str(repo.resolve()), commit=sha, changed_since=since_sha,
                      chunker_version=f"{CHUNKER_VERSION}+redact{REDACT_VERSION}",
-                     budget_tokens=cfg.chunk_tokens, budget_nws_bytes=budget, out_dir=str(out_dir))
+                     budget_tokens=cfg.chunk_tokens, budget_nws_bytes=budget, out_dir=str(out_dir),
+                     fim_format=fim_format.to_dict())
     # The history and the changed paths are independent of the tree listing: their git
     # processes run while this one reads the tree (a re-mine is mostly git start-ups).
     gitpool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mine-git")
@@ -369,11 +374,11 @@ def run(repo: Path, out_dir: Path, cfg: MineConfig, cache_dir: Path, *, commit: 
     ok = False
     try:
         store = LineStore(cache_dir / "lines" / _store_key(rep.repo, cfg, rep.chunker_version, budget,
-                                                           context_tokens))
+                                                           context_tokens, fim_format))
         cache = MineCache(cache_dir)
-        ctx = _Ctx(repo, cfg, rep, budget, json.dumps([rep.repo, asdict(cfg), context_tokens],
-                                                      default=str),
-                   store, cache, report_progress, context_tokens)
+        ctx = _Ctx(repo, cfg, rep, budget, json.dumps([rep.repo, asdict(cfg), context_tokens,
+                                                       fim_format.to_dict()], default=str),
+                   store, cache, report_progress, context_tokens, fim_format)
         last = store.previous() if changes_f is not None else None
         done = False
         if (last is not None and changes_f is not None and last.get("commit") == since_sha
@@ -459,7 +464,7 @@ def _mine(ctx: _Ctx, out_dir: Path, sha: str, changes: dict[str, str | None] | N
                                  redactions)
     stage("commits")
 
-    units = _file_units(files, ctx.results, store, cfg, ctx.context_tokens)
+    units = _file_units(files, ctx.results, store, cfg, ctx.context_tokens, ctx.fim_format)
     nfile = len(units)
     units += _raft_units(ctx, files)
     stage("examples")
@@ -623,7 +628,8 @@ def _remine(ctx: _Ctx, out_dir: Path, last: dict[str, Any], changes: dict[str, s
 
     # 4. The changed files' lines, each put in the plan after the nearest file before it
     # in its split (the plans without "changed" flags are next time's; flags in `flagged`).
-    units = _file_units([f for _, f in files], ctx.results, store, cfg, ctx.context_tokens)
+    units = _file_units([f for _, f in files], ctx.results, store, cfg, ctx.context_tokens,
+                        ctx.fim_format)
     flagged = {rel: list(r) for rel, r in plans.items() if not _FORMS[rel][1]}
     for (i, f), u in zip(files, units, strict=True):
         s = u.seg
@@ -784,7 +790,7 @@ def _mined_file(f: _File, r: dict[str, Any]) -> examples.MinedFile:
 
 
 def _file_units(files: list[_File], results: dict[str, Any], store: LineStore,
-                cfg: MineConfig, context_tokens: int) -> list[_Unit]:
+                cfg: MineConfig, context_tokens: int, fim_format: FimFormat = FORGED_TEXT) -> list[_Unit]:
     """Per-file kinds: stored lines when present, else derived once and stored.
 
     Derived split by split (held-out first): a split's lines then lie together in the
@@ -803,7 +809,8 @@ def _file_units(files: list[_File], results: dict[str, Any], store: LineStore,
             if k.continuation > 0:
                 exs.extend(examples.continuation(mf, k.continuation, seed))
             if k.fim > 0:
-                exs.extend(examples.fim(mf, k.fim, seed, context_tokens))
+                exs.extend(examples.fim(mf, k.fim * (examples.HELDOUT_FIM if f.split == "valid" else 1), seed,
+                                            context_tokens, fim_format))
             if k.doc_to_code > 0:
                 exs.extend(examples.doc_to_code(mf, k.doc_to_code, seed))
             if k.code_to_doc > 0:

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from itertools import accumulate
 from typing import Any
 
+from forged.common.fim import FORGED_TEXT, FimFormat
 from forged.worker.mine.chunker import Chunk, FileAnalysis, Symbol
 
-FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE = "<fim_prefix>", "<fim_suffix>", "<fim_middle>"
 BEGIN_QUOTE, END_QUOTE, ANSWER = "##begin_quote##", "##end_quote##", "<ANSWER>:"
 RAFT_SYSTEM = (
     "Answer the question using the documents. Quote the lines you rely on between "
@@ -32,8 +32,9 @@ RAFT_SYSTEM = (
 )
 CODE_LANGS = frozenset({"python", "javascript", "typescript", "tsx", "go", "rust", "java"})
 # Bumped when example lines change for the same inputs (part of the line store's key).
-EXAMPLES_FORMAT = 5  # 2: RAFT documents cut to fit the context; 3: FIM and code→doc too;
-# 4: no RAFT example where not even the oracle line fits; 5: code→doc where its code fits
+EXAMPLES_FORMAT = 6  # 2: RAFT documents cut to fit the context; 3: FIM and code→doc too;
+# 4: no RAFT example where not even the oracle line fits; 5: code→doc where its code fits;
+# 6: FIM as editor requests in the base's format (the format is part of the store key too)
 
 # Examples must fit the trainer's context ([train] seq_len): it keeps the head of a longer
 # one, which for chat examples is the prompt without the answer. What a chat example costs
@@ -120,55 +121,116 @@ def _header(c: Chunk) -> str:
     return r[: len(r) - len(c.text.strip("\n").rstrip() + "\n")]
 
 
-def fim(f: MinedFile, weight: float, seed: int, context_tokens: int = 0) -> Iterator[Example]:
-    """Hide a span of a chunk (lines of a function body when it has one); answer it. With
-    ``context_tokens``, lines far from the span are left out until the example fits."""
+# Where an editor's cursor is when it asks for a completion (Refact's fine-tuning split):
+# inside a line, from the cursor to the end of its line, or across several lines; and now
+# and then nothing is missing at all, so that the model learns to stop at once.
+FIM_MODES = (("inline", 0.05), ("line", 0.50), ("lines", 0.40), ("empty", 0.05))
+# The most lines an editor sends before and after the cursor (llama.vscode: 256 / 64;
+# Continue cuts by tokens, ~30% prefix / 20% suffix of 1,024): cut to the context after.
+FIM_PREFIX_LINES, FIM_SUFFIX_LINES = 64, 24
+FIM_MAX_LINES = 8  # a multi-line middle spans 2..8 lines
+# Held-out files get this many times the cursors: the judge wants >= 64 generated middles
+# and a tight interval, and held-out examples cost no training time.
+HELDOUT_FIM = 8
+
+
+def _file_lines(f: MinedFile) -> list[str]:
+    """The file's lines (with their line breaks) as its chunks give them; a line no chunk
+    covers (blank lines between definitions) is an empty line."""
+    if not f.analysis.chunks:
+        return []
+    end = max(c.end_line for c in f.analysis.chunks)
+    out = ["\n"] * end
+    for c in f.analysis.chunks:
+        for k, ln in enumerate(c.text.splitlines(keepends=True)):
+            if c.start_line - 1 + k < end:
+                out[c.start_line - 1 + k] = ln if ln.endswith("\n") else ln + "\n"
+    return out
+
+
+def _path_line(f: MinedFile) -> str:
+    """The file's path as editors put it above the code (a comment in the file's language)."""
+    from forged.worker.mine.chunker import COMMENT_PREFIX
+
+    pre = "#" if f.lang == "python" else COMMENT_PREFIX.get(f.lang, "//")
+    return f"{pre} path: {f.path}\n"
+
+
+def _pick_mode(rng: random.Random) -> str:
+    r = rng.random()
+    for mode, share in FIM_MODES:
+        if r < share:
+            return mode
+        r -= share
+    return FIM_MODES[-1][0]
+
+
+def _cursor_split(lines: list[str], a: int, mode: str, rng: random.Random) -> tuple[str, str, str] | None:
+    """(prefix, middle, suffix) of the file for a cursor on line ``a`` in ``mode``."""
+    body = lines[a].rstrip("\n")
+    indent = len(body) - len(body.lstrip())
+    before, after = "".join(lines[:a]), "".join(lines[a + 1:])
+    if mode == "inline":
+        if len(body) - indent < 8:
+            return None
+        i = rng.randrange(indent, len(body) - 3)
+        j = rng.randrange(i + 1, len(body) - 1)
+        return before + body[:i], body[i:j], body[j:] + "\n" + after
+    if mode == "line":
+        i = rng.randrange(indent, len(body)) if rng.random() < 0.7 else indent
+        return before + body[:i], body[i:], "\n" + after
+    if mode == "empty":
+        return before + body, "", "\n" + after
+    b = min(len(lines), a + rng.randint(2, FIM_MAX_LINES))
+    i = indent if rng.random() < 0.6 else rng.randrange(indent, len(body))
+    mid = (body[i:] + "\n" + "".join(lines[a + 1:b])).rstrip("\n")
+    return before + body[:i], mid, "\n" + "".join(lines[b:])
+
+
+def fim(f: MinedFile, weight: float, seed: int, context_tokens: int = 0,
+        fmt: FimFormat = FORGED_TEXT) -> Iterator[Example]:
+    """Editor-like autocomplete requests on the file's code, in the base's FIM format ``fmt``.
+
+    Per chunk, ``weight`` cursors on its non-blank lines (see :data:`FIM_MODES`); the prompt
+    holds the file's path line and up to :data:`FIM_PREFIX_LINES` / :data:`FIM_SUFFIX_LINES`
+    of the file around the cursor, less the lines farthest from it until it fits
+    ``context_tokens``. The completion is the middle ended by the base's stop token, so
+    generation ends where an editor expects it to.
+    """
     if f.lang not in CODE_LANGS:
         return
+    lines = _file_lines(f)
+    head = _path_line(f)
     for i, c in enumerate(f.analysis.chunks):
         rng = rng_for(seed, "fim", f.blob, i)
-        text = c.text.strip("\n").rstrip() + "\n"
-        lines = text.splitlines(keepends=True)
-        if len(lines) < 3:
+        rows = [r for r in range(c.start_line - 1, min(c.end_line, len(lines))) if lines[r].strip()]
+        if len(rows) < 3:
             continue
-        # Most chunks fit whole: only the others have their examples cut to the context.
-        fit = context_tokens if context_tokens and _est_tokens(
-            _header(c) + text) + 4 > context_tokens * _FILL else 0
-        n = count(weight, rng)
-        seen: set[tuple[int, int]] = set()
-        for _ in range(n):
-            # Prefer a body: skip the first line (usually a signature) when we can.
-            lo = 1 if len(lines) > 3 else 0
-            a = rng.randrange(lo, len(lines) - 1)
-            b = min(len(lines), a + rng.randint(1, max(1, min(8, len(lines) // 3))))
-            if rng.random() < 0.3:  # sometimes a span inside one line (an expression tail)
-                line = lines[a]
-                body = line.rstrip("\n")
-                indent = len(body) - len(body.lstrip())
-                if len(body) - indent >= 8:
-                    cut = rng.randrange(indent + 1, len(body) - 2)
-                    pre = "".join(lines[:a]) + body[:cut]
-                    mid = body[cut:]
-                    suf = line[len(body):] + "".join(lines[a + 1:])
-                    if (a, -cut) not in seen and mid.strip():
-                        seen.add((a, -cut))
-                        yield _fim_ex(f, c, pre, mid, suf, fit)
-                    continue
-            if (a, b) in seen:
+        seen: set[tuple[int, str]] = set()
+        for _ in range(count(weight, rng)):
+            a, mode = rng.choice(rows[1:]), _pick_mode(rng)  # the first row is often a signature
+            if (a, mode) in seen:
                 continue
-            seen.add((a, b))
-            mid = "".join(lines[a:b])
-            if not mid.strip():
+            seen.add((a, mode))
+            lo, hi = max(0, a - FIM_PREFIX_LINES), min(len(lines), a + FIM_SUFFIX_LINES + FIM_MAX_LINES)
+            got = _cursor_split(lines[lo:hi], a - lo, mode, rng)
+            if got is None or (mode != "empty" and not got[1].strip()):
                 continue
-            yield _fim_ex(f, c, "".join(lines[:a]), mid, "".join(lines[b:]), fit)
+            yield _fim_ex(f, fmt, head, got, mode, context_tokens)
 
 
-def _fim_ex(f: MinedFile, c: Chunk, pre: str, mid: str, suf: str, context_tokens: int) -> Example:
-    head = _header(c)
+def _fim_ex(f: MinedFile, fmt: FimFormat, head: str, parts: tuple[str, str, str], mode: str,
+            context_tokens: int) -> Example:
+    pre, mid, suf = parts
+    sl = suf.splitlines(keepends=True)
+    suf = "".join(sl[:FIM_SUFFIX_LINES])
     if context_tokens:
-        pre, suf = _fit_around(pre, mid, suf, context_tokens * _FILL - _est_tokens(head) - 4)
-    prompt = f"{FIM_PREFIX}{head}{pre}{FIM_SUFFIX}{suf}{FIM_MIDDLE}"
-    return _ex(f, "fim", {"prompt": prompt, "completion": mid})
+        room = context_tokens * _FILL - _est_tokens(head + "".join(fmt.markers())) - 4
+        pre, suf = _fit_around(pre, mid, suf, room)
+    prefix = head + pre
+    stop = fmt.stop[0] if fmt.stop else ""
+    return _ex(f, "fim", {"prompt": fmt.render(prefix, suf), "completion": mid + stop},
+               {"fim": {"mode": mode, "prefix_chars": len(prefix), "stop": stop}})
 
 
 def _fit_around(pre: str, mid: str, suf: str, room: float) -> tuple[str, str]:

@@ -35,6 +35,11 @@ class Backend(Protocol):
         """Total NLL (nats) of each text's tokens given the start token."""
         ...
 
+    def completion_nll(self, prompts: list[str], completions: list[str]) -> list[float]:
+        """Total NLL (nats) of each completion's tokens given its prompt, both tokenized
+        apart as the trainer does (``data.completion_ids``)."""
+        ...
+
     def logits(self, text: str) -> numpy.ndarray:
         """float32 [len(input_ids(text)), vocab]: the logits at every input position."""
         ...
@@ -42,9 +47,11 @@ class Backend(Protocol):
     def generate(self, prompt: str, max_new_tokens: int = 64, stop: list[str] | None = None) -> str: ...
 
     def generate_many(self, prompts: list[str], max_new_tokens: list[int],
-                      until: list[Callable[[str], bool] | None] | None = None) -> list[str]:
+                      until: list[Callable[[str], bool] | None] | None = None,
+                      stop_tokens: list[str] | None = None) -> list[str]:
         """Greedy completions of several prompts (batched where that is faster); row i ends
-        at ``max_new_tokens[i]``, at EOS, or as soon as ``until[i](text so far)`` is true."""
+        at ``max_new_tokens[i]``, at EOS or one of ``stop_tokens`` (special tokens, e.g. a
+        FIM format's stop), or as soon as ``until[i](text so far)`` is true."""
         ...
 
     def set_adapter_enabled(self, enabled: bool) -> None: ...

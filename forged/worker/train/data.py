@@ -162,13 +162,40 @@ def encode(tok: Any, text: str) -> list[int]:
     return list(tok(text, add_special_tokens=False)["input_ids"])
 
 
-def tokenize_record(tok: Any, rec: Record, start: int) -> Example:
+def special_ids(tok: Any) -> set[int]:
+    """Ids of the tokenizer's special tokens (BOS/EOS and added special tokens: FIM markers,
+    file separators)."""
+    return set(tok.all_special_ids) | {i for i, t in tok.added_tokens_decoder.items() if t.special}
+
+
+def token_ids(tok: Any, tokens: list[str] | tuple[str, ...]) -> list[int]:
+    """The ids of those of ``tokens`` that are single tokens of ``tok``'s vocabulary."""
+    out = []
+    for t in tokens:
+        ids = encode(tok, t)
+        if len(ids) == 1:
+            out.append(ids[0])
+    return out
+
+
+def completion_ids(tok: Any, prompt: str, completion: str, specials: set[int] | None = None
+                   ) -> tuple[list[int], list[int]]:
+    """(prompt ids, completion ids) of a prompt/completion record: tokenized apart, and
+    EOS appended to the completion unless it already ends in a special token (a FIM
+    middle ends in its format's stop)."""
+    p = encode(tok, prompt)
+    c = encode(tok, completion)
+    if not c or c[-1] not in (specials if specials is not None else special_ids(tok)):
+        c.append(int(tok.eos_token_id))
+    return p, c
+
+
+def tokenize_record(tok: Any, rec: Record, start: int, specials: set[int] | None = None) -> Example:
     if rec.kind == "text":
         ids = encode(tok, rec.data["text"])
         return Example([start, *ids], [False] + [True] * len(ids))
     if rec.kind == "prompt":
-        p = encode(tok, rec.data["prompt"])
-        c = encode(tok, rec.data["completion"]) + [int(tok.eos_token_id)]
+        p, c = completion_ids(tok, rec.data["prompt"], rec.data["completion"], specials)
         return Example([start, *p, *c], [False] * (1 + len(p)) + [True] * len(c))
     msgs = rec.data["messages"]
     full = tok.apply_chat_template(msgs, tokenize=False)
@@ -194,9 +221,10 @@ def tokenize(tok: Any, records: list[Record], seq_len: int,
     counted by kind in ``dropped``.
     """
     start = start_id(tok)
+    specials = special_ids(tok)
     out: list[Example] = []
     for rec in records:
-        ex = tokenize_record(tok, rec, start)
+        ex = tokenize_record(tok, rec, start, specials)
         if len(ex) <= seq_len:
             pieces = [ex]
         elif rec.kind == "text":

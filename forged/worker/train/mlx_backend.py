@@ -33,7 +33,15 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from forged.common.backends import BackendError, openblas_preload  # noqa: F401 (re-exported)
 from forged.common.models import BaseModel, ModelError
-from forged.worker.train.data import cut_at_stop, encode, score_windows, start_id, stop_hit
+from forged.worker.train.data import (
+    completion_ids,
+    cut_at_stop,
+    encode,
+    score_windows,
+    start_id,
+    stop_hit,
+    token_ids,
+)
 from forged.worker.train.models import load_tokenizer
 from forged.worker.train.packing import IGNORE
 from forged.worker.train.pissa import pissa_init, to_plain_lora
@@ -405,20 +413,30 @@ class MLXBackend:
             out.append(total)
         return out
 
+    def completion_nll(self, prompts: list[str], completions: list[str]) -> list[float]:
+        self.model.eval()
+        out = []
+        for prompt, completion in zip(prompts, completions, strict=True):
+            p, c = completion_ids(self.tok, prompt, completion)
+            x = mx.array([[self.start_id, *p, *c]])
+            logits = self.model(x)[0, len(p):-1].astype(mx.float32)
+            out.append(float(nn.losses.cross_entropy(logits, x[0, 1 + len(p):], reduction="sum")))
+        return out
+
     def logits(self, text: str) -> np.ndarray:
         self.model.eval()
         x = mx.array([self.input_ids(text)])
         return np.array(self.model(x)[0].astype(mx.float32))
 
     def generate(self, prompt: str, max_new_tokens: int = 64, stop: list[str] | None = None,
-                 until: Callable[[str], bool] | None = None) -> str:
+                 until: Callable[[str], bool] | None = None, stop_tokens: list[str] | None = None) -> str:
         from mlx_lm.models.cache import make_prompt_cache
 
         self.model.eval()
         cache = make_prompt_cache(self.model)
         x = mx.array([self.input_ids(prompt)])
         out: list[int] = []
-        eos = {self.tok.eos_token_id}
+        eos = {self.tok.eos_token_id, *token_ids(self.tok, stop_tokens or [])}
         hit = stop_hit(stop)
         for _ in range(max_new_tokens):
             logits = self.model(x, cache=cache)[0, -1]
@@ -434,10 +452,12 @@ class MLXBackend:
         return cut_at_stop(text, stop)
 
     def generate_many(self, prompts: list[str], max_new_tokens: list[int],
-                      until: list[Callable[[str], bool] | None] | None = None) -> list[str]:
+                      until: list[Callable[[str], bool] | None] | None = None,
+                      stop_tokens: list[str] | None = None) -> list[str]:
         """One prompt at a time: on Apple silicon a single decode stream is already fast."""
         until = until or [None] * len(prompts)
-        return [self.generate(p, n, until=u) for p, n, u in zip(prompts, max_new_tokens, until, strict=True)]
+        return [self.generate(p, n, until=u, stop_tokens=stop_tokens)
+                for p, n, u in zip(prompts, max_new_tokens, until, strict=True)]
 
     def chat_prompt(self, messages: list[dict]) -> str:
         return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

@@ -24,7 +24,15 @@ from safetensors.torch import load_file, save_file
 
 from forged.common.backends import BackendError
 from forged.common.models import BaseModel, ModelError
-from forged.worker.train.data import cut_at_stop, encode, score_windows, start_id, stop_hit
+from forged.worker.train.data import (
+    completion_ids,
+    cut_at_stop,
+    encode,
+    score_windows,
+    start_id,
+    stop_hit,
+    token_ids,
+)
 from forged.worker.train.models import cached_dequantized, dequantized_dir, load_tokenizer
 from forged.worker.train.packing import IGNORE
 
@@ -335,6 +343,16 @@ class TorchBackend:
         return out
 
     @torch.no_grad()
+    def completion_nll(self, prompts: list[str], completions: list[str]) -> list[float]:
+        out = []
+        for prompt, completion in zip(prompts, completions, strict=True):
+            p, c = completion_ids(self.tok, prompt, completion)
+            x = torch.tensor([[self.start_id, *p, *c]], device=self.device)
+            logits = self._core()(input_ids=x).logits[0, len(p):-1].float()
+            out.append(float(torch.nn.functional.cross_entropy(logits, x[0, 1 + len(p):], reduction="sum")))
+        return out
+
+    @torch.no_grad()
     def logits(self, text: str) -> np.ndarray:
         x = torch.tensor([self.input_ids(text)], device=self.device)
         return self._core()(input_ids=x).logits[0].float().cpu().numpy()
@@ -345,7 +363,8 @@ class TorchBackend:
 
     @torch.no_grad()
     def generate_many(self, prompts: list[str], max_new_tokens: list[int],
-                      until: list[Callable[[str], bool] | None] | None = None) -> list[str]:
+                      until: list[Callable[[str], bool] | None] | None = None,
+                      stop_tokens: list[str] | None = None) -> list[str]:
         """Greedy completions, batched: prompts sorted by length, left-padded, each row
         stopping at its own budget, EOS, or once ``until[i](text)`` holds.
 
@@ -359,6 +378,7 @@ class TorchBackend:
         ids = [self.input_ids(p) for p in prompts]
         out = [""] * len(prompts)
         eos, pad = self.tok.eos_token_id, self.tok.pad_token_id
+        ends = {eos, *token_ids(self.tok, stop_tokens or [])}
         tok = self.tok
 
         class RowStop(StoppingCriteria):
@@ -372,7 +392,7 @@ class TorchBackend:
                     if self.ended[r] is not None:
                         continue
                     new = input_ids[r, self.width:]
-                    if (n >= max_new_tokens[i] or int(new[-1]) == eos
+                    if (n >= max_new_tokens[i] or int(new[-1]) in ends
                             or (until[i] is not None and until[i](tok.decode(new, skip_special_tokens=True)))):
                         self.ended[r] = n
                 return torch.tensor([e is not None for e in self.ended], device=input_ids.device)
@@ -391,12 +411,13 @@ class TorchBackend:
                 mask = torch.tensor([[0] * (width - len(ids[i])) + [1] * len(ids[i]) for i in rows], device=self.device)
                 stop = RowStop(rows, width)
                 y = m.generate(input_ids=x, attention_mask=mask, max_new_tokens=max(max_new_tokens[i] for i in rows),
-                               do_sample=False, eos_token_id=eos, pad_token_id=pad,
+                               do_sample=False, eos_token_id=sorted(ends), pad_token_id=pad,
                                stopping_criteria=StoppingCriteriaList([stop]))
                 for r, i in enumerate(rows):
                     new = y[r, width:width + (stop.ended[r] or max_new_tokens[i])].tolist()
-                    if eos in new:
-                        new = new[: new.index(eos)]
+                    cut = next((k for k, t in enumerate(new) if t in ends), None)
+                    if cut is not None:
+                        new = new[:cut]
                     out[i] = self.tok.decode(new, skip_special_tokens=True)
         finally:
             m.config.use_cache = False
