@@ -64,7 +64,7 @@ def test_gate_module_is_light() -> None:
     """The daemon imports the gate: it must not drag numpy/torch in."""
     import subprocess
 
-    code = "import sys, forged.worker.judge.gate, forged.judge; print(sorted(m for m in ('numpy','torch','transformers') if m in sys.modules))"
+    code = "import sys, forged.worker.judge.gate, forged.worker.judge.judge; print(sorted(m for m in ('numpy','torch','transformers') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -182,7 +182,7 @@ def test_judge_end_to_end(tiny_setup) -> None:
         for v in (s.fim_exact, s.fim_edit_sim, s.raft_acc_oracle, s.raft_acc_distractors):
             assert 0.0 <= v <= 1.0
     assert {e["model"] for e in events} == {"base", "candidate"}
-    assert {e["metric"] for e in events} == {"bpb", "fim", "raft"}
+    assert {e["metric"] for e in events} == {"bpb", "fim_bpb", "fim", "raft"}
     d = res.to_dict()
     assert json.loads(json.dumps(d))["candidate"]["bpb"] == pytest.approx(res.candidate.bpb)
 

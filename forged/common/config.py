@@ -166,6 +166,8 @@ class JudgeConfig:
     # A RAFT prompt carries the oracle and distractor documents, sized by the miner to fit
     # [train] seq_len; 0 = as many as max_generate.
     max_raft: int = field(default=0, metadata=_check(_non_negative))
+    # Generated FIM middles (exact match, edit similarity); FIM bits/byte uses all of them.
+    max_fim: int = field(default=64, metadata=_check(_positive))
     # Fidelity: llama.cpp's held-out loss gain may differ from the trainer's by this share.
     fidelity_loss_tolerance: float = field(default=0.25, metadata=_check(_fraction))
 

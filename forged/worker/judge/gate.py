@@ -3,7 +3,8 @@
 The candidate must beat the reference model (the live one, or the base when nothing is
 live yet) on held-out bits per byte by ``min_bpb_gain`` and must not lose more than
 ``tolerance`` (absolute, in fraction points) on any other metric both models were
-measured on. A metric with no examples (``None``) is not gated.
+measured on; FIM-middle bits per byte (lower is better) must not rise by more than
+``tolerance`` of the reference's. A metric with no examples (``None``) is not gated.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import math
 from typing import Any
 
 # Higher is better for all of these; bits per byte (lower is better) is gated apart.
-OTHER_METRICS = ("fim_exact", "fim_edit_sim", "raft_acc_oracle", "raft_acc_distractors")
+OTHER_METRICS = ("fim_exact", "fim_edit_sim", "fim_exact_line", "raft_acc_oracle", "raft_acc_distractors")
+LOWER_METRICS = ("fim_bpb",)  # lower is better; gated relative to the reference
 
 
 def _num(d: dict[str, Any] | None, key: str) -> float | None:
@@ -41,6 +43,10 @@ def gate_decision(
             reasons.append(
                 f"bits/byte {c_bpb:.4f} vs {ref_name} {r_bpb:.4f}: gain {gain:+.4f} < required {cfg.min_bpb_gain:.4f}"
             )
+    for key in LOWER_METRICS:
+        c, r = _num(candidate, key), _num(ref, key)
+        if c is not None and r is not None and c > r * (1 + cfg.tolerance) + 1e-12:
+            reasons.append(f"{key} {c:.4f} vs {ref_name} {r:.4f}: rose more than {cfg.tolerance:.0%}")
     for key in OTHER_METRICS:
         c, r = _num(candidate, key), _num(ref, key)
         if c is None or r is None:
@@ -58,7 +64,7 @@ def summary_line(judge: dict[str, Any]) -> str:
     ref_name = "live" if judge.get("live") else "base"
     ref = judge.get(ref_name) or {}
     parts = []
-    for key in ("bpb", *OTHER_METRICS):
+    for key in ("bpb", *LOWER_METRICS, *OTHER_METRICS):
         c, r = _num(cand, key), _num(ref, key)
         if c is not None and r is not None:
             parts.append(f"{key} {r:.3f}→{c:.3f}")

@@ -5,10 +5,16 @@ Metrics (all on ``valid.jsonl``, which training never sees):
 * ``bpb`` — bits per UTF-8 byte of held-out code (``{"text"}`` records): total NLL in
   bits over total bytes. Tokenizer-independent, so models with different vocabularies
   stay comparable. Lower is better.
-* ``fim_exact`` / ``fim_edit_sim`` — greedy fill-in-the-middle on held-out function
-  spans (meta kind ``fim``). The prediction is cut to the reference's number of lines
-  (greedy decoding rarely stops exactly at the span's end), then compared after
-  stripping surrounding whitespace: exact match, and 1 − Levenshtein / max length.
+* ``fim_bpb`` — FIM-middle bits per byte: teacher-forced NLL of each held-out middle and
+  its stop token given the prompt, in bits, over the middles' UTF-8 bytes; all held-out
+  FIM examples (it is cheap). Lower is better.
+* ``fim_exact`` / ``fim_edit_sim`` / ``fim_exact_line`` — greedy fill-in-the-middle as an
+  editor gets it (meta kind ``fim``): the prompt rendered by the dataset's
+  :class:`~forged.common.fim.FimFormat` (checked byte for byte against the mined one),
+  generation ended by the format's stop token, the text before it compared with the
+  held-out middle (trailing whitespace aside): exact match, 1 − Levenshtein / max length,
+  and exact match on the middles within one line. ``max_fim`` examples. Each FIM metric
+  comes with ``n`` and a 95% bootstrap interval (``*_ci``).
 * ``raft_acc_oracle`` / ``raft_acc_distractors`` — RAFT questions: the model answers
   the chat, the text after ``<ANSWER>:`` (to the end of its line) must equal the
   record's ``meta.answer``; split by whether the oracle document was in context.
@@ -39,6 +45,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from forged.common.fim import FimFormat
 from forged.worker.judge.gate import gate_decision, summary_line
 
 if TYPE_CHECKING:
@@ -65,7 +72,13 @@ class JudgeError(ValueError):
 @dataclass
 class FimExample:
     prompt: str
-    completion: str
+    completion: str  # the middle, without its stop token
+    stop: str = ""  # the stop token the mined completion ends with
+    mode: str = ""  # inline | line | lines | empty (examples.FIM_MODES); "" for old datasets
+
+    @property
+    def single_line(self) -> bool:
+        return self.mode in ("inline", "line")
 
 
 @dataclass
@@ -79,7 +92,9 @@ class RaftExample:
 @dataclass
 class Heldout:
     texts: list[str] = field(default_factory=list)
-    fim: list[FimExample] = field(default_factory=list)
+    fim: list[FimExample] = field(default_factory=list)  # generated (at most max_fim)
+    fim_all: list[FimExample] = field(default_factory=list)  # teacher-forced (all)
+    fim_format: FimFormat | None = None
     raft: list[RaftExample] = field(default_factory=list)
     skipped: int = 0  # records of other kinds (doc↔code, commit→diff) not scored
 
@@ -91,11 +106,21 @@ class ModelScores:
     bpb: float | None = None
     fim_exact: float | None = None
     fim_edit_sim: float | None = None
+    fim_bpb: float | None = None
+    fim_exact_line: float | None = None
     raft_acc_oracle: float | None = None
     raft_acc_distractors: float | None = None
     n_texts: int = 0
     n_bytes: int = 0
     n_fim: int = 0
+    n_fim_bpb: int = 0
+    n_fim_line: int = 0
+    # 95% bootstrap intervals [lo, hi] of the FIM metrics (None: no examples)
+    fim_bpb_ci: list[float] | None = None
+    fim_exact_ci: list[float] | None = None
+    fim_edit_sim_ci: list[float] | None = None
+    fim_exact_line_ci: list[float] | None = None
+    fim_seconds_per_example: float | None = None  # generation + teacher forcing, per generated one
     n_raft_oracle: int = 0
     n_raft_distractors: int = 0
     seconds: float = 0.0
@@ -127,16 +152,51 @@ class JudgeResult:
 # ---------------------------------------------------------------- held-out data
 
 
+def dataset_fim_format(dataset_dir: Path) -> FimFormat | None:
+    """The FIM format the dataset was mined in (its manifest's ``fim_format``), if recorded."""
+    try:
+        manifest = json.loads((Path(dataset_dir) / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    d = manifest.get("fim_format") if isinstance(manifest, dict) else None
+    return FimFormat.from_dict(d) if isinstance(d, dict) and d else None
+
+
+def _fim_example(rec: dict[str, Any], meta: dict[str, Any], fmt: FimFormat | None, where: str) -> FimExample:
+    """A held-out FIM record, its prompt rendered again through ``fmt`` from the mined
+    prefix and suffix: the judge asks exactly what the trained format (and the published
+    template) asks, or refuses a dataset mined in another format."""
+    prompt, completion = rec.get("prompt"), rec.get("completion")
+    if not isinstance(prompt, str) or not isinstance(completion, str):
+        raise JudgeError(f"{where}: FIM record needs string prompt and completion")
+    info = meta.get("fim") if isinstance(meta.get("fim"), dict) else {}
+    stop = str(info.get("stop") or "")
+    if stop and completion.endswith(stop):
+        completion = completion[: -len(stop)]
+    n = info.get("prefix_chars")
+    if fmt is not None and isinstance(n, int):
+        body = prompt[len(fmt.prefix):]
+        rest = body[n:]
+        if not (prompt.startswith(fmt.prefix) and rest.startswith(fmt.suffix) and rest.endswith(fmt.middle)):
+            raise JudgeError(f"{where}: FIM prompt is not in the {fmt.name} format the manifest names; re-mine")
+        prompt_again = fmt.render(body[:n], rest[len(fmt.suffix): len(rest) - len(fmt.middle)])
+        if prompt_again != prompt:
+            raise JudgeError(f"{where}: FIM prompt differs from its {fmt.name} rendering; re-mine")
+    return FimExample(prompt, completion, stop, str(info.get("mode") or ""))
+
+
 def load_heldout(dataset_dir: Path, max_examples: int = 200, max_generate: int = 64, seed: int = 0,
-                 max_raft: int = 0) -> Heldout:
-    """Read ``dataset_dir/valid.jsonl`` into the three task families, subsampled.
+                 max_raft: int = 0, max_fim: int = 0, fim_format: FimFormat | None = None) -> Heldout:
+    """Read ``dataset_dir/valid.jsonl`` into the three task families, subsampled
+    (FIM: all for bits per byte, ``max_fim`` or ``max_generate`` generated).
 
     Raises :class:`JudgeError` naming the file and line of a malformed record.
     """
     path = Path(dataset_dir) / "valid.jsonl"
     if not path.is_file():
         raise JudgeError(f"{path}: held-out split not found (was the dataset mined?)")
-    h = Heldout()
+    fmt = fim_format if fim_format is not None else dataset_fim_format(dataset_dir)
+    h = Heldout(fim_format=fmt)
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -158,9 +218,7 @@ def load_heldout(dataset_dir: Path, max_examples: int = 200, max_generate: int =
                     reference, msgs = msgs[-1].get("content", ""), msgs[:-1]
                 h.raft.append(RaftExample(msgs, str(meta["answer"]), bool(meta.get("oracle", True)), reference))
             elif kind == "fim":
-                if not isinstance(rec.get("prompt"), str) or not isinstance(rec.get("completion"), str):
-                    raise JudgeError(f"{path}:{lineno}: FIM record needs string prompt and completion")
-                h.fim.append(FimExample(rec["prompt"], rec["completion"]))
+                h.fim_all.append(_fim_example(rec, meta, fmt, f"{path}:{lineno}"))
             elif isinstance(rec.get("text"), str):
                 if rec["text"].strip():
                     h.texts.append(rec["text"])
@@ -176,7 +234,7 @@ def load_heldout(dataset_dir: Path, max_examples: int = 200, max_generate: int =
         return [xs[i] for i in idx]
 
     h.texts = pick(h.texts, max_examples)
-    h.fim = pick(h.fim, max_generate)
+    h.fim = pick(h.fim_all, max_fim or max_generate)
     # Keep the oracle / distractor mix: sample each side in proportion.
     ora = [r for r in h.raft if r.oracle]
     dis = [r for r in h.raft if not r.oracle]
@@ -185,7 +243,7 @@ def load_heldout(dataset_dir: Path, max_examples: int = 200, max_generate: int =
         k_ora = round(n_raft * len(ora) / len(h.raft))
         ora, dis = pick(ora, k_ora), pick(dis, n_raft - k_ora)
     h.raft = ora + dis
-    if not (h.texts or h.fim or h.raft):
+    if not (h.texts or h.fim_all or h.raft):
         raise JudgeError(f"{path}: no scorable held-out records (text, fim or raft)")
     return h
 
@@ -246,6 +304,22 @@ def _answered(text: str) -> bool:
     return at >= 0 and "\n" in text[at:]
 
 
+def bootstrap_ci(values: list[float], weights: list[float] | None = None, n: int = 1000,
+                 seed: int = 0) -> list[float] | None:
+    """95% percentile-bootstrap interval of mean(values), or of sum(values) / sum(weights)
+    (a ratio such as bits per byte) when ``weights`` are given; None for no values."""
+    import numpy as np
+
+    if not values:
+        return None
+    v = np.asarray(values, dtype=np.float64)
+    w = np.ones_like(v) if weights is None else np.asarray(weights, dtype=np.float64)
+    idx = np.random.default_rng(seed).integers(0, len(v), size=(n, len(v)))
+    stats = v[idx].sum(axis=1) / np.maximum(w[idx].sum(axis=1), 1e-12)
+    lo, hi = np.percentile(stats, [2.5, 97.5])
+    return [round(float(lo), 6), round(float(hi), 6)]
+
+
 def answer_matches(generated: str, answer: str) -> bool:
     got = extract_answer(generated)
     return got is not None and got == _norm_answer(answer)
@@ -273,23 +347,12 @@ def score_model(
         s.n_bytes = sum(len(t.encode("utf-8")) for t in data.texts)
         s.bpb = nats / math.log(2) / max(s.n_bytes, 1)
 
+    t_fim = time.monotonic()
+    if data.fim_all:
+        _score_fim_bpb(backend, data, s, name, report)
     if data.fim:
-        exact = sim = 0.0
-        for i in range(0, len(data.fim), GEN_CHUNK):
-            part = data.fim[i : i + GEN_CHUNK]
-            gens = backend.generate_many(
-                [ex.prompt for ex in part],
-                [min(len(backend.encode(ex.completion)) + 8, FIM_MAX_NEW) for ex in part],
-                [_fim_done(ex.completion) for ex in part],
-            )
-            for ex, gen in zip(part, gens, strict=True):
-                pred = fim_prediction(gen, ex.completion)
-                exact += float(pred.strip() == ex.completion.strip())
-                sim += edit_similarity(pred.strip(), ex.completion.strip())
-            report({"stage": "judge", "model": name, "metric": "fim",
-                    "done": min(i + GEN_CHUNK, len(data.fim)), "total": len(data.fim)})
-        s.n_fim = len(data.fim)
-        s.fim_exact, s.fim_edit_sim = exact / s.n_fim, sim / s.n_fim
+        _score_fim_generated(backend, data, s, name, report)
+        s.fim_seconds_per_example = round((time.monotonic() - t_fim) / len(data.fim), 4)
 
     if data.raft:
         hits = {True: 0, False: 0}
@@ -316,6 +379,62 @@ def score_model(
     return s
 
 
+def _score_fim_bpb(backend: Any, data: Heldout, s: ModelScores, name: str,
+                   report: Callable[[dict], None]) -> None:
+    """Teacher-forced bits per byte of the held-out middles (and their stop tokens)."""
+    nats: list[float] = []
+    xs = data.fim_all
+    for i in range(0, len(xs), NLL_BATCH):
+        part = xs[i : i + NLL_BATCH]
+        nats += backend.completion_nll([ex.prompt for ex in part], [ex.completion + ex.stop for ex in part])
+        report({"stage": "judge", "model": name, "metric": "fim_bpb",
+                "done": min(i + NLL_BATCH, len(xs)), "total": len(xs)})
+    bits = [x / math.log(2) for x in nats]
+    nbytes = [float(len(ex.completion.encode("utf-8"))) for ex in xs]
+    s.n_fim_bpb = len(xs)
+    s.fim_bpb = sum(bits) / max(sum(nbytes), 1.0)
+    s.fim_bpb_ci = bootstrap_ci(bits, nbytes)
+
+
+def _score_fim_generated(backend: Any, data: Heldout, s: ModelScores, name: str,
+                         report: Callable[[dict], None]) -> None:
+    """Greedy middles, ended by the format's stop token, against the held-out ones."""
+    stops = list(data.fim_format.stop) if data.fim_format else []
+    exact: list[float] = []
+    sims: list[float] = []
+    line: list[float] = []
+    for i in range(0, len(data.fim), GEN_CHUNK):
+        part = data.fim[i : i + GEN_CHUNK]
+        gens = backend.generate_many(
+            [ex.prompt for ex in part],
+            [min(len(backend.encode(ex.completion)) + 8, FIM_MAX_NEW) for ex in part],
+            [_fim_done(ex.completion) for ex in part],
+            stop_tokens=stops,
+        )
+        for ex, gen in zip(part, gens, strict=True):
+            pred = fim_prediction(cut_at_stop(gen, stops), ex.completion)
+            ok = float(pred.rstrip() == ex.completion.rstrip())
+            exact.append(ok)
+            sims.append(edit_similarity(pred.rstrip(), ex.completion.rstrip()))
+            if ex.single_line:
+                line.append(ok)
+        report({"stage": "judge", "model": name, "metric": "fim",
+                "done": min(i + GEN_CHUNK, len(data.fim)), "total": len(data.fim)})
+    s.n_fim, s.n_fim_line = len(exact), len(line)
+    s.fim_exact, s.fim_edit_sim = sum(exact) / len(exact), sum(sims) / len(sims)
+    s.fim_exact_ci, s.fim_edit_sim_ci = bootstrap_ci(exact), bootstrap_ci(sims)
+    if line:
+        s.fim_exact_line, s.fim_exact_line_ci = sum(line) / len(line), bootstrap_ci(line)
+
+
+def cut_at_stop(text: str, stops: list[str]) -> str:
+    """Text before the first stop string (a stop that is no single token arrives as text)."""
+    for st in stops:
+        if st and st in text:
+            text = text[: text.index(st)]
+    return text
+
+
 def judge(
     dataset_dir: Path,
     cfg_train: TrainConfig,
@@ -333,8 +452,10 @@ def judge(
     from forged.worker.train import load_model
 
     t0 = time.monotonic()
+    fmt = _checked_format(Path(dataset_dir), cfg_train.base_model)
     data = load_heldout(
-        Path(dataset_dir), cfg.max_examples, cfg.max_generate, seed=cfg_train.seed, max_raft=cfg.max_raft
+        Path(dataset_dir), cfg.max_examples, cfg.max_generate, seed=cfg_train.seed, max_raft=cfg.max_raft,
+        max_fim=cfg.max_fim, fim_format=fmt,
     )
     if not Path(candidate_adapter).is_dir():
         raise JudgeError(f"candidate adapter not found: {candidate_adapter}")
@@ -359,3 +480,19 @@ def judge(
 
     passed, reasons = gate_decision(base.to_dict(), live.to_dict() if live else None, cand.to_dict(), cfg)
     return JudgeResult(base, live, cand, passed, reasons, seconds=time.monotonic() - t0)
+
+
+def _checked_format(dataset_dir: Path, base_spec: str) -> FimFormat | None:
+    """The dataset's FIM format, refused when it is not the base's (a base changed since the mine)."""
+    from forged.common import fim
+    from forged.common.models import resolve_base
+
+    fmt = dataset_fim_format(dataset_dir)
+    if fmt is None:
+        return None
+    base = resolve_base(base_spec)
+    want = fim.for_base(base.kind, base.path)
+    if want != fmt:
+        raise JudgeError(f"{dataset_dir}: mined in FIM format {fmt.name!r} {fmt.markers()} but the base "
+                         f"{base_spec} uses {want.name!r} {want.markers()}; re-mine")
+    return fmt
