@@ -175,3 +175,101 @@ def write_code_dataset(dir: Path, *, n_text: int = 40, n_fim: int = 10, n_chat: 
     (dir / "valid.jsonl").write_text("\n".join(json.dumps({"text": fn(1000 + i)}) for i in range(n_valid)) + "\n")
     (dir / "manifest.json").write_text(json.dumps({"repo": "toy", "commit": "0" * 40, "examples": len(lines)}))
     return dir
+
+
+# ---------------------------------------------------------------- code-model families
+
+# The family's FIM (and repo/file) tokens, appended to SmolLM2's vocabulary as CONTROL
+# tokens; its EOS. qwen2 also gets the tokenizer.ggml.fim_*_token_id keys (the GGUF path
+# of fim.detect); starcoder2 does not (the vocabulary path).
+FAMILY_TOKENS = {
+    "qwen2": (["<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>",
+               "<|file_sep|>"], "<|endoftext|>", "qwen2"),
+    "starcoder2": (["<fim_prefix>", "<fim_middle>", "<fim_suffix>", "<fim_pad>"], "<|endoftext|>", "starcoder"),
+}
+_CONTROL = 3
+
+
+def _family_model(family: str, vocab: int, seed: int):  # noqa: ANN202 - a transformers model
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM, Starcoder2Config, Starcoder2ForCausalLM
+
+    c = {k: v for k, v in TINY.items() if k not in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    c["vocab_size"] = vocab
+    torch.manual_seed(seed)
+    if family == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**c))
+    else:
+        c["norm_epsilon"] = c.pop("rms_norm_eps")
+        model = Starcoder2ForCausalLM(Starcoder2Config(**c, use_bias=True))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "embed" not in name:
+                p.normal_(0.0, 0.08)
+            elif name.endswith("bias") and "norm" not in name:
+                p.normal_(0.0, 0.02)
+    return model
+
+
+def make_tiny_family_gguf(dir: Path, family: str, *, seed: int = 0, name: str = "") -> Path:
+    """A tiny random ``family`` ("llama", "qwen2", "starcoder2") model as an F32 GGUF written
+    as llama.cpp's converter writes that architecture: its tensor names (``gguf.TensorNameMap``),
+    q/k rows permuted for llama only, biases and LayerNorm for starcoder2, SmolLM2's BPE
+    vocabulary plus the family's FIM tokens as CONTROL tokens. No download."""
+    if family == "llama":
+        return make_tiny_gguf(dir, seed=seed, name=name or "tiny.gguf")
+    import gguf
+    import numpy as np
+
+    extra, eos, pre = FAMILY_TOKENS[family]
+    dir = Path(dir)
+    dir.mkdir(parents=True, exist_ok=True)
+    reader = gguf.GGUFReader(str(bundled_gguf()))
+    tokens = [str(t) for t in reader.fields["tokenizer.ggml.tokens"].contents()]
+    types = list(reader.fields["tokenizer.ggml.token_type"].contents())
+    tokens += extra
+    types += [_CONTROL] * len(extra)
+    model = _family_model(family, len(tokens), seed)
+    c = model.config
+    out = dir / (name or f"tiny-{family}.gguf")
+    arch = {"qwen2": gguf.MODEL_ARCH.QWEN2, "starcoder2": gguf.MODEL_ARCH.STARCODER2}[family]
+    w = gguf.GGUFWriter(str(out), family)
+    w.add_name(f"tiny-{family}")
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_rope_freq_base(c.rope_theta if hasattr(c, "rope_theta") else TINY["rope_theta"])
+    if family == "starcoder2":
+        w.add_layer_norm_eps(c.norm_epsilon)
+    else:
+        w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges([str(m) for m in reader.fields["tokenizer.ggml.merges"].contents()])
+    w.add_eos_token_id(tokens.index(eos))
+    w.add_bos_token_id(tokens.index(eos))
+    w.add_pad_token_id(tokens.index(eos))
+    w.add_add_bos_token(False)
+    if family == "qwen2":
+        w.add_uint32(gguf.Keys.Tokenizer.FIM_PRE_ID, tokens.index("<|fim_prefix|>"))
+        w.add_uint32(gguf.Keys.Tokenizer.FIM_SUF_ID, tokens.index("<|fim_suffix|>"))
+        w.add_uint32(gguf.Keys.Tokenizer.FIM_MID_ID, tokens.index("<|fim_middle|>"))
+    names = gguf.get_tensor_name_map(arch, c.num_hidden_layers)
+    for hf_name, t in model.state_dict().items():
+        if hf_name == "lm_head.weight" and c.tie_word_embeddings:
+            continue
+        gname = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if gname is None:
+            raise ValueError(f"no GGUF name for {hf_name}")
+        w.add_tensor(gname, np.ascontiguousarray(t.float().numpy()))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return out

@@ -54,9 +54,13 @@ HF_TO_GGUF = {
     "gate_proj": "ffn_gate",
     "up_proj": "ffn_up",
     "down_proj": "ffn_down",
+    "c_fc": "ffn_up",  # StarCoder2's ungated MLP
+    "c_proj": "ffn_down",
 }
 # GGUF architectures whose q/k rows llama.cpp stores permuted (and transformers
-# un-permutes on load); see transformers' LlamaTensorProcessor.
+# un-permutes on load); see transformers' LlamaTensorProcessor. llama.cpp's converter
+# permutes for the llama family only (Mistral and CodeLlama are written as "llama");
+# qwen2, starcoder2, gemma... keep the Hugging Face row order.
 PERMUTED_QK_ARCHS = {"llama"}
 
 _PEFT_KEY = re.compile(

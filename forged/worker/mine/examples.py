@@ -182,9 +182,14 @@ def _cursor_split(lines: list[str], a: int, mode: str, rng: random.Random) -> tu
     if mode == "empty":
         return before + body, "", "\n" + after
     b = min(len(lines), a + rng.randint(2, FIM_MAX_LINES))
+    if b - a < 2:  # the file's last line: no several lines to hide
+        return None
     i = indent if rng.random() < 0.6 else rng.randrange(indent, len(body))
-    mid = (body[i:] + "\n" + "".join(lines[a + 1:b])).rstrip("\n")
-    return before + body[:i], mid, "\n" + "".join(lines[b:])
+    rest = body[i:] + "\n" + "".join(lines[a + 1:])
+    mid = rest[: len(body) - i + 1 + sum(map(len, lines[a + 1:b]))].rstrip("\n")
+    if "\n" not in mid:  # blank lines only below the cursor's
+        return None
+    return before + body[:i], mid, rest[len(mid):]
 
 
 def fim(f: MinedFile, weight: float, seed: int, context_tokens: int = 0,

@@ -18,6 +18,26 @@ if TYPE_CHECKING:
     from forged.common.models import BaseModel
 
 
+# The config's llama-style projection names → their names in architectures whose MLP is
+# not gated (StarCoder2's c_fc / c_proj); gate_proj has no counterpart there.
+TARGET_ALIASES = {"up_proj": ("c_fc",), "down_proj": ("c_proj",), "gate_proj": ()}
+
+
+def resolve_targets(targets: list[str], present: set[str]) -> tuple[list[str], list[str]]:
+    """(the model's names for ``targets``, the targets it has no layer for); ``present``:
+    the names of the model's linear layers."""
+    out: list[str] = []
+    missing: list[str] = []
+    for t in targets:
+        if t in present:
+            out.append(t)
+        elif t in TARGET_ALIASES and "c_fc" in present:  # an ungated MLP
+            out.extend(a for a in TARGET_ALIASES[t] if a in present)
+        else:
+            missing.append(t)
+    return list(dict.fromkeys(out)), missing
+
+
 class Backend(Protocol):
     """What the judge and the export check use. Training methods are below."""
 

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from forged.common.backends import BackendError
 from forged.common.models import BaseModel, ModelError
+from forged.worker.train.backend import resolve_targets
 from forged.worker.train.data import (
     completion_ids,
     cut_at_stop,
@@ -100,7 +101,7 @@ class TorchBackend:
         from peft import LoraConfig
 
         return LoraConfig(
-            r=r, lora_alpha=alpha, lora_dropout=cfg.dropout, target_modules=list(cfg.target_modules),
+            r=r, lora_alpha=alpha, lora_dropout=cfg.dropout, target_modules=self._targets(cfg.target_modules),
             use_rslora=rslora, use_dora=dora, init_lora_weights=init, bias="none", task_type="CAUSAL_LM",
         )
 
@@ -108,7 +109,7 @@ class TorchBackend:
         """Fresh LoRA/PiSSA, or the live adapter (a plain LoRA) as the starting point."""
         from peft import PeftModel, get_peft_model
 
-        self._check_targets(cfg.target_modules)
+        self._targets(cfg.target_modules)
         torch.manual_seed(cfg.seed)  # adapter init and randomized SVD are seeded → resume rebuilds them
         if warm_start is not None:
             self.peft = PeftModel.from_pretrained(self.model, str(warm_start), is_trainable=True)
@@ -129,7 +130,7 @@ class TorchBackend:
             if cfg.method == "pissa":
                 self._pin_pissa_init(init_dir)
         info["scale"] = info["alpha"] / (math.sqrt(info["rank"]) if info["rslora"] else info["rank"])
-        info["target_modules"] = list(cfg.target_modules)
+        info["target_modules"] = self._targets(cfg.target_modules)
         self.adapter_info = info
         params = [p for p in self.peft.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=0.0, betas=(0.9, 0.999))
@@ -138,11 +139,13 @@ class TorchBackend:
         self.peft.train()
         return info
 
-    def _check_targets(self, targets: list[str]) -> None:
+    def _targets(self, targets: list[str]) -> list[str]:
+        """The model's names for the configured target modules (see ``resolve_targets``)."""
         names = {n.rsplit(".", 1)[-1] for n, m in self.model.named_modules() if isinstance(m, torch.nn.Linear)}
-        missing = [t for t in targets if t not in names]
+        found, missing = resolve_targets(list(targets), names)
         if missing:
             raise BackendError(f"target_modules {missing} not found in {self.base.spec} (its linear layers: {sorted(names)})")
+        return found
 
     def _adapter_state(self) -> dict[str, torch.Tensor]:
         from peft import get_peft_model_state_dict
