@@ -262,6 +262,9 @@ def train(dataset_dir: Path, out_dir: Path, cfg: Any, *, warm_start: Path | None
         "backend": name, "base_model": base.spec, "base_path": str(base.path), "base_sha256": base.sha256,
         "architecture": base.architecture, "method": info["method"], **fields,
         "dataset_manifest": ds.manifest,
+        # the FIM format it was trained in (forged.common.fim.FimFormat.to_dict()): publish
+        # renders the template's Suffix branch from it
+        "fim_format": ds.manifest.get("fim_format"),
         "metrics": {"steps": step, "tokens": tokens, "final_loss": _tail(curve), "heldout_loss": h,
                     "heldout_loss_start": h0, "evals": evals, "seconds": round(seconds, 2),
                     "peak_mem": be.peak_memory(), "warm_start": str(warm_start) if warm_start else None,

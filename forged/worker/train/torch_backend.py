@@ -140,11 +140,15 @@ class TorchBackend:
         return info
 
     def _targets(self, targets: list[str]) -> list[str]:
-        """The model's names for the configured target modules (see ``resolve_targets``)."""
+        """The model's names for the configured target modules (see ``resolve_targets``),
+        found once on the plain model (PEFT's wrapping renames its linear layers)."""
+        if getattr(self, "_target_names", None) is not None:
+            return list(self._target_names)
         names = {n.rsplit(".", 1)[-1] for n, m in self.model.named_modules() if isinstance(m, torch.nn.Linear)}
         found, missing = resolve_targets(list(targets), names)
         if missing:
             raise BackendError(f"target_modules {missing} not found in {self.base.spec} (its linear layers: {sorted(names)})")
+        self._target_names = found
         return found
 
     def _adapter_state(self) -> dict[str, torch.Tensor]:
