@@ -204,3 +204,18 @@ def test_bootstrap_interval_covers_the_estimate_and_narrows_with_n() -> None:
     ratio = bootstrap_ci([2.0, 4.0, 6.0], [1.0, 2.0, 3.0])
     assert ratio == [2.0, 2.0]
     assert bootstrap_ci([]) is None
+
+
+@pytest.mark.parametrize("arch, permuted", [("llama", True), ("qwen2", False), ("starcoder2", False)])
+def test_export_permutes_qk_rows_for_the_llama_family_only(arch: str, permuted: bool) -> None:
+    import numpy as np
+
+    from forged.worker.judge.export import BaseInfo, LoraPair, gguf_oriented
+
+    rng = np.random.default_rng(0)
+    pairs = [LoraPair(0, m, rng.normal(size=(2, 8)), rng.normal(size=(8, 2)), 1.0) for m in ("q_proj", "c_fc")]
+    base = BaseInfo(arch, 2, 2, {"blk.0.attn_q.weight": (8, 8), "blk.0.ffn_up.weight": (8, 8)})
+    out, did = gguf_oriented(pairs, {"layout": "hf"}, base)
+    assert did == permuted
+    assert np.array_equal(out[0].b, pairs[0].b) != permuted  # q rows moved only when permuted
+    assert np.array_equal(out[1].b, pairs[1].b) and out[1].gguf_name == "blk.0.ffn_up.weight"
