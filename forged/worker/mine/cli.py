@@ -39,6 +39,15 @@ def main(argv: list[str]) -> int:
     cfg = full.mine
     p = paths.resolve()
     cache = args.cache or p.cache_dir / "mine"
+    from forged.common import fim
+    from forged.common.models import ModelError, resolve_base
+
+    try:  # FIM examples are rendered in the configured base's format
+        base = resolve_base(full.train.base_model)
+        fmt = fim.for_base(base.kind, base.path)
+    except (ModelError, fim.FimError) as e:
+        print(f"forged mine: {e}", file=sys.stderr)
+        return 1
     try:
         sha = resolve(args.repo, args.commit)
         out = args.out or p.state_dir / "datasets" / f"{config.default_repo_name(args.repo)}-{sha[:12]}"
@@ -52,7 +61,8 @@ def main(argv: list[str]) -> int:
 
         rep = mine_repo(args.repo, out, cfg, cache, commit=sha, changed_since=args.since,
                         progress=progress, linked=args.linked,
-                        ollama_host=full.publish.ollama_host, context_tokens=full.train.seq_len)
+                        ollama_host=full.publish.ollama_host, context_tokens=full.train.seq_len,
+                        fim_format=fmt)
     except GitError as e:
         print(f"\nforged mine: {e}", file=sys.stderr)
         return 1
