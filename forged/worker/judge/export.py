@@ -54,9 +54,9 @@ HF_TO_GGUF = {
     "gate_proj": "ffn_gate",
     "up_proj": "ffn_up",
     "down_proj": "ffn_down",
-    "c_fc": "ffn_up",  # StarCoder2's ungated MLP
-    "c_proj": "ffn_down",
 }
+# ... and the other architectures' names for the same tensors (StarCoder2's ungated MLP).
+MODULE_TO_GGUF = {**HF_TO_GGUF, "c_fc": "ffn_up", "c_proj": "ffn_down"}
 # GGUF architectures whose q/k rows llama.cpp stores permuted (and transformers
 # un-permutes on load); see transformers' LlamaTensorProcessor. llama.cpp's converter
 # permutes for the llama family only (Mistral and CodeLlama are written as "llama");
@@ -110,7 +110,7 @@ class LoraPair:
 
     @property
     def gguf_name(self) -> str:
-        return f"blk.{self.layer}.{HF_TO_GGUF[self.module]}.weight"
+        return f"blk.{self.layer}.{MODULE_TO_GGUF[self.module]}.weight"
 
 
 # ---------------------------------------------------------------- reading adapters
@@ -232,10 +232,10 @@ def load_lora_pairs(adapter_dir: Path, *, dora: bool = False) -> tuple[list[Lora
 
     out: list[LoraPair] = []
     for (layer, module), slot in sorted(slots.items()):
-        if module not in HF_TO_GGUF:
+        if module not in MODULE_TO_GGUF:
             raise ExportError(
                 f"{adapter_dir}: LoRA on {module!r} cannot be exported "
-                f"(supported: {', '.join(HF_TO_GGUF)})"
+                f"(supported: {', '.join(MODULE_TO_GGUF)})"
             )
         if "a" not in slot or "b" not in slot:
             raise ExportError(f"{adapter_dir}: layer {layer} {module} has only one of lora_A/lora_B")
