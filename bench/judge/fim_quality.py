@@ -6,6 +6,10 @@ generated), on REPO at HEAD, in the base's own FIM format. Prints base and candi
 metrics with n and 95% bootstrap intervals, and the judge's time per FIM example.
 
     FORGED_HOME=/tmp/fimq python bench/judge/fim_quality.py --repo . [--steps 40] [--fim 1.0]
+
+``--fim-only OUT``: score FIM alone (no texts, no RAFT) for the base and the adapter an
+earlier run left in OUT, on ``--n-tf`` teacher-forced and ``--n-gen`` generated examples
+(the same seeded subset for both models) — for a box too loaded for the whole judge.
 """
 
 from __future__ import annotations
@@ -27,7 +31,12 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--fim", type=float, default=1.0, help="[mine.kinds] fim weight")
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--fim-only", type=Path, default=None)
+    ap.add_argument("--n-tf", type=int, default=64)
+    ap.add_argument("--n-gen", type=int, default=32)
     a = ap.parse_args(argv)
+    if a.fim_only:
+        return fim_only(a.fim_only, a.n_tf, a.n_gen)
 
     from forged.common import fim
     from forged.common.config import JudgeConfig, MineConfig, TrainConfig
@@ -60,6 +69,28 @@ def main(argv: list[str]) -> int:
             "fim_seconds_per_example": d["fim_seconds_per_example"], "seconds": d["seconds"]}
     print(json.dumps({"format": fmt.name, "examples": rep.by_kind, "steps": res.steps,
                       "times": times, "passed": v.passed, "reasons": v.reasons, **rows}, indent=1))
+    return 0
+
+
+def fim_only(out: Path, n_tf: int, n_gen: int) -> int:
+    import random
+
+    from forged.common.config import TrainConfig
+    from forged.worker.judge.judge import load_heldout, score_model
+    from forged.worker.train import load_model
+
+    h = load_heldout(out / "dataset", max_fim=n_gen)
+    rng = random.Random(0)
+    h.fim_all = sorted(rng.sample(h.fim_all, min(n_tf, len(h.fim_all))), key=lambda e: e.prompt)
+    h.fim = h.fim_all[:n_gen]
+    h.texts, h.raft = [], []
+    be = load_model(TrainConfig(backend="torch"), out / "train" / "adapter")
+    rows = {}
+    for name, on in (("base", False), ("candidate", True)):
+        be.set_adapter_enabled(on)
+        d = score_model(be, h, name).to_dict()
+        rows[name] = {k: v for k, v in d.items() if k.startswith(("fim", "n_fim")) or k == "seconds"}
+    print(json.dumps(rows, indent=1))
     return 0
 
 
