@@ -36,7 +36,6 @@ class TemplateError(ValueError):
 
 NO_VALUE = "<no value>"
 
-_ACTION = re.compile(r"\{\{(-\s)?(.*?)(\s-)?\}\}", re.S)
 _TOKEN = re.compile(r"""\s*(?:
     (?P<str>"(?:[^"\\]|\\.)*"|`[^`]*`)
   | (?P<num>-?\d+)
@@ -72,23 +71,38 @@ class Branch:
 
 # -- lexing and parsing --------------------------------------------------------------
 
+def _action_end(src: str, pos: int) -> int:
+    """Where the action opened before ``pos`` closes (``}}`` outside quoted strings)."""
+    i = pos
+    while i < len(src):
+        if src.startswith("}}", i):
+            return i
+        if src[i] in "\"`":
+            close = src[i]
+            i += 1
+            while i < len(src) and src[i] != close:
+                i += 2 if src[i] == "\\" and close == '"' else 1
+        i += 1
+    raise TemplateError("unclosed action")
+
+
 def _pieces(src: str) -> list[tuple[str, str]]:
     """Text and action pieces, trim markers applied."""
     out: list[tuple[str, str]] = []
     pos = 0
-    for m in _ACTION.finditer(src):
-        text = src[pos:m.start()]
-        if m.group(1):
-            text = text.rstrip(" \t\r\n")
-        out.append(("text", text))
-        out.append(("action", m.group(2).strip()))
-        pos = m.end()
-        if m.group(3):
-            rest = src[pos:]
-            pos += len(rest) - len(rest.lstrip(" \t\r\n"))
+    while (start := src.find("{{", pos)) >= 0:
+        text = src[pos:start]
+        body_at = start + 2
+        if src.startswith("- ", body_at) or src.startswith("-\n", body_at):
+            text, body_at = text.rstrip(" \t\r\n"), body_at + 1
+        end = _action_end(src, body_at)
+        body = src[body_at:end]
+        pos = end + 2
+        if body.endswith((" -", "\n-")):
+            body = body[:-1]
+            pos += len(src[pos:]) - len(src[pos:].lstrip(" \t\r\n"))
+        out += [("text", text), ("action", body.strip())]
     out.append(("text", src[pos:]))
-    if "{{" in src[pos:]:
-        raise TemplateError("unclosed action")
     return [p for p in out if p != ("text", "")]
 
 

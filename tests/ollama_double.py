@@ -609,10 +609,12 @@ class OllamaDouble:
         return self._grammars[key]
 
     def complete(self, runner: dict[str, Any], prompt: str, options: dict[str, Any],
-                 fmt: Any = None) -> tuple[str, int, str]:
+                 fmt: Any = None, manifest: dict[str, Any] | None = None) -> tuple[str, int, str]:
+        """Sample from the runner's weights with the parameters of ``manifest`` (the model
+        asked for: a runner is shared by every model on the same base and adapter)."""
         if runner["llama"] is None:
             raise ApiError(500, "llama-cpp-python is not installed in the test environment")
-        opts = {**self.params(runner["manifest"]), **(options or {})}
+        opts = {**self.params(manifest or runner["manifest"]), **(options or {})}
         stop = opts.get("stop") or []
         num_predict = int(opts.get("num_predict", -1))
         grammar = self.grammar(fmt)
@@ -650,14 +652,14 @@ class OllamaDouble:
             return {**base, **self._empty(chat), "done_reason": "load"}
         t0 = time.perf_counter()
         runner = self.load(name, keep_alive)
-        prompt = self.prompt(runner["manifest"], req, chat)
+        prompt = self.prompt(manifest, req, chat)  # the model's own template, not the runner's
         self.prompts.append(prompt)
         self.chats.append(req)
         reply = self.chat_reply(req) if self.chat_reply is not None else None
         if reply is not None:
             text, n, reason = reply, 0, "stop"
         else:
-            text, n, reason = self.complete(runner, prompt, req.get("options") or {}, req.get("format"))
+            text, n, reason = self.complete(runner, prompt, req.get("options") or {}, req.get("format"), manifest)
         dur = int((time.perf_counter() - t0) * 1e9)
         stats = {"done_reason": reason, "total_duration": dur, "eval_count": n, "eval_duration": dur}
         if chat:

@@ -54,7 +54,7 @@ def double_ok(double: OllamaDouble):
 def _create(pub: Publisher, repo: str, version: int, base_tag: str, adapter: Path) -> publish.Published:
     return pub.create_version(
         repo, version, base_tag, adapter,
-        template=publish.base_chat_template(bundled_base()), system=publish.system_prompt(repo),
+        serving=publish.serving_for_gguf(bundled_base()), system=publish.system_prompt(repo),
         temperature=0.2,
     )
 

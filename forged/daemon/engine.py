@@ -577,7 +577,6 @@ class Engine:
         from forged.daemon.publish import (
             OllamaUnavailable,
             PublishError,
-            base_chat_template,
             manual_commands,
             system_prompt,
         )
@@ -604,11 +603,12 @@ class Engine:
                                  temperature=self.cfg.publish.temperature)
         try:
             pub = self._publisher()
+            # An ollama:NAME base keeps its own template and parameters, plus a Suffix branch.
+            serving = pub.serving(self.cfg.train.base_model, base_gguf)
             # A fused export is a whole model: its version needs no base in Ollama.
             fused = (judged.get("export") or {}).get("kind") == "fused"
-            base_tag = "" if fused else pub.ensure_base(base_gguf, _base_name(self.cfg.train.base_model))
-            pub.create_version(repo["name"], version, base_tag, adapter_gguf,
-                               template=base_chat_template(base_gguf),
+            base_tag = "" if fused else pub.ensure_base(base_gguf, _base_name(self.cfg.train.base_model), serving)
+            pub.create_version(repo["name"], version, base_tag, adapter_gguf, serving=serving,
                                system=system_prompt(repo["name"]),
                                temperature=self.cfg.publish.temperature)
         except (OllamaUnavailable, PublishError, OSError) as e:
