@@ -99,6 +99,14 @@ def test_bundled_base_serving_is_chatml_behind_a_forged_text_branch(tiny: Path) 
     assert 'PARAMETER stop "<|im_end|>"' in text and "PARAMETER temperature 0.2" in text
 
 
+def test_the_format_recorded_with_the_adapter_wins(tiny: Path, tmp_path: Path) -> None:
+    assert publish.recorded_fim(tmp_path) is None  # no forged_meta.json: found from the base
+    (tmp_path / "forged_meta.json").write_text(json.dumps({"backend": "torch", "fim_format": fim.QWEN.to_dict()}))
+    assert publish.recorded_fim(tmp_path) == fim.QWEN
+    s = publish.serving_for_gguf(tiny, publish.recorded_fim(tmp_path))
+    assert s.template == publish.with_fim(CHATML_GOTMPL, fim.QWEN) and set(fim.QWEN.stop) <= set(s.stop)
+
+
 def test_go_template_subset_follows_go() -> None:
     class M:
         def __init__(self, role: str, content: str) -> None:

@@ -578,6 +578,7 @@ class Engine:
             OllamaUnavailable,
             PublishError,
             manual_commands,
+            recorded_fim,
             system_prompt,
         )
 
@@ -604,7 +605,8 @@ class Engine:
         try:
             pub = self._publisher()
             # An ollama:NAME base keeps its own template and parameters, plus a Suffix branch.
-            serving = pub.serving(self.cfg.train.base_model, base_gguf)
+            serving = pub.serving(self.cfg.train.base_model, base_gguf,
+                                  recorded_fim(self.cycle_dir(repo["name"], cid) / "train" / "adapter"))
             # A fused export is a whole model: its version needs no base in Ollama.
             fused = (judged.get("export") or {}).get("kind") == "fused"
             base_tag = "" if fused else pub.ensure_base(base_gguf, _base_name(self.cfg.train.base_model), serving)

@@ -183,6 +183,16 @@ def base_fim_format(base_gguf: Path) -> FimFormat:
     return detect(kv.get("tokenizer.ggml.tokens") or [], kv)
 
 
+def recorded_fim(adapter_dir: Path) -> FimFormat | None:
+    """The FIM format an adapter was trained in (``fim_format`` in its forged_meta.json),
+    or None where it records none (then :func:`base_fim_format` finds the same from the base)."""
+    try:
+        d = json.loads((Path(adapter_dir) / "forged_meta.json").read_text()).get("fim_format")
+        return FimFormat.from_dict(d) if isinstance(d, dict) else None
+    except (OSError, ValueError, KeyError, AttributeError):
+        return None
+
+
 def serving_for_gguf(base_gguf: Path, fim: FimFormat | None = None) -> Serving:
     """Template and stop words for a base GGUF: its known chat format (else Ollama's plain
     prompt) behind a Suffix branch in the base's FIM format (``fim``: as recorded with the
