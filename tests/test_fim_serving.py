@@ -221,6 +221,38 @@ def test_suffix_and_raw_fim_prompt_answer_with_the_tuned_model(
     assert base == untuned
 
 
+def _tiny_fused(tmp: Path, base: Path) -> Path:
+    """The tiny base with an mlx-layout LoRA on q and v merged in by forged's fused export."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from forged.worker.judge.export import export_fused
+
+    rng = np.random.default_rng(1)
+    ad = tmp / "adapter"
+    ad.mkdir()
+    save_file({f"model.layers.{i}.self_attn.{m}.{p}": rng.normal(0, 0.5, shape).astype(np.float32)
+               for i in range(2) for m, out in (("q_proj", 64), ("v_proj", 32))
+               for p, shape in (("lora_a", (64, 4)), ("lora_b", (4, out)))}, str(ad / "adapters.safetensors"))
+    (ad / "adapter_config.json").write_text(json.dumps({"fine_tune_type": "lora", "lora_parameters": {"rank": 4, "scale": 2.0}}))
+    (ad / "forged_meta.json").write_text(json.dumps({"backend": "mlx", "layout": "gguf", "method": "lora"}))
+    return export_fused(ad, base, tmp / "fused.gguf").path
+
+
+@needs_llama
+def test_a_fused_version_inserts_too(pub: Publisher, double: OllamaDouble, tiny: Path, tmp_path: Path) -> None:
+    fused = _tiny_fused(tmp_path, tiny)
+    pub.create_version("fimfused", 1, "", fused, serving=pub.serving("tiny.gguf", tiny), system="s", temperature=0.2)
+    opts = {"temperature": 0, "num_predict": 12}
+    got = ollama.Client(double.url).generate(model="forged/fimfused:v1", prompt=PREFIX, suffix=SUFFIX,
+                                             options=opts).response
+    fmt = publish.base_fim_format(tiny)
+    assert double.prompts[-1] == fmt.render(PREFIX, SUFFIX)
+    stop = list(publish.serving_for_gguf(tiny).stop)
+    assert got == _direct(fused, None, fmt.render(PREFIX, SUFFIX), stop, 12) != _direct(
+        tiny, None, fmt.render(PREFIX, SUFFIX), stop, 12)
+
+
 # -- editors' requests, as they send them -----------------------------------------------
 
 def _stream(r: httpx.Response) -> str:
