@@ -9,7 +9,13 @@ codes (docs/api.md, server/routes.go), and keeps its store the way Ollama does:
 Layers carry Ollama's media types (application/vnd.ollama.image.model, .adapter,
 .template, .system, .params). Blob uploads are hashed and rejected with 400 on a digest
 mismatch. /api/generate and /api/chat run llama.cpp (llama-cpp-python) on the model's
-base GGUF plus its adapter, rendering the ChatML Go template the way Ollama would.
+base GGUF plus its adapter, on the prompt Ollama would render: the model's Go template
+(``gotemplate.py``, a subset evaluator) with ``.Messages``/``.System`` for chat and plain
+prompts (the legacy ``.Prompt``/``.Response`` form for templates without ``.Messages``),
+``.Prompt``/``.Suffix`` for a request with ``suffix``, or the prompt as is with ``raw``.
+As in Ollama, a ``suffix`` is refused ("<name> does not support insert", HTTP 400) when
+the template never mentions ``.Suffix``, and /api/show lists "insert" among the
+``capabilities`` when it does. ``prompts`` keeps every rendered prompt.
 Structured outputs work as in Ollama: ``format: "json"`` or ``format: {JSON schema}``
 constrains sampling with a grammar (llama.cpp's, built by ``LlamaGrammar``), so even a
 random-weight model returns JSON that parses and follows the schema; any other string
@@ -44,12 +50,19 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+try:
+    from gotemplate import GoTemplate, TemplateError
+except ImportError:  # imported as tests.ollama_double
+    from tests.gotemplate import GoTemplate, TemplateError
+
 REGISTRY = "registry.ollama.ai"
+DEFAULT_TEMPLATE = "{{ .Prompt }}"  # Ollama's template.DefaultTemplate, for a model without one
 MT_MODEL = "application/vnd.ollama.image.model"
 MT_ADAPTER = "application/vnd.ollama.image.adapter"
 MT_TEMPLATE = "application/vnd.ollama.image.template"
@@ -62,7 +75,7 @@ DIGEST_RE = re.compile(r"^sha256[:-]([0-9a-f]{64})$")
 # general.file_type → the name Ollama reports as quantization_level (the common ones).
 FILE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 15: "Q4_K_M", 17: "Q5_K_M", 18: "Q6_K", 32: "BF16"}
 
-# Ollama's template/chatml.gotmpl: the one Go template this double can render.
+# Ollama's template/chatml.gotmpl.
 CHATML_GOTMPL = (
     "{{- range .Messages }}<|im_start|>{{ .Role }}\n"
     "{{ .Content }}<|im_end|>\n"
@@ -185,6 +198,8 @@ class OllamaDouble:
         self.requests: list[tuple[str, str]] = []  # (method, path) of every request served
         self.chats: list[dict[str, Any]] = []  # bodies of /api/chat and /api/generate with content
         self.chat_reply: Callable[[dict[str, Any]], str | None] | None = None
+        self.prompts: list[str] = []  # the rendered prompt of every generation, in order
+        self._templates: dict[str, GoTemplate] = {}
         self._grammars: dict[str, Any] = {}
         self._down = False
         self._port = 0
@@ -470,12 +485,14 @@ class OllamaDouble:
         kv = self.kv(lay[MT_MODEL]["digest"])
         return {
             "modelfile": "\n".join(lines) + "\n",
-            "parameters": "\n".join(f"{k:<30} {json.dumps(v) if isinstance(v, str) else v}" for k, v in param_lines),
-            "template": template or "",
+            # Go's %#v: strings quoted (printable Unicode kept), numbers bare
+            "parameters": "\n".join(f"{k:<30} {json.dumps(v, ensure_ascii=False) if isinstance(v, str) else v}"
+                                     for k, v in param_lines),
+            "template": template or DEFAULT_TEMPLATE,
             "system": system or "",
             "details": self._details(m),
             "model_info": {k: v for k, v in kv.items() if k.startswith(("general.", "llama."))},
-            "capabilities": ["completion"],
+            "capabilities": self.capabilities(m),
             "modified_at": datetime.fromtimestamp(self.manifest_path(name).stat().st_mtime, UTC).isoformat(),
         }
 
@@ -533,16 +550,41 @@ class OllamaDouble:
         with self._lock:
             self.runners.pop(self.layers(m)[MT_MODEL]["digest"], None)
 
-    def render(self, manifest: dict[str, Any], messages: list[dict[str, Any]], system: str | None,
-               template: str | None) -> str:
-        template = template if template is not None else self.layer_text(manifest, MT_TEMPLATE)
-        if template != CHATML_GOTMPL:
-            raise ApiError(400, "the Ollama double renders only the ChatML template")
-        system = system if system is not None else self.layer_text(manifest, MT_SYSTEM)
-        if system and not any(x.get("role") == "system" for x in messages):
-            messages = [{"role": "system", "content": system}, *messages]
-        return "".join(f"<|im_start|>{x['role']}\n{x.get('content', '')}<|im_end|>\n" for x in messages) \
-            + "<|im_start|>assistant\n"
+    def template(self, manifest: dict[str, Any], override: str | None = None) -> GoTemplate:
+        """The model's Go template (Ollama's default ``{{ .Prompt }}`` when it has none)."""
+        text = override or self.layer_text(manifest, MT_TEMPLATE) or DEFAULT_TEMPLATE
+        if text not in self._templates:
+            try:
+                self._templates[text] = GoTemplate(text)
+            except TemplateError as e:
+                raise ApiError(500, f"template: {e}") from None
+        return self._templates[text]
+
+    def render_messages(self, tmpl: GoTemplate, messages: list[dict[str, Any]]) -> str:
+        """A conversation through a template, as Ollama's ``Template.Execute`` does: with
+        ``.Messages`` (system messages also joined into ``.System``) where the template
+        uses them, else the legacy per-turn ``.System``/``.Prompt``/``.Response`` form."""
+        system, msgs = collate(messages)
+        flags = {"Response": "", "Think": False, "ThinkLevel": "", "IsThinkSet": False}
+        try:
+            if "messages" in tmpl.vars():
+                return tmpl.execute({"System": system, "Messages": msgs, "Tools": None, **flags})
+            return legacy(tmpl, msgs, flags)
+        except TemplateError as e:
+            raise ApiError(500, f"template: {e}") from None
+
+    def render_insert(self, tmpl: GoTemplate, prompt: str, suffix: str) -> str:
+        """A fill-in-the-middle request: the template sees only .Prompt and .Suffix."""
+        try:
+            return tmpl.execute({"Prompt": prompt, "Suffix": suffix, "Response": "", "Think": False,
+                                 "ThinkLevel": "", "IsThinkSet": False})
+        except TemplateError as e:
+            raise ApiError(500, f"template: {e}") from None
+
+    def capabilities(self, manifest: dict[str, Any]) -> list[str]:
+        """Ollama's capabilities from the template's variables (server/images.go)."""
+        names = self.template(manifest).vars()
+        return ["completion"] + [c for c, v in (("tools", "tools"), ("insert", "suffix")) if v in names]
 
     def grammar(self, fmt: Any) -> Any:
         """Ollama's ``format`` → a llama.cpp grammar (None: unconstrained).
@@ -567,10 +609,12 @@ class OllamaDouble:
         return self._grammars[key]
 
     def complete(self, runner: dict[str, Any], prompt: str, options: dict[str, Any],
-                 fmt: Any = None) -> tuple[str, int, str]:
+                 fmt: Any = None, manifest: dict[str, Any] | None = None) -> tuple[str, int, str]:
+        """Sample from the runner's weights with the parameters of ``manifest`` (the model
+        asked for: a runner is shared by every model on the same base and adapter)."""
         if runner["llama"] is None:
             raise ApiError(500, "llama-cpp-python is not installed in the test environment")
-        opts = {**self.params(runner["manifest"]), **(options or {})}
+        opts = {**self.params(manifest or runner["manifest"]), **(options or {})}
         stop = opts.get("stop") or []
         num_predict = int(opts.get("num_predict", -1))
         grammar = self.grammar(fmt)
@@ -594,35 +638,101 @@ class OllamaDouble:
         keep_alive = req.get("keep_alive")
         empty = not req.get("messages") if chat else not req.get("prompt")
         base = {"model": name, "created_at": datetime.now(UTC).isoformat(), "done": True}
+        if empty and keep_alive is not None and parse_keep_alive(keep_alive) == 0:
+            self.unload(name)
+            return {**base, **self._empty(chat), "done_reason": "unload"}
+        if not chat and req.get("raw") and (req.get("template") or req.get("system") or req.get("context")):
+            raise ApiError(400, "raw mode does not support template, system, or context")
+        manifest = self.read_manifest(name)
+        if not chat and req.get("suffix") and "insert" not in self.capabilities(manifest):
+            ns, model, tag = parse_name(name)
+            raise ApiError(400, f"{REGISTRY}/{ns}/{model}:{tag} does not support insert")
         if empty:
-            if keep_alive is not None and parse_keep_alive(keep_alive) == 0:
-                self.unload(name)
-                reason = "unload"
-            else:
-                self.load(name, keep_alive)
-                reason = "load"
-            extra = {"message": {"role": "assistant", "content": ""}} if chat else {"response": ""}
-            return {**base, **extra, "done_reason": reason}
+            self.load(name, keep_alive)
+            return {**base, **self._empty(chat), "done_reason": "load"}
         t0 = time.perf_counter()
         runner = self.load(name, keep_alive)
-        m = runner["manifest"]
-        if chat:
-            prompt = self.render(m, list(req["messages"]), None, None)
-        elif req.get("raw"):
-            prompt = req["prompt"]
-        else:
-            prompt = self.render(m, [{"role": "user", "content": req["prompt"]}], req.get("system"), req.get("template"))
+        prompt = self.prompt(manifest, req, chat)  # the model's own template, not the runner's
+        self.prompts.append(prompt)
         self.chats.append(req)
         reply = self.chat_reply(req) if self.chat_reply is not None else None
         if reply is not None:
             text, n, reason = reply, 0, "stop"
         else:
-            text, n, reason = self.complete(runner, prompt, req.get("options") or {}, req.get("format"))
+            text, n, reason = self.complete(runner, prompt, req.get("options") or {}, req.get("format"), manifest)
         dur = int((time.perf_counter() - t0) * 1e9)
         stats = {"done_reason": reason, "total_duration": dur, "eval_count": n, "eval_duration": dur}
         if chat:
             return {**base, "message": {"role": "assistant", "content": text}, **stats}
         return {**base, "response": text, **stats}
+
+    @staticmethod
+    def _empty(chat: bool) -> dict[str, Any]:
+        return {"message": {"role": "assistant", "content": ""}} if chat else {"response": ""}
+
+    def prompt(self, m: dict[str, Any], req: dict[str, Any], chat: bool) -> str:
+        """The text llama.cpp is given for a request (server/routes.go's generate/chat)."""
+        system = self.layer_text(m, MT_SYSTEM) or ""
+        if chat:
+            msgs = list(req["messages"])
+            if msgs[0].get("role") != "system" and system:
+                msgs.insert(0, {"role": "system", "content": system})
+            return self.render_messages(self.template(m), msgs)
+        if req.get("raw"):
+            return req["prompt"]
+        tmpl = self.template(m, req.get("template"))
+        if req.get("suffix"):
+            return self.render_insert(tmpl, req["prompt"], req["suffix"])
+        system = req.get("system") or system
+        msgs = [{"role": "system", "content": system}] if system else []
+        return self.render_messages(tmpl, [*msgs, {"role": "user", "content": req["prompt"]}])
+
+
+@dataclass
+class Message:
+    """What Ollama's templates see as a message (template.templateMessage): a struct,
+    so a field it lacks is an execution error, not an empty value."""
+
+    Role: str
+    Content: str
+    Thinking: str = ""
+    Images: list[Any] | None = None
+    ToolCalls: list[Any] | None = None
+    ToolName: str = ""
+    ToolCallID: str = ""
+
+
+def collate(messages: list[dict[str, Any]]) -> tuple[str, list[Message]]:
+    """Ollama's template.collate: system contents joined, consecutive same-role merged."""
+    system, out = [], []
+    for x in messages:
+        role, content = x.get("role", ""), x.get("content", "")
+        if role == "system":
+            system.append(content)
+        if out and out[-1].Role == role and role != "tool":
+            out[-1].Content += "\n\n" + content
+        else:
+            out.append(Message(role, content, x.get("thinking", ""), x.get("images"), x.get("tool_calls"),
+                               x.get("tool_name", ""), x.get("tool_call_id", "")))
+    return "\n\n".join(system), out
+
+
+def legacy(tmpl: GoTemplate, msgs: list[Message], flags: dict[str, Any]) -> str:
+    """A template without .Messages: run once per user/assistant turn, the last one cut
+    just before .Response (Ollama's legacy Execute)."""
+    out, system, prompt, response = [], "", "", ""
+    for m in msgs:
+        if (m.Role == "system" and (prompt or response)) or (m.Role == "user" and response):
+            out.append(tmpl.execute({**flags, "System": system, "Prompt": prompt, "Response": response}))
+            system = prompt = response = ""
+        if m.Role == "system":
+            system = m.Content
+        elif m.Role == "user":
+            prompt = m.Content
+        elif m.Role == "assistant":
+            response = m.Content
+    out.append(tmpl.execute({**flags, "System": system, "Prompt": prompt, "Response": response}, cut_at="Response"))
+    return "".join(out)
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -54,7 +54,7 @@ def double_ok(double: OllamaDouble):
 def _create(pub: Publisher, repo: str, version: int, base_tag: str, adapter: Path) -> publish.Published:
     return pub.create_version(
         repo, version, base_tag, adapter,
-        template=publish.base_chat_template(bundled_base()), system=publish.system_prompt(repo),
+        serving=publish.serving_for_gguf(bundled_base()), system=publish.system_prompt(repo),
         temperature=0.2,
     )
 
@@ -237,6 +237,7 @@ def test_manual_commands_and_helpers(adapters: list[Path]) -> None:
     assert "ollama cp forged/myrepo:v4 forged/myrepo:latest" in text
     assert f"FROM {bundled_base().resolve()}" in text and f"ADAPTER {adapters[0].resolve()}" in text
     assert 'PARAMETER stop "<|im_end|>"' in text and "{{ .Content }}" in text
+    assert "{{ if .Suffix }}<fim_prefix>{{ .Prompt }}<fim_suffix>{{ .Suffix }}<fim_middle>{{ else }}" in text
     assert publish.base_chat_template(adapters[0]) is None  # no chat template in an adapter
     assert publish.tag_for("r", 3) == "forged/r:v3"
     delays = [publish.backoff_seconds(a) for a in range(1, 12)]

@@ -25,10 +25,11 @@ Errors are split in two, so the caller knows whether waiting helps:
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import re
 import shlex
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -36,7 +37,9 @@ from typing import Any, TypeVar
 import httpx
 import ollama
 
-from forged.common.gguf import read_gguf_metadata  # stdlib-only GGUF header reader
+# stdlib-only: the daemon imports no ML library
+from forged.common.fim import FimFormat, detect
+from forged.common.gguf import read_gguf_header, read_gguf_metadata
 
 NAMESPACE = "forged"
 WARM_KEEP_ALIVE = "30m"  # default: how long Ollama keeps a freshly promoted model loaded
@@ -71,10 +74,16 @@ class Published:
         return asdict(self)
 
 
-# --- chat templates -----------------------------------------------------------------
+# --- templates -------------------------------------------------------------------------
 # Ollama templates are Go templates, not the Jinja of the GGUF's tokenizer.chat_template.
 # Ollama itself maps Jinja templates to a small table of known formats; so do we. The
 # ChatML entry is Ollama's own template/chatml.gotmpl and its stop words.
+#
+# A published template has two branches: ``{{ if .Suffix }}`` renders a fill-in-the-middle
+# request exactly as FimFormat.render (the format the model was trained on), and the else
+# branch is the chat template. Ollama grants a model the "insert" capability (requests
+# with ``suffix``) only when its template uses .Suffix, and Continue sends autocomplete
+# through ``suffix`` only then.
 
 
 @dataclass(frozen=True)
@@ -95,6 +104,26 @@ CHATML = ChatFormat(
 )
 
 KNOWN_FORMATS: dict[str, ChatFormat] = {CHATML.name: CHATML}
+DEFAULT_TEMPLATE = "{{ .Prompt }}"  # what Ollama uses for a model without a template
+_USES_SUFFIX = re.compile(r"\{\{[^}]*\.Suffix\b")
+
+
+@dataclass(frozen=True)
+class Serving:
+    """What a published model is served with: its Go template and its parameters."""
+
+    template: str | None
+    stop: tuple[str, ...] = ()
+    parameters: dict[str, Any] = field(default_factory=dict)  # others (num_ctx, ...): from an Ollama base
+
+    def params(self, temperature: float | None = None) -> dict[str, Any]:
+        """The ``parameters`` of a create request."""
+        out = dict(self.parameters)
+        if self.stop:
+            out["stop"] = list(self.stop)
+        if temperature is not None:
+            out["temperature"] = temperature
+        return out
 
 
 def detect_chat_format(jinja: str | None) -> ChatFormat | None:
@@ -106,11 +135,6 @@ def detect_chat_format(jinja: str | None) -> ChatFormat | None:
     return None
 
 
-def format_for_template(template: str | None) -> ChatFormat | None:
-    """The known format a Go template belongs to (to find its stop words)."""
-    return next((f for f in KNOWN_FORMATS.values() if f.template == template), None)
-
-
 def base_chat_template(base_gguf: Path) -> str | None:
     """The Ollama (Go) chat template for a base GGUF, or None if its format is unknown."""
     try:
@@ -119,6 +143,100 @@ def base_chat_template(base_gguf: Path) -> str | None:
         return None
     fmt = detect_chat_format(meta.get("tokenizer.chat_template"))
     return fmt.template if fmt else None
+
+
+def uses_suffix(template: str | None) -> bool:
+    """Whether a Go template reads ``.Suffix`` (Ollama's test for the insert capability)."""
+    return bool(template and _USES_SUFFIX.search(template))
+
+
+def _go_text(text: str) -> str:
+    """Literal text inside a Go template (an action only where the text holds ``{{``)."""
+    return "{{ " + json.dumps(text, ensure_ascii=False) + " }}" if "{{" in text else text
+
+
+def with_fim(template: str | None, fim: FimFormat) -> str:
+    """``template`` with a Suffix branch in front that renders ``fim.render(.Prompt, .Suffix)``.
+
+    The chat (or plain prompt) template becomes the else branch, unchanged. A template
+    that already reads .Suffix is returned as it is: it has its own way of inserting.
+    """
+    if template and uses_suffix(template):
+        return template
+    if template and re.search(r"\{\{-?\s*(define|block)\b", template):
+        raise PublishError("the base's template defines sub-templates; forged cannot add a Suffix branch to it")
+    return ("{{ if .Suffix }}" + _go_text(fim.prefix) + "{{ .Prompt }}" + _go_text(fim.suffix)
+            + "{{ .Suffix }}" + _go_text(fim.middle) + "{{ else }}" + (template or DEFAULT_TEMPLATE)
+            + "{{ end }}")
+
+
+def _unique(*groups: Iterable[str]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(s for g in groups for s in g))
+
+
+def base_fim_format(base_gguf: Path) -> FimFormat:
+    """The base's fill-in-the-middle format, found from its vocabulary and metadata."""
+    try:
+        kv = read_gguf_header(base_gguf, arrays=True).kv
+    except ValueError as e:
+        raise PublishError(str(e)) from None
+    return detect(kv.get("tokenizer.ggml.tokens") or [], kv)
+
+
+def recorded_fim(adapter_dir: Path) -> FimFormat | None:
+    """The FIM format an adapter was trained in (``fim_format`` in its forged_meta.json),
+    or None where it records none (then :func:`base_fim_format` finds the same from the base)."""
+    try:
+        d = json.loads((Path(adapter_dir) / "forged_meta.json").read_text()).get("fim_format")
+        return FimFormat.from_dict(d) if isinstance(d, dict) else None
+    except (OSError, ValueError, KeyError, AttributeError):
+        return None
+
+
+def serving_for_gguf(base_gguf: Path, fim: FimFormat | None = None) -> Serving:
+    """Template and stop words for a base GGUF: its known chat format (else Ollama's plain
+    prompt) behind a Suffix branch in the base's FIM format (``fim``: as recorded with the
+    adapter; found from the base when not given)."""
+    base_gguf = Path(base_gguf)
+    fim = fim or base_fim_format(base_gguf)
+    try:
+        chat = detect_chat_format(read_gguf_metadata(base_gguf).get("tokenizer.chat_template"))
+    except ValueError:
+        chat = None
+    return Serving(with_fim(chat.template if chat else None, fim), _unique(chat.stop if chat else (), fim.stop))
+
+
+def parse_show_parameters(text: str | None) -> dict[str, Any]:
+    """``/api/show``'s ``parameters`` (``name  value`` lines, values as Go's %#v writes
+    them) → create-request parameters; ``stop`` collects its repeated lines in a list."""
+    out: dict[str, Any] = {}
+    for line in (text or "").splitlines():
+        key, _, raw = line.strip().partition(" ")
+        raw = raw.strip()
+        if not key or not raw:
+            continue
+        value = _show_value(raw)
+        if key == "stop":
+            out.setdefault("stop", []).append(value)
+        else:
+            out[key] = value
+    return out
+
+
+def _show_value(raw: str) -> Any:
+    if raw.startswith('"'):
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError:  # a Go escape JSON lacks (\a, \x..): keep the text
+            return raw[1:-1]
+    if raw in ("true", "false"):
+        return raw == "true"
+    for kind in (int, float):
+        try:
+            return kind(raw)
+        except ValueError:
+            pass
+    return raw
 
 
 def system_prompt(repo: str) -> str:
@@ -328,8 +446,28 @@ class Publisher:
 
     # -- creating models --
 
-    def ensure_base(self, base_gguf: Path, name: str) -> str:
-        """Publish a base GGUF Ollama does not have as ``forged/base-<name>:latest`` (once)."""
+    def serving_for_ollama(self, name: str, fim: FimFormat) -> Serving:
+        """The template and parameters of the user's Ollama model ``name``, as /api/show
+        gives them, with a Suffix branch in ``fim`` (and its stop words) only where its
+        template has no .Suffix of its own."""
+        show = self._call(f"show {name}", lambda: self._client.show(name))
+        params = parse_show_parameters(show.parameters)
+        stop = tuple(str(x) for x in params.pop("stop", []))
+        template = show.template or DEFAULT_TEMPLATE
+        if uses_suffix(template):
+            return Serving(template, stop, params)
+        return Serving(with_fim(template, fim), _unique(stop, fim.stop), params)
+
+    def serving(self, base_spec: str, base_gguf: Path, fim: FimFormat | None = None) -> Serving:
+        """How versions of a base are served: an ``ollama:NAME`` base keeps its own template
+        and parameters; any other base gets forged's (:func:`serving_for_gguf`)."""
+        if base_spec.strip().startswith("ollama:"):
+            return self.serving_for_ollama(base_spec.strip()[len("ollama:"):], fim or base_fim_format(base_gguf))
+        return serving_for_gguf(base_gguf, fim)
+
+    def ensure_base(self, base_gguf: Path, name: str, serving: Serving | None = None) -> str:
+        """Publish a base GGUF Ollama does not have as ``forged/base-<name>:latest`` (once),
+        served as ``serving`` says (default: :func:`serving_for_gguf`)."""
         tag = f"{NAMESPACE}/base-{name}:latest"
         if not _REPO_RE.match(f"base-{name}"):
             raise PublishError(f"base name {name!r} is not usable in an Ollama tag")
@@ -340,14 +478,12 @@ class Publisher:
         if self.exists(tag) and self._layer_digest_of(tag, "FROM") == self._digest(base_gguf):
             return tag
         digest = self.upload(base_gguf)
-        template = base_chat_template(base_gguf)
-        fmt = format_for_template(template)
-        params: dict[str, Any] = {"stop": list(fmt.stop)} if fmt else {}
+        serving = serving or serving_for_gguf(base_gguf)
         self._call(
             f"create {tag}",
             lambda: self._client.create(
-                model=tag, files={base_gguf.name: digest}, template=template,
-                parameters=params or None,
+                model=tag, files={base_gguf.name: digest}, template=serving.template,
+                parameters=serving.params() or None,
             ),
         )
         return tag
@@ -366,11 +502,12 @@ class Publisher:
         base_tag: str,
         adapter_gguf: Path,
         *,
-        template: str | None,
+        serving: Serving,
         system: str,
         temperature: float,
     ) -> Published:
-        """Create ``forged/<repo>:v<N>`` = base + adapter + template + system + temperature.
+        """Create ``forged/<repo>:v<N>`` = base + adapter + serving (template, stop words,
+        parameters) + system + temperature.
 
         ``adapter_gguf`` may instead be a fused export (a full model): then the version
         is created FROM that file alone, with no ADAPTER, and ``base_tag`` is not used.
@@ -395,17 +532,15 @@ class Publisher:
                 raise PublishError(f"{tag} is live with a different adapter; publish under a new version")
             # A leftover from an earlier attempt with another export: replace it.
 
-        fmt = format_for_template(template)
-        params: dict[str, Any] = {"temperature": temperature}
-        if fmt:
-            params["stop"] = list(fmt.stop)
+        params = serving.params(temperature)
         source: dict[str, Any] = (
             {"files": {adapter_gguf.name: digest}} if fused  # FROM the fused model, no ADAPTER
             else {"from_": base_tag, "adapters": {adapter_gguf.name: digest}}
         )
         self._call(
             f"create {tag}",
-            lambda: self._client.create(model=tag, **source, template=template, system=system, parameters=params),
+            lambda: self._client.create(model=tag, **source, template=serving.template, system=system,
+                                        parameters=params),
         )
         return Published(tag, self._digests_by_tag().get(tag, ""), True, digest)
 
@@ -486,28 +621,34 @@ def keep_list(versions: list[int], keep_versions: int, live: int | None) -> list
 
 
 def modelfile(
-    base_from: str, adapter: str | None, *, template: str | None, system: str | None,
+    base_from: str, adapter: str | None, *, serving: Serving, system: str | None,
     temperature: float | None,
 ) -> str:
     """Modelfile text (for the user, and for `ollama create -f`)."""
     lines = [f"FROM {base_from}"]
     if adapter:
         lines.append(f"ADAPTER {adapter}")
-    if template:
-        lines.append(f'TEMPLATE """{template}"""')
+    if serving.template:
+        lines.append(f'TEMPLATE """{serving.template}"""')
     if system:
         lines.append(f'SYSTEM """{system}"""')
-    if temperature is not None:
-        lines.append(f"PARAMETER temperature {temperature:g}")
-    fmt = format_for_template(template)
-    for stop in fmt.stop if fmt else ():
-        lines.append(f'PARAMETER stop "{stop}"')
+    for key, value in serving.params(temperature).items():
+        for item in value if isinstance(value, list) else [value]:
+            lines.append(f"PARAMETER {key} {_modelfile_value(item)}")
     return "\n".join(lines) + "\n"
+
+
+def _modelfile_value(value: Any) -> str:
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)  # quoted: stop words hold spaces and quotes
+    if isinstance(value, bool):
+        return str(value).lower()
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def manual_commands(
     repo: str, version: int, base_gguf: Path, adapter_gguf: Path, *,
-    system: str | None = None, temperature: float = 0.2,
+    system: str | None = None, temperature: float = 0.2, serving: Serving | None = None,
 ) -> str:
     """Shell lines that publish a version by hand (printed by `forgectl status`).
 
@@ -519,7 +660,7 @@ def manual_commands(
     fused = is_fused_export(Path(adapter_gguf))
     text = modelfile(
         exported if fused else str(Path(base_gguf).resolve()), None if fused else exported,
-        template=base_chat_template(Path(base_gguf)),
+        serving=serving or serving_for_gguf(Path(base_gguf)),
         system=system if system is not None else system_prompt(repo), temperature=temperature,
     )
     return (

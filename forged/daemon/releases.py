@@ -80,7 +80,7 @@ class Releases:
         manual = manual_commands(name, version, Path(judged["base_gguf"]), Path(judged["export"]["path"]),
                                  temperature=self.cfg.publish.temperature)
         try:
-            self._create(name, version, judged)
+            self._create(name, version, judged, self.cycle_dir(name, cid) / "train" / "adapter")
         except (OllamaUnavailable, PublishError, OSError) as e:
             # The command is stored before the stage changes: status shows it with that stage,
             # and a client polling between the two writes saw ready_to_publish without it.
@@ -94,16 +94,18 @@ class Releases:
             return
         self._await_approval(repo, cyc, version)
 
-    def _create(self, repo: str, version: int, judged: dict[str, Any]) -> None:
+    def _create(self, repo: str, version: int, judged: dict[str, Any], adapter_dir: Path) -> None:
         """The candidate's Ollama tag, from the judge's export (and the base, unless fused)."""
-        from forged.daemon.publish import base_chat_template, system_prompt
+        from forged.daemon.publish import recorded_fim, system_prompt
 
         adapter_gguf, base_gguf = Path(judged["export"]["path"]), Path(judged["base_gguf"])
         pub = self.publisher()
+        # An ollama:NAME base keeps its own template and parameters, plus a Suffix branch.
+        serving = pub.serving(self.cfg.train.base_model, base_gguf, recorded_fim(adapter_dir))
         # A fused export is a whole model: its version needs no base in Ollama.
         fused = (judged.get("export") or {}).get("kind") == "fused"
-        base_tag = "" if fused else pub.ensure_base(base_gguf, base_tag_name(self.cfg.train.base_model))
-        pub.create_version(repo, version, base_tag, adapter_gguf, template=base_chat_template(base_gguf),
+        base_tag = "" if fused else pub.ensure_base(base_gguf, base_tag_name(self.cfg.train.base_model), serving)
+        pub.create_version(repo, version, base_tag, adapter_gguf, serving=serving,
                            system=system_prompt(repo), temperature=self.cfg.publish.temperature)
 
     # -- approval ---------------------------------------------------------------------
