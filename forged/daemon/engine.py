@@ -276,7 +276,7 @@ class Engine:
             self.state.event("gates", data={"open": self._gates_open, "gates": self._gates})
 
     def blas_preload(self) -> str | None:
-        """MLX on Linux needs OpenBLAS preloaded into the worker to be usable (docs/design.md)."""
+        """MLX on Linux needs OpenBLAS preloaded into the worker to be usable (docs/training.md)."""
         from forged.common.backends import BackendError, choose_backend, openblas_preload
 
         try:

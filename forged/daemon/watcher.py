@@ -176,11 +176,6 @@ class RepoWatcher:
             self._thread.join(timeout=10)
         self._stop_observer()
 
-    def request_pass(self) -> None:
-        """Ask for a pass as if something changed now (e.g. after the machine woke)."""
-        self._mark(time.monotonic(), time.monotonic())
-        self._wake.set()
-
     def _start_observer(self) -> None:
         gdirs = self._find_git_dirs()
         self._git_dirs = sorted(((str(d) + os.sep, str(d)) for d in gdirs), key=lambda x: -len(x[0]))
