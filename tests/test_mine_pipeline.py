@@ -152,7 +152,9 @@ def test_incremental_remine_parses_only_changed_blob(repo: Path, tmp_path: Path)
     assert second.files_cached == first.files_parsed - 1
     recs = read(tmp_path / "o2", "train.jsonl") + read(tmp_path / "o2", "valid.jsonl")
     changed = {r["meta"]["path"] for r in recs if r["meta"]["changed"] and r["meta"]["kind"] != "raft"}
-    assert changed == {"pkg/mod3.py", None} or changed == {"pkg/mod3.py"}
+    # only the changed file's examples, its commit's (one file: its path) among them
+    assert changed == {"pkg/mod3.py"}, changed
+    assert any(r["meta"]["changed"] and r["meta"]["kind"] == "commit_diff" for r in recs)
 
 
 def test_split_stable_and_disjoint(repo: Path, tmp_path: Path) -> None:

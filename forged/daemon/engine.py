@@ -15,6 +15,7 @@ import json
 import os
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from sqlite3 import Row
@@ -58,7 +59,7 @@ class Engine:
         self._paused_flag = self.paths.state_dir / "paused"
         self.paused = self._paused_flag.exists()
         self.scheduler = BackgroundScheduler(timezone="UTC", job_defaults={"coalesce": True, "max_instances": 1})
-        self.on_tick: list[Any] = []  # test hook: called after each tick
+        self.on_tick: list[Callable[[], None]] = []  # test hook: called after each tick
 
     # -- lifecycle ----------------------------------------------------------------------
     def start(self) -> None:
@@ -276,7 +277,7 @@ class Engine:
             self.state.event("gates", data={"open": self._gates_open, "gates": self._gates})
 
     def blas_preload(self) -> str | None:
-        """MLX on Linux needs OpenBLAS preloaded into the worker to be usable (docs/design.md)."""
+        """MLX on Linux needs OpenBLAS preloaded into the worker to be usable (docs/training.md)."""
         from forged.common.backends import BackendError, choose_backend, openblas_preload
 
         try:

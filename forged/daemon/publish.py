@@ -18,7 +18,7 @@ the file (``general.type = adapter``, or a model carrying ``forged.export = fuse
 Errors are split in two, so the caller knows whether waiting helps:
 
 - :class:`OllamaUnavailable` — connection refused, timeout, a dropped connection, a
-  5xx, or an upload that arrived corrupted: retry later with :func:`backoff_seconds`.
+  5xx, or an upload that arrived corrupted: retry later (the cycle backs off).
 - :class:`PublishError` — a permanent problem (bad file, unknown version, 4xx).
 """
 
@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 import re
 import shlex
 from collections.abc import Callable, Iterable
@@ -245,15 +244,6 @@ def system_prompt(repo: str) -> str:
         f"You are a coding assistant fine-tuned on the {repo} repository. "
         f"Answer questions about {repo}'s code and write code that follows its conventions."
     )
-
-
-def backoff_seconds(attempt: int, *, base: float = 30.0, cap: float = 1800.0) -> float:
-    """Delay before retry ``attempt`` (1, 2, ...) after OllamaUnavailable: doubling, jittered.
-
-    Jitter (±20%) keeps several repos' retries from arriving at Ollama all at once.
-    """
-    delay = min(cap, base * 2 ** max(0, attempt - 1))
-    return delay * random.uniform(0.8, 1.2)
 
 
 def _keep_alive_value(value: str | float) -> str | float:

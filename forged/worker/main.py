@@ -34,7 +34,6 @@ from forged.common.protocol import (
     WorkerEvent,
 )
 
-STAGES = WORKER_STAGES
 STOP_GRACE = 30.0  # seconds a stopping trainer gets to checkpoint before the process ends
 
 
@@ -144,7 +143,7 @@ def run_stage(stage: str, cycle_dir: Path, job: dict[str, Any], stop: threading.
         out.update(export=exported.to_dict(), fidelity=fid.to_dict(), base_gguf=str(base.path),
                    passed=bool(fid.passed))
         return out
-    raise ValueError(f"unknown stage {stage!r} (stages: {', '.join(STAGES)})")
+    raise ValueError(f"unknown stage {stage!r} (stages: {', '.join(WORKER_STAGES)})")
 
 
 def _heldout_texts(path: Path, limit: int) -> list[str]:
@@ -161,7 +160,7 @@ def _heldout_texts(path: Path, limit: int) -> list[str]:
 
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="forged worker")
-    ap.add_argument("stage", choices=STAGES)
+    ap.add_argument("stage", choices=WORKER_STAGES)
     ap.add_argument("--cycle-dir", required=True, type=Path)
     args = ap.parse_args(argv)
     stop = threading.Event()
