@@ -479,3 +479,14 @@ def test_remine_patches_the_last_mine_and_matches_cold(repo: Path, tmp_path: Pat
     (root / "last.bin").write_bytes(b"not marshal")
     step({"pkg/mod16.py": module(16) + "\n# c\n"}, patched=False)
     step({"pkg/mod17.py": module(17) + "\n# d\n"})
+
+
+def test_a_file_with_a_syntax_error_does_not_stop_the_mine(tmp_path: Path) -> None:
+    r = tmp_path / "r"
+    r.mkdir()
+    git(r, "init", "-q")
+    commit(r, {"x.py": "def f(:\n", **{f"m{i}.py": module(i) for i in range(3)}}, "x")
+    out = tmp_path / "o"
+    rep = mine_repo(r, out, cfg(), tmp_path / "cache")
+    assert rep.files_mined == 4
+    assert any(x["meta"]["path"] == "x.py" for x in read(out, "train.jsonl") + read(out, "valid.jsonl"))
