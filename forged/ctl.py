@@ -38,10 +38,45 @@ class _UnixConnection(http.client.HTTPConnection):
         self.unix_path = path
 
     def connect(self) -> None:
+        self.sock = connect_unix(self.unix_path, self.timeout)
+
+
+# How long a refused connect is retried: a full listen backlog is ECONNREFUSED on macOS
+# (EAGAIN on Linux), but so is a socket file no daemon listens on any more.
+REFUSED_RETRY_S = 5.0
+
+
+def connect_unix(path: str, timeout: float | None) -> socket.socket:
+    """A socket connected to ``path``, retrying while the daemon's backlog is full.
+
+    A connect with a timeout is non-blocking, so a full backlog fails at once (EAGAIN)
+    instead of waiting its turn: retry with backoff until ``timeout``. FileNotFoundError
+    (no daemon) is not retried; ECONNREFUSED is, for at most REFUSED_RETRY_S.
+    """
+    start = time.monotonic()
+    delay = 0.005
+    while True:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(self.timeout)
-        s.connect(self.unix_path)
-        self.sock = s
+        s.settimeout(timeout)
+        try:
+            s.connect(path)
+            return s
+        except (BlockingIOError, InterruptedError, ConnectionRefusedError) as e:
+            s.close()
+            waited = time.monotonic() - start
+            limit = REFUSED_RETRY_S if isinstance(e, ConnectionRefusedError) else float("inf")
+            if timeout is not None:
+                limit = min(limit, timeout)
+            if waited + delay > limit:
+                if isinstance(e, BlockingIOError):
+                    raise TimeoutError(f"{path}: the daemon accepted no connection in "
+                                       f"{waited:.0f} s (busy)") from None
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.2)
+        except BaseException:
+            s.close()
+            raise
 
 
 class Client:

@@ -188,6 +188,9 @@ class _RequestHandler(BaseHTTPRequestHandler):
 class ControlServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
     allow_reuse_address = False
+    # socketserver's default of 5 overflows under a few dozen polling clients; the kernel
+    # caps this at somaxconn.
+    request_queue_size = 128
 
     def __init__(self, path: Path, router: Router, max_body: int = 1 << 20) -> None:
         check_socket_path(path)
