@@ -179,7 +179,7 @@ def test_malformed_config_names_the_key_and_daemon_does_not_start(short_tmp: Pat
 @pytest.mark.parametrize(("text", "needle"), [
     ("[trian]\nrank = 4\n", "trian: unknown key"),
     ("[gates]\nquiet_hours = ['25:00-01:00']\n", "gates.quiet_hours"),
-    ("[publish]\nkeep_versions = 0\n", "publish.keep_versions: must be > 0"),
+    ("[publish]\nkeep_versions = 0\n", "publish.keep_versions: must be from 1 to 1000"),
     ("[[repos]]\npath = '/nonexistent/x'\n", "repos[0].path: directory does not exist"),
     ("[daemon\n", "not valid TOML"),
     ("[train]\nbackend = 'tpu'\n", "train.backend: must be one of"),

@@ -86,14 +86,27 @@ class Daemon:
             self._register_config_repos()
             self.engine = Engine(self)
             self.server = ControlServer(self.paths.socket, self._router(), self.cfg.daemon.max_request_bytes)
+            threading.Thread(target=self.server.serve_forever, name="control", daemon=True).start()
+            self.engine.start()
         except BaseException:
-            self.lock.release()
+            self._undo_start()
             raise
-        threading.Thread(target=self.server.serve_forever, name="control", daemon=True).start()
-        self.engine.start()
         self.state.event("daemon_started", data={"pid": os.getpid(), "version": __version__})
         self.log.info("daemon_started", pid=os.getpid(), socket=str(self.paths.socket),
                       config=str(self.cfg.source or "(defaults)"), home=str(self.paths.state_dir))
+
+    def _undo_start(self) -> None:
+        """A start that failed half way leaves nothing behind: no socket file, no lock."""
+        steps = [self.engine.stop if self.engine is not None else None,
+                 self.server.close if self.server is not None else None,
+                 self.state.close if self.state is not None else None]
+        for step in filter(None, steps):
+            try:
+                step()
+            except Exception as e:  # noqa: BLE001 - the failure that brought us here matters more
+                self.log.warning("start_cleanup_failed", error=f"{type(e).__name__}: {e}")
+        self.engine = self.server = self.state = None
+        self.lock.release()
 
     def stop(self) -> None:
         self.stopping.set()
@@ -297,5 +310,9 @@ def run_daemon(argv: list[str]) -> int:
         d.run_forever()
     except (LockHeld, RuntimeError, ValueError, OSError) as e:
         print(f"forged: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # noqa: BLE001 - one line, not a traceback; the log has the rest
+        log.get("forged.daemon").exception("start_failed")
+        print(f"forged: failed: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     return 0
