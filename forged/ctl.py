@@ -172,6 +172,8 @@ def render_status(st: dict[str, Any]) -> str:
         cyc = r.get("cycle") or {}
         if r.get("live_tag"):
             lines.append(f"{r['name']}: use model {r['live_tag']}")
+        if r.get("failure"):
+            lines.append(f"{r['name']}: failing: {r['failure']}")
         if cyc.get("reason") and cyc.get("stage") in ("failed", "paused", "ready_to_publish", "promoting"):
             lines.append(f"{r['name']}: {cyc['stage']}: {cyc['reason']}")
         for w in cyc.get("warnings") or []:
@@ -183,6 +185,8 @@ def render_status(st: dict[str, Any]) -> str:
 
 def render_repo(r: dict[str, Any]) -> str:
     out = [f"{r['name']}  {r['path']}  stage={r['stage']}", f"progress: {_progress_text(r)}"]
+    if r.get("failure"):
+        out.append(f"failing: {r['failure']}")
     if r.get("live_tag"):
         out.append(f"live: v{r['live_version']} — use model {r['live_tag']}")
     for c in r.get("cycles", [])[:5]:

@@ -164,3 +164,32 @@ def test_malformed_requests_get_only_4xx_and_leave_no_traceback(daemon: DaemonPr
     assert code == 200
     out = daemon.stop()
     assert tracebacks(daemon, out) == []
+
+
+def test_registration_refuses_what_it_cannot_watch(daemon: DaemonProc, short_tmp: Path) -> None:
+    repo = make_repo(short_tmp / "r", {"a.py": "x = 1\n"})
+    code, err = daemon.request("POST", "/v1/repos", {"path": str(repo), "branch": "nope"})
+    assert code == 400 and err["error"].startswith("branch: ") and "'nope' does not exist" in err["error"], err
+    odd = make_repo(short_tmp / "a\nb", {"a.py": "x = 1\n"})
+    code, err = daemon.request("POST", "/v1/repos", {"path": str(odd)})
+    assert code == 400 and "newline" in err["error"], err
+    code, st = daemon.request("GET", "/v1/status")
+    assert st["repos"] == []
+
+
+def test_a_repo_whose_accounting_fails_shows_as_failing(daemon: DaemonProc, short_tmp: Path) -> None:
+    from tests.conftest import git
+
+    repo = make_repo(short_tmp / "r", {"a.py": "x = 1\n"})
+    git(repo, "branch", "feature")
+    assert daemon.ctl("pause").returncode == 0
+    assert daemon.ctl("repos", "add", str(repo), "--branch", "feature").returncode == 0
+    daemon.wait_for(lambda st: st["repos"][0]["watch"]["accounted_at"])
+    assert daemon.request("GET", "/v1/status")[1]["repos"][0]["stage"] == "watching"
+    git(repo, "branch", "-D", "feature")
+    entry = daemon.wait_for(lambda st: st["repos"][0]["stage"] == "failing" and st["repos"][0])
+    assert "branch 'feature' does not exist" in entry["failure"]
+    out = daemon.ctl("status").stdout
+    assert "failing" in out and "r: failing: cannot account changes:" in out, out
+    git(repo, "branch", "feature")  # back: watching again
+    daemon.wait_for(lambda st: st["repos"][0]["stage"] == "watching")

@@ -353,6 +353,9 @@ def parse(text: str, source: Path | None = None, check_paths: bool = True) -> Co
     for i, repo in enumerate(cfg.repos):
         kp = f"repos[{i}]"
         p = Path(repo.path).expanduser()
+        if re.search(r"[\x00-\x1f\x7f]", repo.path):
+            raise ConfigError(f"{locate(kp + '.path')}{kp}.path: a path with a newline or other control "
+                              "character cannot be watched")
         if check_paths and not p.is_dir():
             raise ConfigError(f"{locate(kp + '.path')}{kp}.path: directory does not exist ({repo.path})")
         repo.name = repo.name or default_repo_name(p)

@@ -146,6 +146,8 @@ class Engine:
         self._snap = threading.Lock()
         self.worker: WorkerHandle | None = None
         self.watchers: dict[str, Any] = {}
+        # repo name → why its watcher or accounting fails (status shows it as failing)
+        self.failures: dict[str, str] = {}
         self._gates: dict[str, Any] = {}
         self._gates_open = False
         self._mem_need: int | None = None
@@ -223,8 +225,10 @@ class Engine:
             w.start()
         except (OSError, ValueError) as e:  # inotify watch limit; RepoError (a ValueError) if it vanished
             self.log.warning("watcher_failed", repo=name, error=str(e))
+            self.failures[name] = f"cannot watch: {e}"
             return
         self.watchers[name] = w
+        self.failures.pop(name, None)
 
     def _stop_watcher(self, name: str) -> None:
         w = self.watchers.pop(name, None)
@@ -278,7 +282,10 @@ class Engine:
         except RepoError as e:  # e.g. the registered branch was deleted
             self.state.event("accounting_failed", name, data={"error": str(e)})
             self.log.warning("accounting_failed", repo=name, error=str(e))
+            self.failures[name] = f"cannot account changes: {e}"
             return
+        if self.failures.get(name, "").startswith("cannot account"):
+            del self.failures[name]
         old = json.loads(row["accounting"] or "{}")
         if acc.deferred:
             # git is mid-operation: keep the last numbers, only say why they wait
@@ -795,6 +802,8 @@ class Engine:
             stage = cyc["stage"]
         elif awaiting is not None:
             stage = "awaiting_approval"
+        elif self.failures.get(str(repo["name"])):
+            stage = "failing"
         else:
             stage = "watching"
         w = self.worker
@@ -816,6 +825,7 @@ class Engine:
                       "events": (getattr(watcher, "stats", None) or {}).get("events", 0),
                       "accounted_at": repo["accounted_at"]},
             "stage": stage,
+            "failure": self.failures.get(str(repo["name"])),
             "progress": {
                 "text": acc.get("progress"), "due": acc.get("due", False),
                 "lines": acc.get("lines_changed"), "min_lines": self.cfg.thresholds.min_changed_lines,

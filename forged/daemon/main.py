@@ -212,7 +212,7 @@ class Daemon:
         }
 
     def add_repo(self, body: dict[str, Any]) -> dict[str, Any]:
-        from forged.daemon.accounting import RepoError, check_work_tree
+        from forged.daemon.accounting import RepoError, check_branch, check_work_tree
 
         assert self.state is not None
         raw = fields.string(body, "path")
@@ -227,6 +227,11 @@ class Daemon:
             raise ApiError(400, f"name: {name!r} is not usable in an Ollama tag "
                                 "(lowercase letters, digits, '.', '_', '-'; at most 64)")
         branch = fields.string(body, "branch")
+        if branch:
+            try:
+                check_branch(top, branch)
+            except RepoError as e:
+                raise ApiError(400, f"branch: {e}") from None
         if self.state.repo(name) is not None:
             raise ApiError(409, f"a repo named {name!r} is already registered (use --name)")
         for row in self.state.repos():
