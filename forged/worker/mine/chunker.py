@@ -27,8 +27,9 @@ from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import Any
 
-# Bump when chunk boundaries, symbol facts or redaction change: the cache is keyed by it.
-CHUNKER_VERSION = "forged-cast-6"
+# Bump when chunk boundaries, symbol facts, redaction or content skips change: the cache is
+# keyed by it.
+CHUNKER_VERSION = "forged-cast-7"
 
 # chunk_tokens × this = budget in non-whitespace bytes. Measured with the SmolLM2
 # tokenizer on Python (click, httpx): ~3.1 non-whitespace bytes per token.

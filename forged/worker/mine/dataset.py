@@ -35,7 +35,17 @@ _GENERATED = re.compile(
 _INLINE_BYTES = 256_000
 
 
+_LFS_POINTER = (b"version https://git-lfs.github.com/spec/", b"version https://hawser.github.com/spec/")
+
+
+# A diff line of a pointer file's first line: LFS pointers are left out of commit diffs too.
+_LFS_DIFF = re.compile(r"^[-+ ]version https://(git-lfs\.github\.com|hawser\.github\.com)/spec/", re.M)
+_COMMITS_VERSION = 2  # bump when what a cached commit keeps changes (2: no LFS pointer diffs)
+
+
 def _content_skip(lang: str, data: bytes) -> str | None:
+    if data.startswith(_LFS_POINTER):
+        return "lfs_pointer"  # the real file lives on an LFS server; the pointer is no code
     if b"\0" in data[:8192]:
         return "binary"
     if not data.strip():
@@ -197,6 +207,7 @@ class _Ctx:
     results: dict[str, Any] = field(default_factory=dict)  # analysis key → analysis
     parsed: int = 0
     total: int = 0  # files to mine (for progress)
+    specials: Counter[str] = field(default_factory=Counter)  # symlinks/submodules gained (re-mine)
 
     def akey(self, lang: str, blob: str) -> str:
         return f"{self.rep.chunker_version}:{self.budget}:{lang}:{blob}"
@@ -363,7 +374,8 @@ def run(repo: Path, out_dir: Path, cfg: MineConfig, cache_dir: Path, *, commit: 
     # processes run while this one reads the tree (a re-mine is mostly git start-ups).
     gitpool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mine-git")
     history_f = gitpool.submit(_history, repo, sha, since_sha, cfg)
-    changes_f = gitpool.submit(gitio.changes, repo, since_sha, sha) if since_sha else None
+    specials: Counter[str] = Counter()  # symlinks and submodules gained since since_sha
+    changes_f = gitpool.submit(gitio.changes, repo, since_sha, sha, specials) if since_sha else None
     store: LineStore | None = None
     cache: MineCache | None = None
     ok = False
@@ -379,6 +391,7 @@ def run(repo: Path, out_dir: Path, cfg: MineConfig, cache_dir: Path, *, commit: 
         if (last is not None and changes_f is not None and last.get("commit") == since_sha
                 and last.get("fp") == ctx.fp and not (cfg.teacher and cfg.kinds.teacher > 0)):
             try:
+                ctx.specials = specials
                 _remine(ctx, out_dir, last, changes_f.result(), history_f, stage, linked)
                 done = True
             except _Fallback:
@@ -405,11 +418,12 @@ def _mine(ctx: _Ctx, out_dir: Path, sha: str, changes: dict[str, str | None] | N
           history_f: Future, stage: Callable[[str], None], linked: bool, ollama_host: str) -> None:
     """The full mine: list the tree, then every file's lines from the store or derived."""
     cfg, rep, store, cache = ctx.cfg, ctx.rep, ctx.store, ctx.cache
-    entries = gitio.ls_tree(ctx.repo, sha)
+    specials: Counter[str] = Counter()
+    entries = gitio.ls_tree(ctx.repo, sha, specials)
     changed = set(changes) if changes is not None else None
-    rep.files_total = len(entries)
+    rep.files_total = len(entries) + sum(specials.values())
     idx = store.index
-    tot = _Totals()
+    tot = _Totals(skipped=Counter(specials))
     todo: list[tuple[gitio.Entry, str, str, tuple]] = []  # entry, lang, analysis key, path facts
     for e in entries:
         pi = ctx.facts(e.path)
@@ -535,6 +549,7 @@ def _remine(ctx: _Ctx, out_dir: Path, last: dict[str, Any], changes: dict[str, s
     rows, hashes = array("q", last["rows"]), array("Q", last["hashes"])
     plans: dict[str, list[tuple[int, int, int, int]]] = last["plans"]
     tot = _Totals(Counter(last["skipped"]), Counter(last["redactions"]), *last["totals"])
+    tot.skipped.update(ctx.specials)
     tally = _Tally(last["tally"], last["live"])
     if cfg.kinds.raft > 0 and len(idx.files) != tot.mined:
         raise _Fallback  # the symbol table's file list is not the last mine's
@@ -607,7 +622,7 @@ def _remine(ctx: _Ctx, out_dir: Path, last: dict[str, Any], changes: dict[str, s
         files.append((i, _File(e, pi[1], akey, "valid" if valid else "train", True, pi[3])))
     if frac > 0 and tot.mined >= 2 and not tot.held:
         raise _Fallback  # the full mine picks a file to hold out
-    rep.files_total = len(paths)
+    rep.files_total = len(paths) + sum(tot.skipped[k] for k in gitio.SPECIAL_MODES.values())
     tot.report(rep, ctx.parsed, len(files))
     stage("load")
 
@@ -1146,7 +1161,7 @@ def _commits(repo: Path, history: tuple[list[str], set[str] | None], cfg: MineCo
     if not shas:
         return []
     max_diff = budget * 8
-    keys = {s: f"{REDACT_VERSION}:{max_diff}:{s}" for s in shas}
+    keys = {s: f"{REDACT_VERSION}:{_COMMITS_VERSION}:{max_diff}:{s}" for s in shas}
     got = cache.get_commits(keys.values())
     todo = [s for s in shas if keys[s] not in got]
     fresh: dict[str, Any] = {}
@@ -1155,7 +1170,8 @@ def _commits(repo: Path, history: tuple[list[str], set[str] | None], cfg: MineCo
             keep = []
             counts: Counter[str] = Counter()
             for path, diff in parts:
-                if filters.skip_reason(path) or len(diff) > max_diff or "\nBinary files " in diff:
+                if (filters.skip_reason(path) or len(diff) > max_diff or "\nBinary files " in diff
+                        or _LFS_DIFF.search(diff)):
                     continue
                 clean, c = redact(diff, path)
                 counts.update(c)
