@@ -532,3 +532,37 @@ def test_lfs_pointers_symlinks_and_submodules_are_counted_never_mined(tmp_path: 
     cold = check(mine_repo(r, tmp_path / "o3", cfg(), tmp_path / "cold", changed_since=base)
                  and tmp_path / "o3", 3)
     assert patched["skipped"] == cold["skipped"] and patched["files_total"] == cold["files_total"] == 11
+
+
+def test_a_mine_that_fails_late_leaves_the_dataset_whole_or_absent(repo: Path, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The disk fills while the manifest is written, after train.jsonl and mlx/."""
+    import errno
+
+    from forged.worker.mine import MineReport
+
+    to_dict = MineReport.to_dict
+
+    def no_room(self: MineReport) -> dict:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    monkeypatch.setattr(MineReport, "to_dict", no_room)
+    with pytest.raises(OSError, match="No space left"):
+        mine_repo(repo, out, cfg(), cache)
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["cache", "repo"]
+    monkeypatch.setattr(MineReport, "to_dict", to_dict)
+    mine_repo(repo, out, cfg(), cache)
+    names = ("train.jsonl", "valid.jsonl", "mlx/train.jsonl", "mlx/valid.jsonl", "manifest.json")
+    before = {n: body(out, n) for n in names}
+    assert (out / "manifest.json").exists() and body(out, "mlx/train.jsonl")
+    # A later mine into the same directory that fails keeps the earlier dataset whole.
+    commit(repo, {"pkg/late.py": module(77)}, "late")
+    monkeypatch.setattr(MineReport, "to_dict", no_room)
+    with pytest.raises(OSError):
+        mine_repo(repo, out, cfg(), cache)
+    assert {n: body(out, n) for n in names} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "out", "repo"]
+    monkeypatch.setattr(MineReport, "to_dict", to_dict)
+    rep = mine_repo(repo, out, cfg(), cache)
+    assert json.loads((out / "manifest.json").read_text())["out_dir"] == str(out) == rep.out_dir

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import shutil
 import sqlite3
 import time
 from array import array
@@ -346,10 +347,34 @@ class _Tally:
         rep.tokens_est = {s: int(by[s][4] / NWS_PER_TOKEN) for s in ("train", "valid")}
 
 
-def run(repo: Path, out_dir: Path, cfg: MineConfig, cache_dir: Path, *, commit: str = "HEAD",
-        changed_since: str | None = None, progress: Callable[[dict], None] | None = None,
-        linked: bool = True, ollama_host: str = DEFAULT_OLLAMA_HOST,
-        context_tokens: int = DEFAULT_SEQ_LEN) -> MineReport:
+def run(repo: Path, out_dir: Path, cfg: MineConfig, cache_dir: Path, **kw: Any) -> MineReport:
+    """Mine into a staging directory beside ``out_dir``, then rename it into place: a dataset
+    directory is whole or absent, never a failed mine's half (a full disk late in a mine)."""
+    staging = out_dir.with_name(f".{out_dir.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)  # a mine killed mid-way left it
+    try:
+        rep = _run(repo, staging, cfg, cache_dir, report_dir=out_dir, **kw)
+        _swap_in(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return rep
+
+
+def _swap_in(staging: Path, out_dir: Path) -> None:
+    """``staging`` becomes ``out_dir``; an older dataset there is moved aside, then removed."""
+    old = out_dir.with_name(f".{out_dir.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out_dir.exists():
+        os.replace(out_dir, old)
+    os.replace(staging, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _run(repo: Path, out_dir: Path, cfg: MineConfig, cache_dir: Path, *, commit: str = "HEAD",
+         changed_since: str | None = None, progress: Callable[[dict], None] | None = None,
+         linked: bool = True, ollama_host: str = DEFAULT_OLLAMA_HOST,
+         context_tokens: int = DEFAULT_SEQ_LEN, report_dir: Path | None = None) -> MineReport:
     t0 = time.perf_counter()
     tick = t0
     durations: dict[str, float] = {}
@@ -369,7 +394,7 @@ def run(repo: Path, out_dir: Path, cfg: MineConfig, cache_dir: Path, *, commit: 
     budget = budget_bytes(cfg.chunk_tokens)
     rep = MineReport(repo=str(repo.resolve()), commit=sha, changed_since=since_sha,
                      chunker_version=f"{CHUNKER_VERSION}+redact{REDACT_VERSION}",
-                     budget_tokens=cfg.chunk_tokens, budget_nws_bytes=budget, out_dir=str(out_dir))
+                     budget_tokens=cfg.chunk_tokens, budget_nws_bytes=budget, out_dir=str(report_dir or out_dir))
     # The history and the changed paths are independent of the tree listing: their git
     # processes run while this one reads the tree (a re-mine is mostly git start-ups).
     gitpool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mine-git")
