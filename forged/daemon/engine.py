@@ -50,6 +50,8 @@ class Engine:
         self.releases = Releases(self.cfg, self.state, self.cycle_dir, self.account_repo, self._lock)
         self.worker: WorkerHandle | None = None
         self.watchers: dict[str, Any] = {}
+        # repo name → why its watcher or accounting fails (status shows it as failing)
+        self.failures: dict[str, str] = {}
         self._gates: dict[str, Any] = {}
         self._gates_open = False
         self._mem_need: int | None = None
@@ -122,8 +124,10 @@ class Engine:
             w.start()
         except (OSError, ValueError) as e:  # inotify watch limit; RepoError (a ValueError) if it vanished
             self.log.warning("watcher_failed", repo=name, error=str(e))
+            self.failures[name] = f"cannot watch: {e}"
             return
         self.watchers[name] = w
+        self.failures.pop(name, None)
 
     def _stop_watcher(self, name: str) -> None:
         w = self.watchers.pop(name, None)
@@ -165,7 +169,10 @@ class Engine:
         except RepoError as e:  # e.g. the registered branch was deleted
             self.state.event("accounting_failed", name, data={"error": str(e)})
             self.log.warning("accounting_failed", repo=name, error=str(e))
+            self.failures[name] = f"cannot account changes: {e}"
             return
+        if self.failures.get(name, "").startswith("cannot account"):
+            del self.failures[name]
         old = json.loads(row["accounting"] or "{}")
         if acc.deferred:
             # git is mid-operation: keep the last numbers, only say why they wait
@@ -435,11 +442,13 @@ class Engine:
             return self.worker_status(), self.repo_statuses()
 
     def repo_statuses(self) -> list[dict[str, Any]]:
-        return [status.repo_status(self.state, self.cfg, r, self.worker, self.watchers.get(str(r["name"])))
+        return [status.repo_status(self.state, self.cfg, r, self.worker, self.watchers.get(str(r["name"])),
+                                   failure=self.failures.get(str(r["name"])))
                 for r in self.state.repos()]
 
     def repo_detail(self, repo: Row) -> dict[str, Any]:
-        return status.repo_detail(self.state, self.cfg, repo, self.worker, self.watchers.get(str(repo["name"])))
+        return status.repo_detail(self.state, self.cfg, repo, self.worker, self.watchers.get(str(repo["name"])),
+                                  failure=self.failures.get(str(repo["name"])))
 
     def report(self, repo: Row) -> dict[str, Any]:
         return status.report(self.state, repo, self.cycle_dir)

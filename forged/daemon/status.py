@@ -18,12 +18,14 @@ from forged.daemon.errors import NotFound
 from forged.daemon.store import State
 
 
-def _stage(repo: Row, cyc: Row | None, awaiting: Row | None) -> str:
+def _stage(repo: Row, cyc: Row | None, awaiting: Row | None, failure: str | None) -> str:
     if repo["missing"]:
         return "missing"
     if cyc is not None:
         return str(cyc["stage"])
-    return Stage.AWAITING_APPROVAL.value if awaiting is not None else "watching"
+    if awaiting is not None:
+        return Stage.AWAITING_APPROVAL.value
+    return "failing" if failure else "watching"
 
 
 def _cycle_info(cyc: Row, worker: Any) -> dict[str, Any]:
@@ -47,8 +49,11 @@ def _progress(acc: dict[str, Any], thresholds: config.ThresholdConfig) -> dict[s
     }
 
 
-def repo_status(store: State, cfg: config.Config, repo: Row, worker: Any = None, watcher: Any = None) -> dict[str, Any]:
-    """One repo: its stage, change accounting, live version, pending approval, cycles."""
+def repo_status(store: State, cfg: config.Config, repo: Row, worker: Any = None, watcher: Any = None,
+                failure: str | None = None) -> dict[str, Any]:
+    """One repo: its stage, change accounting, live version, pending approval, cycles.
+
+    ``failure``: why its watcher or change accounting fails (stage "failing"), or None."""
     from forged.daemon.publish import tag_for
 
     name, rid = str(repo["name"]), int(repo["id"])
@@ -61,7 +66,8 @@ def repo_status(store: State, cfg: config.Config, repo: Row, worker: Any = None,
         "watch": {"active": watcher is not None, "passes": getattr(watcher, "passes", 0),
                   "events": (getattr(watcher, "stats", None) or {}).get("events", 0),
                   "accounted_at": repo["accounted_at"]},
-        "stage": _stage(repo, cyc, awaiting),
+        "stage": _stage(repo, cyc, awaiting, failure),
+        "failure": failure,
         "progress": _progress(json.loads(repo["accounting"] or "{}"), cfg.thresholds),
         "live_version": live,
         "live_tag": tag_for(name, "latest") if live else None,
@@ -74,9 +80,9 @@ def repo_status(store: State, cfg: config.Config, repo: Row, worker: Any = None,
 
 
 def repo_detail(store: State, cfg: config.Config, repo: Row, worker: Any = None,
-                watcher: Any = None) -> dict[str, Any]:
+                watcher: Any = None, failure: str | None = None) -> dict[str, Any]:
     """:func:`repo_status` plus the last ten cycles and every model version."""
-    out = repo_status(store, cfg, repo, worker, watcher)
+    out = repo_status(store, cfg, repo, worker, watcher, failure)
     out["cycles"] = [{**dict(c), "metrics": json.loads(c["metrics"]) if c["metrics"] else None}
                      for c in store.recent_cycles(int(repo["id"]), 10)]
     out["versions"] = [dict(v) for v in store.versions(int(repo["id"]))]

@@ -200,13 +200,16 @@ class RepoWatcher:
                 log.debug("observer stop failed for %s", self.root, exc_info=True)
 
     def _find_git_dirs(self) -> list[Path]:
-        out = subprocess.run(
-            ["git", "rev-parse", "--absolute-git-dir", "--git-common-dir"],
-            cwd=self.root, env=git_env(), capture_output=True, text=True, timeout=30,
-        )
-        if out.returncode != 0:
-            raise RepoError(f"{self.root}: not a git repository")
-        gdir, common = out.stdout.splitlines()[:2]
+        def ask(flag: str) -> str:
+            # One value per call, only its final newline cut: a path may hold a newline
+            # (rev-parse has no -z), so its output is never split by line.
+            out = subprocess.run(["git", "rev-parse", flag], cwd=self.root, env=git_env(),
+                                 capture_output=True, text=True, timeout=30)
+            if out.returncode != 0:
+                raise RepoError(f"{self.root}: not a git repository")
+            return out.stdout.removesuffix("\n")
+
+        gdir, common = ask("--absolute-git-dir"), ask("--git-common-dir")
         dirs = {Path(gdir).resolve(), (self.root / common).resolve() if not os.path.isabs(common) else Path(common).resolve()}
         return sorted(dirs)
 

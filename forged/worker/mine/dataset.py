@@ -7,6 +7,7 @@ import json
 import math
 import os
 import re
+import shutil
 import sqlite3
 import time
 from array import array
@@ -33,7 +34,17 @@ _GENERATED = re.compile(
 _INLINE_BYTES = 256_000
 
 
+_LFS_POINTER = (b"version https://git-lfs.github.com/spec/", b"version https://hawser.github.com/spec/")
+
+
+# A diff line of a pointer file's first line: LFS pointers are left out of commit diffs too.
+_LFS_DIFF = re.compile(r"^[-+ ]version https://(git-lfs\.github\.com|hawser\.github\.com)/spec/", re.M)
+_COMMITS_VERSION = 2  # bump when what a cached commit keeps changes (2: no LFS pointer diffs)
+
+
 def _content_skip(lang: str, data: bytes) -> str | None:
+    if data.startswith(_LFS_POINTER):
+        return "lfs_pointer"  # the real file lives on an LFS server; the pointer is no code
     if b"\0" in data[:8192]:
         return "binary"
     if not data.strip():
@@ -188,6 +199,7 @@ class _Ctx:
     results: dict[str, Any] = field(default_factory=dict)  # analysis key → analysis
     parsed: int = 0
     total: int = 0  # files to mine (for progress)
+    specials: Counter[str] = field(default_factory=Counter)  # symlinks/submodules gained (re-mine)
 
     def akey(self, lang: str, blob: str) -> str:
         return f"{self.rep.chunker_version}:{self.budget}:{lang}:{blob}"
@@ -326,10 +338,34 @@ class _Tally:
         rep.tokens_est = {s: int(by[s][4] / NWS_PER_TOKEN) for s in ("train", "valid")}
 
 
-def run(repo: Path, out_dir: Path, cfg: MineConfig, cache_dir: Path, *, commit: str = "HEAD",
-        changed_since: str | None = None, progress: Callable[[dict], None] | None = None,
-        linked: bool = True, ollama_host: str = DEFAULT_OLLAMA_HOST,
-        context_tokens: int = DEFAULT_SEQ_LEN) -> MineReport:
+def run(repo: Path, out_dir: Path, cfg: MineConfig, cache_dir: Path, **kw: Any) -> MineReport:
+    """Mine into a staging directory beside ``out_dir``, then rename it into place: a dataset
+    directory is whole or absent, never a failed mine's half (a full disk late in a mine)."""
+    staging = out_dir.with_name(f".{out_dir.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)  # a mine killed mid-way left it
+    try:
+        rep = _run(repo, staging, cfg, cache_dir, report_dir=out_dir, **kw)
+        _swap_in(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return rep
+
+
+def _swap_in(staging: Path, out_dir: Path) -> None:
+    """``staging`` becomes ``out_dir``; an older dataset there is moved aside, then removed."""
+    old = out_dir.with_name(f".{out_dir.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out_dir.exists():
+        os.replace(out_dir, old)
+    os.replace(staging, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _run(repo: Path, out_dir: Path, cfg: MineConfig, cache_dir: Path, *, commit: str = "HEAD",
+         changed_since: str | None = None, progress: Callable[[dict], None] | None = None,
+         linked: bool = True, ollama_host: str = DEFAULT_OLLAMA_HOST,
+         context_tokens: int = DEFAULT_SEQ_LEN, report_dir: Path | None = None) -> MineReport:
     t0 = time.perf_counter()
     tick = t0
     durations: dict[str, float] = {}
@@ -349,12 +385,13 @@ def run(repo: Path, out_dir: Path, cfg: MineConfig, cache_dir: Path, *, commit: 
     budget = budget_bytes(cfg.chunk_tokens)
     rep = MineReport(repo=str(repo.resolve()), commit=sha, changed_since=since_sha,
                      chunker_version=f"{CHUNKER_VERSION}+redact{REDACT_VERSION}",
-                     budget_tokens=cfg.chunk_tokens, budget_nws_bytes=budget, out_dir=str(out_dir))
+                     budget_tokens=cfg.chunk_tokens, budget_nws_bytes=budget, out_dir=str(report_dir or out_dir))
     # The history and the changed paths are independent of the tree listing: their git
     # processes run while this one reads the tree (a re-mine is mostly git start-ups).
     gitpool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mine-git")
     history_f = gitpool.submit(_history, repo, sha, since_sha, cfg)
-    changes_f = gitpool.submit(gitio.changes, repo, since_sha, sha) if since_sha else None
+    specials: Counter[str] = Counter()  # symlinks and submodules gained since since_sha
+    changes_f = gitpool.submit(gitio.changes, repo, since_sha, sha, specials) if since_sha else None
     store: LineStore | None = None
     cache: MineCache | None = None
     ok = False
@@ -370,6 +407,7 @@ def run(repo: Path, out_dir: Path, cfg: MineConfig, cache_dir: Path, *, commit: 
         if (last is not None and changes_f is not None and last.get("commit") == since_sha
                 and last.get("fp") == ctx.fp and not (cfg.teacher and cfg.kinds.teacher > 0)):
             try:
+                ctx.specials = specials
                 remine.remine(ctx, out_dir, last, changes_f.result(), history_f, stage, linked)
                 done = True
             except remine.Fallback:
@@ -396,11 +434,12 @@ def _mine(ctx: _Ctx, out_dir: Path, sha: str, changes: dict[str, str | None] | N
           history_f: Future, stage: Callable[[str], None], linked: bool, ollama_host: str) -> None:
     """The full mine: list the tree, then every file's lines from the store or derived."""
     cfg, rep, store, cache = ctx.cfg, ctx.rep, ctx.store, ctx.cache
-    entries = gitio.ls_tree(ctx.repo, sha)
+    specials: Counter[str] = Counter()
+    entries = gitio.ls_tree(ctx.repo, sha, specials)
     changed = set(changes) if changes is not None else None
-    rep.files_total = len(entries)
+    rep.files_total = len(entries) + sum(specials.values())
     idx = store.index
-    tot = _Totals()
+    tot = _Totals(skipped=Counter(specials))
     todo: list[tuple[gitio.Entry, str, str, tuple]] = []  # entry, lang, analysis key, path facts
     for e in entries:
         pi = ctx.facts(e.path)
@@ -882,7 +921,7 @@ def _commits(repo: Path, history: tuple[list[str], set[str] | None], cfg: MineCo
     if not shas:
         return []
     max_diff = budget * 8
-    keys = {s: f"{REDACT_VERSION}:{max_diff}:{s}" for s in shas}
+    keys = {s: f"{REDACT_VERSION}:{_COMMITS_VERSION}:{max_diff}:{s}" for s in shas}
     got = cache.get_commits(keys.values())
     todo = [s for s in shas if keys[s] not in got]
     fresh: dict[str, Any] = {}
@@ -891,7 +930,8 @@ def _commits(repo: Path, history: tuple[list[str], set[str] | None], cfg: MineCo
             keep = []
             counts: Counter[str] = Counter()
             for path, diff in parts:
-                if filters.skip_reason(path) or len(diff) > max_diff or "\nBinary files " in diff:
+                if (filters.skip_reason(path) or len(diff) > max_diff or "\nBinary files " in diff
+                        or _LFS_DIFF.search(diff)):
                     continue
                 clean, c = redact(diff, path)
                 counts.update(c)

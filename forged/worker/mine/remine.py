@@ -148,7 +148,9 @@ def remine(ctx: ds._Ctx, out_dir: Path, last: dict[str, Any], changes: dict[str,
     if len(changes) > PATCH_MAX or sorted(heldout) != last["heldout"]:
         raise Fallback
     saved = SavedMine.from_dict(last)
-    p = _Patch(ctx, saved, saved.totals_of(), ds._Tally(saved.tally, saved.live), changes, stage)
+    tot = saved.totals_of()
+    tot.skipped.update(ctx.specials)  # symlinks and submodules gained since the last mine
+    p = _Patch(ctx, saved, tot, ds._Tally(saved.tally, saved.live), changes, stage)
     if cfg.kinds.raft > 0 and len(idx.files) != p.tot.mined:
         raise Fallback  # the symbol table's file list is not the last mine's
     order = sorted(changes, key=ds._tree_key)
@@ -252,7 +254,7 @@ def _put_back(p: _Patch, order: list[str], heldout: set[str]) -> list[tuple[int,
         files.append((i, ds._File(e, facts.lang, akey, "valid" if valid else "train", True, facts.shard)))
     if frac > 0 and p.tot.mined >= 2 and not p.tot.held:
         raise Fallback  # the full mine picks a file to hold out
-    ctx.rep.files_total = len(saved.paths)
+    ctx.rep.files_total = len(saved.paths) + sum(p.tot.skipped[k] for k in gitio.SPECIAL_MODES.values())
     p.tot.report(ctx.rep, ctx.parsed, len(files))
     p.stage("load")
     return files
