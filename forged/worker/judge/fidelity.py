@@ -427,6 +427,7 @@ def check_served(
     steps: list[dict[str, Any]] = []
     result: FidelityResult | None = None
     ladder = steps_from(start)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
     for i, quant in enumerate(ladder):
         served = Path(out_dir) / f"model-{quant}.gguf"
         quantize_gguf(fused, served, quant)
