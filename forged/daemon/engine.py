@@ -488,6 +488,8 @@ class Engine:
             "head_commit": cyc["head_commit"], "base_commit": cyc["base_commit"],
             "cache_dir": str(self.paths.cache_dir),
             "warm_start": None if full else live_adapter, "live_adapter": live_adapter,
+            # the judge exports what this Ollama can take (None: unknown, export both)
+            "ollama_adapters": self._adapters_hint() if wstage == "judge" else None,
         }
         (cdir / "job.json").write_text(json.dumps(job, indent=1))
         with self._snap:
@@ -568,26 +570,40 @@ class Engine:
                 else:
                     self._publish(fresh)
 
-    def _publisher(self) -> Any:
-        from forged.daemon.publish import Publisher
+    def _publisher(self, timeout: float = 60.0) -> Any:
+        from forged.daemon.publish import HostMemory, Publisher
 
-        return Publisher(self.cfg.publish.ollama_host, keep_alive=self.cfg.publish.keep_alive)
+        gates = self.cfg.gates
+        return Publisher(self.cfg.publish.ollama_host, keep_alive=self.cfg.publish.keep_alive, timeout=timeout,
+                         memory=HostMemory(self.paths.state_dir / "ollama_hosts.json"),
+                         room_dirs=[self.paths.state_dir],
+                         room_margin=int(gates.min_free_disk_gb * 1e9) if gates.disk else 0)
+
+    def _adapters_hint(self) -> bool | None:
+        """Whether the Ollama server creates adapter models (asked, or remembered when down)."""
+        from forged.daemon.publish import OllamaUnavailable, PublishError
+
+        pub = self._publisher(timeout=5.0)
+        try:
+            return pub.accepts_adapters()
+        except (OllamaUnavailable, PublishError):
+            return pub.memory.known(pub.host)
+        finally:
+            pub.close()
 
     def _publish(self, cyc: Row) -> None:
         from forged.daemon.publish import (
+            NoRoom,
             OllamaUnavailable,
             PublishError,
-            base_chat_template,
-            manual_commands,
-            system_prompt,
+            manual_for,
+            publish_candidate,
         )
 
         repo = self.state.one("SELECT * FROM repos WHERE id=?", (cyc["repo_id"],))
         assert repo is not None
         cid = int(cyc["id"])
         judged = json.loads((self.cycle_dir(repo["name"], cid) / "judge.result.json").read_text())
-        adapter_gguf = Path(judged["export"]["path"])
-        base_gguf = Path(judged["base_gguf"])
         version = cyc["version"]
         if version is None:
             row = self.state.one("SELECT MAX(version) AS v FROM model_versions WHERE repo_id=?", (repo["id"],))
@@ -600,26 +616,29 @@ class Engine:
                     " metrics, created_at) VALUES (?,?,?,?,?,?,?,?,?)",
                     (repo["id"], version, cid, tag, str(self.cycle_dir(repo["name"], cid) / "train" / "adapter"),
                      cyc["head_commit"], "candidate", cyc["metrics"], time.time()))
-        manual = manual_commands(repo["name"], version, base_gguf, adapter_gguf,
-                                 temperature=self.cfg.publish.temperature)
+        pub = self._publisher()
         try:
-            pub = self._publisher()
-            # A fused export is a whole model: its version needs no base in Ollama.
-            fused = (judged.get("export") or {}).get("kind") == "fused"
-            base_tag = "" if fused else pub.ensure_base(base_gguf, _base_name(self.cfg.train.base_model))
-            pub.create_version(repo["name"], version, base_tag, adapter_gguf,
-                               template=base_chat_template(base_gguf),
-                               system=system_prompt(repo["name"]),
-                               temperature=self.cfg.publish.temperature)
+            made = publish_candidate(pub, repo["name"], version, judged, mode=self.cfg.publish.export,
+                                     base_name=_base_name(self.cfg.train.base_model),
+                                     temperature=self.cfg.publish.temperature)
         except (OllamaUnavailable, PublishError, OSError) as e:
             attempts = int(cyc["attempts"]) + 1
-            # The command is stored before the stage changes: status shows it with that stage,
-            # and a client polling between the two writes saw ready_to_publish without it.
-            self._merge_metrics(cid, {"manual_command": manual})
+            if isinstance(e, OllamaUnavailable) and not isinstance(e, NoRoom):
+                # Stored before the stage changes: status shows it with that stage, and a
+                # client polling between the two writes saw ready_to_publish without it.
+                manual = manual_for(judged, repo["name"], version, mode=self.cfg.publish.export,
+                                    adapters=pub.memory.known(pub.host), temperature=self.cfg.publish.temperature)
+                self._merge_metrics(cid, {"manual_command": manual})
             self._set_stage(cid, "ready_to_publish", reason=f"Ollama: {e}", attempts=attempts,
                             retry_at=time.time() + backoff(attempts, self.cfg.daemon.retry_seconds))
             self.log.warning("publish_waiting", repo=repo["name"], version=version, error=str(e))
             return
+        finally:
+            pub.close()
+        self._record_version(repo, version, made.to_dict())
+        if made.note:
+            self.log.warning("adapter_refused", repo=repo["name"], version=version, note=made.note)
+            self._merge_metrics(cid, {"publish_note": made.note})
         self.state.query("UPDATE model_versions SET state='published' WHERE repo_id=? AND version=?",
                          (repo["id"], version))
         if self.cfg.publish.auto_approve:
@@ -636,6 +655,14 @@ class Engine:
                        (repo["id"], cid, version, "pending", time.time()))
         self._set_stage(cid, "awaiting_approval", attempts=0, retry_at=None)
         self._ask_async(repo, cyc, version)
+
+    def _record_version(self, repo: Row, version: int, made: dict[str, Any]) -> None:
+        """Keep what was created (kind, quantization, size) with the version's metrics."""
+        row = self.state.one("SELECT metrics FROM model_versions WHERE repo_id=? AND version=?", (repo["id"], version))
+        metrics = json.loads(row["metrics"] or "{}") if row else {}
+        metrics["published"] = made
+        self.state.query("UPDATE model_versions SET metrics=? WHERE repo_id=? AND version=?",
+                         (json.dumps(metrics, default=str), repo["id"], version))
 
     def _ask_async(self, repo: Row, cyc: Row, version: int) -> None:
         from forged.daemon.approval import ApprovalRequest, ask
@@ -723,13 +750,26 @@ class Engine:
     def _prune(self, repo: Row) -> None:
         rows = self.state.query("SELECT version FROM model_versions WHERE repo_id=? AND state IN "
                                 "('live','published') ORDER BY version DESC", (repo["id"],))
-        keep = [int(r["version"]) for r in rows[: self.cfg.publish.keep_versions]]
+        from forged.daemon.publish import keep_list
+
+        versions = [int(r["version"]) for r in rows]
+        live_row = self.state.one("SELECT live_version FROM repos WHERE id=?", (repo["id"],))
+        live = live_row["live_version"] if live_row else None
+        # the version `forgectl rollback` would restore stays too, however few are kept
+        previous = next((v for v in versions if live is not None and v < live), None)
+        keep = keep_list(versions, self.cfg.publish.keep_versions, live, previous)
         try:
             deleted = self._publisher().prune(repo["name"], keep)
         except Exception as e:  # noqa: BLE001 (pruning is best-effort; retried next promotion)
             self.log.warning("prune_failed", repo=repo["name"], error=str(e))
             return
         if deleted:
+            gone = [int(t.rsplit(":v", 1)[1]) for t in deleted]
+            sizes = [((json.loads(r["metrics"] or "{}") or {}).get("published") or {}).get("size") or 0
+                     for r in self.state.query(f"SELECT metrics FROM model_versions WHERE repo_id=? AND version IN "
+                                               f"({','.join('?' * len(gone))})", (repo["id"], *gone))]
+            # a fused version is a whole model: say what pruning gave back
+            self.log.info("pruned", repo=repo["name"], tags=deleted, freed_bytes=sum(int(x) for x in sizes))
             self.state.query(
                 f"UPDATE model_versions SET state='deleted' WHERE repo_id=? AND state!='live' AND version NOT IN "
                 f"({','.join('?' * len(keep))})", (repo["id"], *keep))
@@ -837,9 +877,13 @@ class Engine:
         cycles = self.state.query("SELECT * FROM cycles WHERE repo_id=? ORDER BY id DESC LIMIT 10", (repo["id"],))
         out["cycles"] = [{**dict(c), "metrics": json.loads(c["metrics"]) if c["metrics"] else None}
                          for c in cycles]
-        out["versions"] = [dict(v) for v in self.state.query(
-            "SELECT version, tag, state, train_commit, created_at FROM model_versions WHERE repo_id=? "
-            "ORDER BY version DESC", (repo["id"],))]
+        out["versions"] = []
+        for v in self.state.query("SELECT version, tag, state, train_commit, created_at, metrics FROM model_versions "
+                                  "WHERE repo_id=? ORDER BY version DESC", (repo["id"],)):
+            made = (json.loads(v["metrics"] or "{}") or {}).get("published") or {}
+            out["versions"].append({**{k: v[k] for k in ("version", "tag", "state", "train_commit", "created_at")},
+                                    "kind": made.get("kind"), "quantization": made.get("quantization"),
+                                    "size": made.get("size")})
         return out
 
     def report(self, repo: Row) -> dict[str, Any]:

@@ -717,3 +717,79 @@ def manual_commands(
         f"ollama create {tag} -f {shlex.quote(mf_path)}\n"
         f"ollama cp {tag} {latest}\n"
     )
+
+
+# --- choosing what to publish for a judged candidate ----------------------------------
+
+
+def judged_exports(judged: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A judge result's usable exports by kind ("adapter", "fused"): written and checked."""
+    exports = judged.get("exports")
+    if exports is None and judged.get("export"):  # a result from before export = "auto"
+        e = judged["export"]
+        exports = {"fused" if e.get("kind") == "fused" else "adapter": {**e, "fidelity": judged.get("fidelity")}}
+    return {k: e for k, e in (exports or {}).items()
+            if e.get("path") and (e.get("fidelity") or {}).get("passed", True)}
+
+
+def export_order(exports: dict[str, dict[str, Any]], mode: str, adapters: bool | None) -> list[str]:
+    """Kinds to try in order: the adapter first where the server may take it (lighter,
+    faster to create), then the fused model; ``mode`` "adapter"/"fused" forces one."""
+    if mode in ("adapter", "fused"):
+        return [mode] if mode in exports else []
+    order = (["adapter"] if adapters is not False else []) + ["fused"]
+    return [k for k in order if k in exports]
+
+
+@dataclass
+class VersionMade:
+    """What :func:`publish_candidate` created: shown per version by `forgectl status REPO`."""
+
+    kind: str  # "adapter" | "fused"
+    quantization: str | None  # fused: q8_0 / q4_K_M / f16 (adapter: the base's own)
+    size: int  # bytes of the file uploaded for it
+    path: str
+    note: str = ""  # e.g. why an adapter was not used
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def publish_candidate(
+    pub: Publisher, repo: str, version: int, judged: dict[str, Any], *, mode: str, base_name: str,
+    temperature: float,
+) -> VersionMade:
+    """Create ``v<N>`` from the best export this server takes; a refused adapter is
+    followed by the same candidate fused (AdaptersRefused only when there is none)."""
+    exports = judged_exports(judged)
+    base_gguf = Path(judged["base_gguf"])
+    order = export_order(exports, mode, pub.accepts_adapters())
+    if not order:
+        raise PublishError(f"no checked export of this candidate fits [publish] export = {mode!r}")
+    note = ""
+    for i, kind in enumerate(order):
+        e = exports[kind]
+        path = Path(e["path"])
+        base_tag = pub.ensure_base(base_gguf, base_name) if kind == "adapter" else ""
+        try:
+            pub.create_version(repo, version, base_tag, path, template=base_chat_template(base_gguf),
+                               system=system_prompt(repo), temperature=temperature)
+        except AdaptersRefused as err:
+            if i + 1 == len(order):
+                raise
+            note = f"Ollama refused the adapter ({err}); published fused"
+            continue
+        return VersionMade(kind, e.get("quantization"), path.stat().st_size, str(path), note)
+    raise AssertionError("unreachable")
+
+
+def manual_for(judged: dict[str, Any], repo: str, version: int, *, mode: str, adapters: bool | None,
+               temperature: float) -> str:
+    """:func:`manual_commands` for the export a current Ollama can take (fused unless the
+    server is known to accept adapters)."""
+    exports = judged_exports(judged)
+    order = export_order(exports, mode, adapters if adapters else False) or export_order(exports, mode, True)
+    if not order:
+        return "# no checked export of this candidate to publish\n"
+    return manual_commands(repo, version, Path(judged["base_gguf"]), Path(exports[order[0]]["path"]),
+                           temperature=temperature, adapters_ok=bool(adapters))
