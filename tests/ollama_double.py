@@ -41,9 +41,9 @@ Two Ollamas, by ``version`` (answered on /api/version; settable mid-test, an upg
   adapter", and ``quantize`` on a GGUF 400 "create-time quantization is only supported
   for safetensors imports; ...". The texts are Ollama's (server/create.go after PR
   #14969: errAdaptersUnsupported, validateCreateOptions), read in the stored source.
-  Nothing is written before a refusal, as in Ollama, except ``refuse_late``: then the
-  adapter's layers are stored and the refusal comes where the manifest would be written
-  (a refusal in the middle of a create).
+  Nothing is written before a refusal, as in Ollama, except with ``refuse_late``: the
+  worst case of a refusal in the middle of a create, where the layers and even the
+  manifest were written before the error came (the client must not leave that tag).
 """
 
 from __future__ import annotations
@@ -445,8 +445,7 @@ class OllamaDouble:
             raise ApiError(400, "only one adapter is currently supported")
         for _fname, digest in adapters.items():
             replace(MT_ADAPTER, self._gguf_layer(digest, MT_ADAPTER, "adapter"))
-        if adapters and self.refuses_adapters:  # refuse_late: layers written, no manifest
-            raise ApiError(400, ADAPTERS_UNSUPPORTED)
+        late = bool(adapters) and self.refuses_adapters  # refuse_late: a tag is written, then the refusal
         if quant := req.get("quantize") or req.get("quantization"):
             model = next(x for x in layers if x["mediaType"] == MT_MODEL)
             replace(MT_MODEL, self.quantize_layer(model, quant))
@@ -480,6 +479,8 @@ class OllamaDouble:
         manifest = {"schemaVersion": 2, "mediaType": MT_MANIFEST,
                     "config": {"mediaType": MT_CONFIG, **config}, "layers": layers}
         self._write_atomic(target, json.dumps(manifest).encode())
+        if late:
+            raise ApiError(400, ADAPTERS_UNSUPPORTED)
 
     def copy(self, req: dict[str, Any]) -> None:
         src, dst = req.get("source", ""), req.get("destination", "")

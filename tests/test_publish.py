@@ -403,9 +403,10 @@ def test_adapter_refused_by_the_create_itself_is_remembered(new_ollama, adapters
 
 def test_refusal_in_the_middle_of_a_create_leaves_no_tag(new_ollama, adapters: list[Path]) -> None:
     od, p, base_tag = new_ollama
-    od.refuse_late = True  # layers stored, then the refusal where the manifest would be written
+    od.refuse_late = True  # the tag is written, then the refusal comes
     with pytest.raises(AdaptersRefused):
         _create(p, "late", 2, base_tag, adapters[1])
+    assert ("DELETE", "/api/delete") in od.requests
     assert p.versions("late") == [] and "forged/late:v2" not in {m["name"] for m in od.tags()["models"]}
 
 
@@ -456,3 +457,36 @@ def test_keep_list_keeps_live_and_rollback_target() -> None:
     assert publish.keep_list([1, 2, 3, 4], 1, live=4, previous=3) == [3, 4]
     assert publish.keep_list([1, 2, 3, 4], 1, live=2, previous=1) == [1, 2, 4]
     assert publish.keep_list([1, 2, 3], 2, live=3) == [2, 3]
+
+
+def _judged(tmp_path: Path, adapter: Path) -> dict:
+    fused = make_fused(tmp_path)
+    return {"base_gguf": str(bundled_base()), "exports": {
+        "adapter": {"kind": "lora", "path": str(adapter), "fidelity": {"passed": True}},
+        "fused": {"kind": "fused", "path": str(fused), "quantization": "q8_0", "fidelity": {"passed": True}}}}
+
+
+def test_a_refused_adapter_publishes_the_same_candidate_fused(new_ollama, adapters: list[Path], tmp_path: Path) -> None:
+    od, p, _ = new_ollama
+    judged = _judged(tmp_path, adapters[0])
+    p.memory.put(od.url, "0.34.1", True, "stale")  # believed to take adapters: the create says no
+    made = publish.publish_candidate(p, "fb", 1, judged, mode="auto", base_name="smollm2-135m", temperature=0.2)
+    assert made.kind == "fused" and made.quantization == "q8_0" and "no longer supported" in made.note
+    assert made.size == Path(judged["exports"]["fused"]["path"]).stat().st_size
+    assert "adapter" not in {x["mediaType"].rsplit(".", 1)[-1] for x in od.read_manifest("forged/fb:v1")["layers"]}
+    # now known: the next candidate goes straight to the fused export
+    assert p.memory.get(od.url, "0.34.1") is False
+    made = publish.publish_candidate(p, "fb", 2, judged, mode="auto", base_name="smollm2-135m", temperature=0.2)
+    assert made.kind == "fused" and not made.note  # no adapter was tried
+    with pytest.raises(AdaptersRefused):  # export = "adapter" insists: nothing else to publish
+        publish.publish_candidate(p, "fb", 3, judged, mode="adapter", base_name="smollm2-135m", temperature=0.2)
+    assert p.versions("fb") == [1, 2]
+
+
+def test_manual_commands_for_a_judged_candidate(adapters: list[Path], tmp_path: Path) -> None:
+    judged = _judged(tmp_path, adapters[0])
+    for known in (None, False):
+        text = publish.manual_for(judged, "m", 1, mode="auto", adapters=known, temperature=0.2)
+        assert "ADAPTER" not in text and judged["exports"]["fused"]["path"] in text
+    text = publish.manual_for(judged, "m", 1, mode="auto", adapters=True, temperature=0.2)
+    assert f"ADAPTER {adapters[0].resolve()}" in text
