@@ -593,6 +593,7 @@ class Engine:
 
     def _publish(self, cyc: Row) -> None:
         from forged.daemon.publish import (
+            AdaptersRefused,
             NoRoom,
             OllamaUnavailable,
             PublishError,
@@ -621,6 +622,14 @@ class Engine:
             made = publish_candidate(pub, repo["name"], version, judged, mode=self.cfg.publish.export,
                                      base_name=_base_name(self.cfg.train.base_model),
                                      temperature=self.cfg.publish.temperature)
+        except AdaptersRefused as e:
+            # nothing else of this candidate to publish (export = "adapter", or its fused
+            # model failed the fidelity check): waiting will not change Ollama's answer
+            self._set_stage(cid, "rejected", reason=f"not published: {e}; the candidate has no checked fused "
+                            "model ([publish] export = \"auto\" makes one)", finished=True)
+            self.state.query("UPDATE model_versions SET state='rejected' WHERE repo_id=? AND version=?",
+                             (repo["id"], version))
+            return
         except (OllamaUnavailable, PublishError, OSError) as e:
             attempts = int(cyc["attempts"]) + 1
             if isinstance(e, OllamaUnavailable) and not isinstance(e, NoRoom):
@@ -748,10 +757,10 @@ class Engine:
         threading.Thread(target=self.account_repo, args=(repo["name"],), daemon=True).start()
 
     def _prune(self, repo: Row) -> None:
-        rows = self.state.query("SELECT version FROM model_versions WHERE repo_id=? AND state IN "
-                                "('live','published') ORDER BY version DESC", (repo["id"],))
         from forged.daemon.publish import keep_list
 
+        rows = self.state.query("SELECT version FROM model_versions WHERE repo_id=? AND state IN "
+                                "('live','published') ORDER BY version DESC", (repo["id"],))
         versions = [int(r["version"]) for r in rows]
         live_row = self.state.one("SELECT live_version FROM repos WHERE id=?", (repo["id"],))
         live = live_row["live_version"] if live_row else None
