@@ -485,3 +485,19 @@ def test_served_check_steps_up_until_the_gain_is_kept(
     monkeypatch.setattr(quantize, "quantize_gguf", lambda src, dst, q, **kw: shutil.copy(base, dst) and Path(dst))
     fid, served = check_served(ad, fused, base, _cfg(hf), HELDOUT, start="q8_0", out_dir=tmp_path / "out2")
     assert served is None and not fid.passed and "not published" in fid.reason and len(fid.steps) == 2
+
+
+def test_export_plan_and_primary_export() -> None:
+    """auto: the fused model always (a refusal at publish time has something to fall back
+    on), the adapter unless the server is known to refuse it."""
+    from forged.worker.main import _primary, export_plan
+
+    assert export_plan("auto", None) == (True, True) and export_plan("auto", True) == (True, True)
+    assert export_plan("auto", False) == (False, True)
+    assert export_plan("adapter", False) == (True, False) and export_plan("fused", True) == (False, True)
+    ok, bad = {"passed": True, "reason": "ok"}, {"passed": False, "reason": "fails even at f16"}
+    both = {"adapter": {"path": "a.gguf", "fidelity": ok}, "fused": {"path": "m.gguf", "fidelity": ok}}
+    assert _primary(both, None)["export"]["path"] == "a.gguf"
+    assert _primary(both, False)["export"]["path"] == "m.gguf"
+    failed = {"fused": {"path": None, "fidelity": bad}}
+    assert _primary(failed, False) == {"export": failed["fused"], "fidelity": bad, "passed": False}
