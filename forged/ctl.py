@@ -195,6 +195,13 @@ def render_repo(r: dict[str, Any]) -> str:
         cand, ref = j.get("candidate") or {}, j.get("live") or j.get("base") or {}
         bpb = f" bpb {ref.get('bpb', float('nan')):.4f}→{cand.get('bpb', float('nan')):.4f}" if cand else ""
         out.append(f"  cycle {c['id']}: {c['stage']}{bpb} {c.get('reason') or ''}".rstrip())
+    versions = [v for v in r.get("versions") or [] if v.get("state") not in ("deleted", "rejected", "candidate")]
+    if versions:
+        out.append("versions:")
+    for v in versions:
+        quant = v.get("quantization") or ("base's own" if v.get("kind") == "adapter" else "?")
+        size = f"{v['size'] / 1e6:,.1f} MB" if v.get("size") else "?"
+        out.append(f"  v{v['version']}  {v['state']:<9}  {v.get('kind') or '?':<7}  {quant:<10}  {size}")
     return "\n".join(out)
 
 

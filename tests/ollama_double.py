@@ -35,6 +35,21 @@ blob uploads are damaged in transit, so the digest check fails), ``fail_load``,
 /api/generate answer with it instead of sampling, after the model is found and loaded
 as usual; a test that needs a controlled answer, or a slow one, sets it).
 ``chats`` keeps the body of every /api/chat and /api/generate request with content.
+
+Two Ollamas, by ``version`` (answered on /api/version; settable mid-test, an upgrade):
+
+* before 0.34.1 (default "0.33.5"): ``adapters`` on /api/create are applied, and
+  ``quantize`` (q8_0, q4_K_M, q4_K_S) quantizes an F16/F32 model for real with llama.cpp's
+  quantizer (``llama_model_quantize``), so the served bytes are the quantized ones; any
+  other model answers "quantization is only supported for F16 and F32 models".
+* 0.34.1 and later: ``adapters`` answer 400 "LoRA adapters are no longer supported", an
+  adapter GGUF among ``files`` "LoRA adapters are no longer supported: <name> is a LoRA
+  adapter", and ``quantize`` on a GGUF 400 "create-time quantization is only supported
+  for safetensors imports; ...". The texts are Ollama's (server/create.go after PR
+  #14969: errAdaptersUnsupported, validateCreateOptions), read in the stored source.
+  Nothing is written before a refusal, as in Ollama, except with ``refuse_late``: the
+  worst case of a refusal in the middle of a create, where the layers and even the
+  manifest were written before the error came (the client must not leave that tag).
 """
 
 from __future__ import annotations
@@ -71,6 +86,7 @@ MT_PARAMS = "application/vnd.ollama.image.params"
 MT_CONFIG = "application/vnd.docker.container.image.v1+json"
 MT_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DIGEST_RE = re.compile(r"^sha256[:-]([0-9a-f]{64})$")
+ADAPTERS_UNSUPPORTED = "LoRA adapters are no longer supported"  # Ollama 0.34.1 errAdaptersUnsupported
 
 # general.file_type → the name Ollama reports as quantization_level (the common ones).
 FILE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 15: "Q4_K_M", 17: "Q5_K_M", 18: "Q6_K", 32: "BF16"}
@@ -180,7 +196,8 @@ def parse_keep_alive(v: Any) -> float | None:
 class OllamaDouble:
     """Context manager: ``with OllamaDouble(tmp) as od: Client(od.url)...``."""
 
-    def __init__(self, store: Path | None = None, *, n_threads: int = 1, n_ctx: int = 512) -> None:
+    def __init__(self, store: Path | None = None, *, n_threads: int = 1, n_ctx: int = 512,
+                 version: str = "0.33.5") -> None:
         self._tmp = None if store else tempfile.TemporaryDirectory(prefix="ollama-double-")
         self.store = Path(store or self._tmp.name)  # type: ignore[union-attr]
         (self.store / "blobs").mkdir(parents=True, exist_ok=True)
@@ -188,6 +205,8 @@ class OllamaDouble:
         self.n_threads = n_threads
         self.n_ctx = n_ctx  # every runner's context (Ollama's num_ctx; 512 keeps tests quick)
         self.fail_create = 0
+        self.version = version
+        self.refuse_late = False
         self.corrupt_uploads = 0
         self.fail_load = 0
         # Creates of names containing ``hold_create`` wait until ``release`` is set: a test
@@ -343,6 +362,10 @@ class OllamaDouble:
         self._write_atomic(path, body)
         return 201
 
+    def _is_adapter_blob(self, digest: str) -> bool:
+        p = self.blob_path(digest)
+        return p.is_file() and self.kv(digest).get("general.type") == "adapter"
+
     def _gguf_layer(self, digest: str, media_type: str, want_type: str) -> dict[str, Any]:
         p = self.blob_path(digest)
         if not p.is_file():
@@ -355,11 +378,58 @@ class OllamaDouble:
             raise ApiError(400, f"expected a GGUF {want_type}, got a GGUF {kind}")
         return {"mediaType": media_type, "digest": digest, "size": p.stat().st_size}
 
+    @property
+    def refuses_adapters(self) -> bool:
+        m = re.match(r"v?(\d+)\.(\d+)\.(\d+)", self.version)
+        return bool(m) and tuple(map(int, m.groups())) >= (0, 34, 1)
+
+    def _refuse_up_front(self, req: dict[str, Any]) -> None:
+        """What 0.34.1's CreateHandler refuses before it writes anything."""
+        if not self.refuses_adapters:
+            return
+        if req.get("adapters") and not self.refuse_late:
+            raise ApiError(400, ADAPTERS_UNSUPPORTED)
+        if req.get("quantize") or req.get("quantization"):
+            raise ApiError(400, "create-time quantization is only supported for safetensors imports; "
+                                "quantize GGUF models with llama.cpp tools before importing")
+
+    def quantize_layer(self, layer: dict[str, Any], quant: str) -> dict[str, Any]:
+        """Ollama (before 0.34.1) quantizing an F16/F32 model layer at create time."""
+        import ctypes
+
+        import llama_cpp
+
+        ftypes = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M,
+                  "q4_k_s": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_S}
+        if quant.lower() not in ftypes:
+            raise ApiError(400, f"unsupported quantization type {quant}")
+        if self.kv(layer["digest"]).get("general.file_type", 0) not in (0, 1):
+            raise ApiError(400, "quantization is only supported for F16 and F32 models")
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = ftypes[quant.lower()]
+        params.nthread = self.n_threads
+        out = self.store / "blobs" / f".quantize-{threading.get_ident()}"
+        try:
+            rc = llama_cpp.llama_model_quantize(str(self.blob_path(layer["digest"])).encode(), str(out).encode(),
+                                                ctypes.byref(params))
+            if rc != 0:
+                raise ApiError(500, f"llama_model_quantize failed ({rc})")
+            h = hashlib.sha256()
+            with open(out, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+            digest = "sha256:" + h.hexdigest()
+            os.replace(out, self.blob_path(digest))
+        finally:
+            out.unlink(missing_ok=True)
+        return {"mediaType": MT_MODEL, "digest": digest, "size": self.blob_path(digest).stat().st_size}
+
     def create(self, req: dict[str, Any]) -> None:
         name = req.get("model") or req.get("name") or ""
         if self.hold_create and self.hold_create in name:
             self.held += 1
             self.release.wait(timeout=300)
+        self._refuse_up_front(req)
         target = self.manifest_path(name)
         layers: list[dict[str, Any]] = []
         if req.get("from"):
@@ -374,6 +444,8 @@ class OllamaDouble:
             (fname, digest), = files.items()
             if "/" in fname or fname.startswith(".."):
                 raise ApiError(400, "file path must be relative")
+            if self.refuses_adapters and self._is_adapter_blob(digest):
+                raise ApiError(400, f"{ADAPTERS_UNSUPPORTED}: {fname} is a LoRA adapter")
             layers = [self._gguf_layer(digest, MT_MODEL, "model")]
         else:
             raise ApiError(400, "neither 'from' or 'files' was specified")
@@ -388,6 +460,10 @@ class OllamaDouble:
             raise ApiError(400, "only one adapter is currently supported")
         for _fname, digest in adapters.items():
             replace(MT_ADAPTER, self._gguf_layer(digest, MT_ADAPTER, "adapter"))
+        late = bool(adapters) and self.refuses_adapters  # refuse_late: a tag is written, then the refusal
+        if quant := req.get("quantize") or req.get("quantization"):
+            model = next(x for x in layers if x["mediaType"] == MT_MODEL)
+            replace(MT_MODEL, self.quantize_layer(model, quant))
         if req.get("template") is not None:
             replace(MT_TEMPLATE, {"mediaType": MT_TEMPLATE, **self.add_blob(req["template"].encode())})
         if req.get("system") is not None:
@@ -418,6 +494,8 @@ class OllamaDouble:
         manifest = {"schemaVersion": 2, "mediaType": MT_MANIFEST,
                     "config": {"mediaType": MT_CONFIG, **config}, "layers": layers}
         self._write_atomic(target, json.dumps(manifest).encode())
+        if late:
+            raise ApiError(400, ADAPTERS_UNSUPPORTED)
 
     def copy(self, req: dict[str, Any]) -> None:
         src, dst = req.get("source", ""), req.get("destination", "")
@@ -810,7 +888,7 @@ class _Handler(BaseHTTPRequestHandler):
             if route == ("GET", "/"):
                 return self._send(200, "Ollama is running")
             if route == ("GET", "/api/version"):
-                return self._send(200, {"version": "0.0.0-double"})
+                return self._send(200, {"version": od.version})
             if route == ("GET", "/api/tags"):
                 return self._send(200, od.tags())
             if route == ("GET", "/api/ps"):

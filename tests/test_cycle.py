@@ -190,7 +190,9 @@ def test_daemon_kill9_mid_training_recovers_and_never_runs_two_workers(short_tmp
         st = d.wait_for(lambda st: stage_of(st, "proj") in ("ready_to_publish", "rejected", "failed") and st, timeout=400)
         entry = next(r for r in st["repos"] if r["name"] == "proj")
         assert entry["stage"] == "ready_to_publish", entry
-        assert "ollama create" in (entry["cycle"]["manual_command"] or "")
+        manual = entry["cycle"]["manual_command"] or ""
+        # never asked this Ollama: commands a current one takes (the fused model, no ADAPTER)
+        assert "ollama create" in manual and "ADAPTER" not in manual and "model-" in manual, manual
         assert entry["live_version"] is None  # nothing unapproved went live
         code, detail = d.request("GET", "/v1/repos/proj")
         assert code == 200, detail

@@ -197,6 +197,9 @@ class JudgeConfig:
     max_raft: int = field(default=0, metadata=_range(0, 10**5))
     # Fidelity: llama.cpp's held-out loss gain may differ from the trainer's by this share.
     fidelity_loss_tolerance: float = field(default=0.25, metadata=_range(0, 1))
+    # A fused version is checked as Ollama will serve it (quantized): it must keep this
+    # share of the trainer's held-out loss gain, else the next precision up is tried.
+    fidelity_min_gain: float = field(default=0.9, metadata=_range(0, 1))
 
 
 DEFAULT_OLLAMA_HOST = "http://127.0.0.1:11434"
@@ -209,8 +212,13 @@ class PublishConfig:
     auto_approve: bool = False
     approval_timeout_seconds: float = field(default=300.0, metadata=_range(1, 604800))
     temperature: float = field(default=0.2, metadata=_range(0, 5))
-    # "adapter": GGUF LoRA on the base; "fused": full GGUF with the adapter merged (forged.worker.judge.export.export_fused)
-    export: str = field(default="adapter", metadata=_check(_one_of("adapter", "fused")))
+    # "adapter": GGUF LoRA on the base; "fused": full GGUF with the adapter merged, quantized
+    # (forged.worker.judge.export.export_fused); "auto": adapter where the Ollama server still
+    # accepts adapters (before 0.34.1), fused where it does not (docs/publishing.md)
+    export: str = field(default="auto", metadata=_check(_one_of("auto", "adapter", "fused")))
+    # precision of a fused version: "auto" = closest to the base's own, never below 8-bit
+    # for bases under 1B parameters
+    quantize: str = field(default="auto", metadata=_check(_one_of("auto", "q8_0", "q4_K_M", "f16")))
     # Ollama keep_alive for the warm-up load of a new :latest
     keep_alive: str = field(default="30m", metadata=_check(_duration))
 

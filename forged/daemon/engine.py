@@ -47,7 +47,8 @@ class Engine:
         # no I/O beyond SQLite), so status gets a consistent (worker, stages) snapshot
         # without waiting for _lock, which publishing holds across Ollama calls.
         self._snap = threading.Lock()
-        self.releases = Releases(self.cfg, self.state, self.cycle_dir, self.account_repo, self._lock)
+        self.releases = Releases(self.cfg, self.state, self.cycle_dir, self.account_repo, self._lock,
+                                 state_dir=self.paths.state_dir)
         self.worker: WorkerHandle | None = None
         self.watchers: dict[str, Any] = {}
         # repo name → why its watcher or accounting fails (status shows it as failing)
@@ -350,7 +351,7 @@ class Engine:
         return out
 
     # -- heavy stages: one worker at a time ------------------------------------------------
-    def _job(self, repo: Row, cyc: Row) -> dict[str, Any]:
+    def _job(self, repo: Row, cyc: Row, step: HeavyStep) -> dict[str, Any]:
         """What the worker reads from ``job.json``. A warm start continues the live adapter,
         except every ``full_retrain_every``-th published version, which starts afresh."""
         live = self.state.live_version(int(repo["id"]))
@@ -363,6 +364,8 @@ class Engine:
             "head_commit": cyc["head_commit"], "base_commit": cyc["base_commit"],
             "cache_dir": str(self.paths.cache_dir),
             "warm_start": None if full else live_adapter, "live_adapter": live_adapter,
+            # the judge exports what this Ollama can take (None: unknown, export both)
+            "ollama_adapters": self.releases.adapters_hint() if step.worker == "judge" else None,
         }
 
     def _run_heavy(self, cyc: Row, step: HeavyStep) -> None:
@@ -371,7 +374,7 @@ class Engine:
         cid = int(cyc["id"])
         cdir = self.cycle_dir(repo["name"], cid)
         cdir.mkdir(parents=True, exist_ok=True)
-        (cdir / "job.json").write_text(json.dumps(self._job(repo, cyc), indent=1))
+        (cdir / "job.json").write_text(json.dumps(self._job(repo, cyc, step), indent=1))
         with self._snap:
             job_id = self.state.start_job(repo["name"], cid, step.worker, step.running)
             with bound_contextvars(repo=repo["name"], cycle=cid):

@@ -10,10 +10,16 @@ complete model that has already loaded once. A version is created under its own 
 Ollama is down or fails half-way, ``:latest`` still names the previous model and the
 caller retries the whole, idempotent, operation later.
 
-A version is the base plus a GGUF LoRA adapter (``FROM <base> / ADAPTER <adapter>``) or,
-with ``[publish] export = "fused"``, a full model GGUF with the adapter merged in
-(``FROM <fused>``, no ADAPTER): :meth:`Publisher.create_version` tells the two apart by
-the file (``general.type = adapter``, or a model carrying ``forged.export = fused``).
+A version is the base plus a GGUF LoRA adapter (``FROM <base> / ADAPTER <adapter>``) or
+a full model GGUF with the adapter merged in and quantized by llama.cpp (``FROM <fused>``,
+no ADAPTER): :meth:`Publisher.create_version` tells the two apart by the file
+(``general.type = adapter``, or a model carrying ``forged.export = fused``).
+
+Ollama 0.34.1 stopped creating models with adapters ("LoRA adapters are no longer
+supported", HTTP 400) and quantizing GGUFs at create time. :meth:`Publisher.accepts_adapters`
+answers from ``/api/version`` and from what a create said, remembered per host and
+version (:class:`HostMemory`); a refused adapter raises :class:`AdaptersRefused`, and the
+caller publishes the same candidate fused.
 
 Errors are split in two, so the caller knows whether waiting helps:
 
@@ -24,10 +30,14 @@ Errors are split in two, so the caller knows whether waiting helps:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import re
 import shlex
+import shutil
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -58,6 +68,101 @@ class PublishError(RuntimeError):
     def __init__(self, message: str, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status  # Ollama's HTTP status when Ollama refused
+
+
+class AdaptersRefused(PublishError):
+    """This Ollama no longer creates models with a LoRA adapter: publish the fused export."""
+
+
+class NoRoom(OllamaUnavailable):
+    """Not enough free disk for the version (Ollama's model dir or forged's state): retry later."""
+
+
+# Ollama's refusal (server/create.go since 0.34.1: errAdaptersUnsupported, HTTP 400, for an
+# ``adapters`` field, and "...: <file> is a LoRA adapter" for an adapter GGUF among ``files``).
+ADAPTER_REFUSAL = "LoRA adapters are no longer supported"
+ADAPTERS_REMOVED_IN = (0, 34, 1)
+
+
+def parse_version(text: str) -> tuple[int, int, int] | None:
+    """'0.34.1' / 'v0.33.5-rc1' → (0, 34, 1); None for what is not a release number."""
+    m = re.match(r"v?(\d+)\.(\d+)\.(\d+)", text or "")
+    return (int(m.group(1)), int(m.group(2)), int(m.group(3))) if m else None
+
+
+def adapters_by_version(version: str) -> bool | None:
+    """Whether an Ollama of this version creates adapter models; None when unknown (a dev
+    build's 0.0.0): the first create tells."""
+    v = parse_version(version)
+    if v is None or v == (0, 0, 0):
+        return None
+    return v < ADAPTERS_REMOVED_IN
+
+
+class HostMemory:
+    """What each Ollama host said about adapters, per version, in a small JSON file.
+
+    ``{host: {"version": "0.34.1", "adapters": false, "how": "create refused", "at": ts}}``.
+    A new version at the same host is asked again.
+    """
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = Path(path) if path else None
+        self._mem: dict[str, dict[str, Any]] = {}
+
+    def _load(self) -> dict[str, dict[str, Any]]:
+        if self.path is None:
+            return self._mem
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def get(self, host: str, version: str) -> bool | None:
+        rec = self._load().get(host)
+        return rec.get("adapters") if isinstance(rec, dict) and rec.get("version") == version else None
+
+    def known(self, host: str) -> bool | None:
+        """The last answer for ``host`` whatever its version (for Ollama being down)."""
+        rec = self._load().get(host)
+        return rec.get("adapters") if isinstance(rec, dict) else None
+
+    def put(self, host: str, version: str, adapters: bool, how: str) -> None:
+        data = self._load()
+        data[host] = {"version": version, "adapters": adapters, "how": how, "at": time.time()}
+        if self.path is None:
+            self._mem = data
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, self.path)
+
+
+def ollama_models_dir() -> Path:
+    """Where a local Ollama keeps blobs and manifests (``OLLAMA_MODELS`` or its default)."""
+    return Path(os.environ.get("OLLAMA_MODELS") or Path.home() / ".ollama" / "models")
+
+
+def _is_local(host: str) -> bool:
+    return httpx.URL(host if "://" in host else f"http://{host}").host in ("127.0.0.1", "localhost", "::1", "0.0.0.0")
+
+
+def check_disk_room(need: int, dirs: list[Path], *, margin: int = 0) -> None:
+    """NoRoom unless every existing ``dirs`` entry has ``need + margin`` bytes free."""
+    for d in dirs:
+        probe = next((p for p in (d, *d.parents) if p.exists()), None)
+        if probe is None:
+            continue
+        free = shutil.disk_usage(probe).free
+        if free < need + margin:
+            raise NoRoom(f"not enough disk for the new version in {d}: {_mb(free)} free, "
+                         f"{_mb(need + margin)} needed ({_mb(need)} model + {_mb(margin)} kept free)")
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.0f} MB"
 
 
 @dataclass
@@ -324,10 +429,16 @@ def _check_export(path: Path) -> bool:
 class Publisher:
     """Ollama operations for one Ollama server, through the official Python client."""
 
-    def __init__(self, host: str, *, timeout: float = 60.0, keep_alive: str = WARM_KEEP_ALIVE) -> None:
+    def __init__(self, host: str, *, timeout: float = 60.0, keep_alive: str = WARM_KEEP_ALIVE,
+                 memory: HostMemory | None = None, room_dirs: list[Path] | None = None,
+                 room_margin: int = 0) -> None:
         self.host = host
         self.keep_alive = _keep_alive_value(keep_alive)  # [publish] keep_alive
         self._client = ollama.Client(host=host, timeout=timeout)
+        self.memory = memory or HostMemory(None)
+        # checked before a create: forged's state dir, and Ollama's model dir when local
+        self.room_dirs = list(room_dirs or []) + ([ollama_models_dir()] if _is_local(host) else [])
+        self.room_margin = room_margin
         # sha256 of local files by (path, size, mtime_ns): hashing the ~100 MB base takes
         # about a second, and ensure_base/create_version run on every retry.
         self._digests: dict[tuple[str, int, int], str] = {}
@@ -349,6 +460,35 @@ class Publisher:
             # dropped connections arrive as other httpx transport errors.
             detail = "connection refused" if isinstance(e, ConnectionError) else type(e).__name__
             raise OllamaUnavailable(f"Ollama at {self.host} is unreachable ({detail}) while trying to {what}") from None
+
+    # -- what this server supports --
+
+    def server_version(self) -> str:
+        """``GET /api/version`` (the client has no call for it: its own HTTP session)."""
+        def get() -> str:
+            r = self._client._client.get("/api/version")
+            if r.status_code != 200:
+                raise ollama.ResponseError(r.text or "version check failed", r.status_code)
+            return str(r.json().get("version", ""))
+
+        return self._call("ask its version", get)
+
+    def accepts_adapters(self) -> bool | None:
+        """Whether this server creates adapter models: remembered for this host and
+        version, else judged by the version; None when only a create can tell."""
+        version = self.server_version()
+        known = self.memory.get(self.host, version)
+        if known is not None:
+            return known
+        guess = adapters_by_version(version)
+        if guess is not None:
+            self.memory.put(self.host, version, guess, "version")
+        return guess
+
+    def _remember_adapters(self, accepted: bool, how: str) -> None:
+        # remembering is an optimisation; the next create tells again
+        with contextlib.suppress(OllamaUnavailable, PublishError, OSError):
+            self.memory.put(self.host, self.server_version(), accepted, how)
 
     # -- queries --
 
@@ -513,6 +653,7 @@ class Publisher:
         tag = tag_for(repo, version)
         if not fused and not self.exists(base_tag):
             raise PublishError(f"base model {base_tag} is not in Ollama (publish it with ensure_base first)")
+        self._check_room(adapter_gguf)
         digest = self.upload(adapter_gguf)
 
         if self.exists(tag):
@@ -527,12 +668,34 @@ class Publisher:
             {"files": {adapter_gguf.name: digest}} if fused  # FROM the fused model, no ADAPTER
             else {"from_": base_tag, "adapters": {adapter_gguf.name: digest}}
         )
-        self._call(
-            f"create {tag}",
-            lambda: self._client.create(model=tag, **source, template=serving.template, system=system,
-                                        parameters=params),
-        )
+        try:
+            self._call(
+                f"create {tag}",
+                lambda: self._client.create(model=tag, **source, template=serving.template, system=system,
+                                            parameters=params),
+            )
+        except PublishError as e:
+            if fused or ADAPTER_REFUSAL.lower() not in str(e).lower():
+                raise
+            self._remember_adapters(False, "create refused")
+            self._drop_leftover(repo, version)
+            raise AdaptersRefused(str(e), e.status) from None
+        if not fused:
+            self._remember_adapters(True, "created")
         return Published(tag, self._digests_by_tag().get(tag, ""), True, digest)
+
+    def _check_room(self, path: Path) -> None:
+        """NoRoom unless the version fits: its file (as a blob, unless Ollama has it)."""
+        if not self.room_dirs or self._blob_exists(self._digest(path)):
+            return
+        check_disk_room(path.stat().st_size, self.room_dirs, margin=self.room_margin)
+
+    def _drop_leftover(self, repo: str, version: int) -> None:
+        """Delete a ``v<N>`` tag a refused create may have left (never a live one)."""
+        tag = tag_for(repo, version)
+        if self.exists(tag) and self.live_version(repo) != version:
+            with contextlib.suppress(PublishError):
+                self._call(f"delete {tag}", lambda: self._client.delete(tag))
 
     # -- going live --
 
@@ -583,6 +746,20 @@ class Publisher:
         """Point ``:latest`` back at an earlier ``v<N>`` (same swap as promote)."""
         self.promote(repo, version, previous=self.live_version(repo))
 
+    def sizes(self, repo: str) -> dict[int, dict[str, Any]]:
+        """Each ``v<N>``'s size in bytes and quantization as Ollama reports them."""
+        _check_repo(repo)
+        listing = self._call("list models", self._client.list)
+        prefix = f"{NAMESPACE}/{repo}:"
+        out: dict[int, dict[str, Any]] = {}
+        for m in listing.models:
+            name = m.model or ""
+            if name.startswith(prefix) and (v := _VERSION_TAG.match(name[len(prefix):])):
+                details = m.details
+                out[int(v.group(1))] = {"size": int(m.size or 0),
+                                        "quantization": details.quantization_level if details else None}
+        return out
+
     def prune(self, repo: str, keep: list[int]) -> list[str]:
         """Delete ``forged/<repo>:v<N>`` not in ``keep``; never the one ``:latest`` names."""
         _check_repo(repo)
@@ -602,11 +779,14 @@ class Publisher:
         return deleted
 
 
-def keep_list(versions: list[int], keep_versions: int, live: int | None) -> list[int]:
-    """The newest ``keep_versions`` versions, plus the live one if it is older."""
+def keep_list(versions: list[int], keep_versions: int, live: int | None,
+              previous: int | None = None) -> list[int]:
+    """The newest ``keep_versions`` versions, plus the live one and the one a rollback
+    would restore (``previous``) if they are older."""
     keep = sorted(versions)[-keep_versions:] if keep_versions > 0 else []
-    if live is not None and live not in keep:
-        keep.append(live)
+    for v in (live, previous):
+        if v is not None and v not in keep:
+            keep.append(v)
     return sorted(keep)
 
 
@@ -639,15 +819,25 @@ def _modelfile_value(value: Any) -> str:
 def manual_commands(
     repo: str, version: int, base_gguf: Path, adapter_gguf: Path, *,
     system: str | None = None, temperature: float = 0.2, serving: Serving | None = None,
+    adapters_ok: bool = False,
 ) -> str:
     """Shell lines that publish a version by hand (printed by `forgectl status`).
 
-    ``adapter_gguf`` may be a fused export: then the Modelfile is ``FROM`` it, no ADAPTER.
+    ``adapter_gguf`` may be a fused export: then the Modelfile is ``FROM`` it, no ADAPTER
+    (it is already quantized: Ollama 0.34.1+ no longer quantizes a GGUF on create). An
+    ``ADAPTER`` line is written only with ``adapters_ok``, for a server known to take
+    one; otherwise the lines say why there is nothing to run.
     """
     tag, latest = tag_for(repo, version), tag_for(repo, "latest")
     mf_path = f"Modelfile.forged-{repo}-v{version}"
     exported = str(Path(adapter_gguf).resolve())
     fused = is_fused_export(Path(adapter_gguf))
+    if not fused and not adapters_ok:
+        return (
+            f"# {tag} exists only as a LoRA adapter ({exported}), and Ollama 0.34.1 and later\n"
+            "# no longer create models with adapters. Set [publish] export = \"auto\" (or \"fused\")\n"
+            "# so forged also writes a fused model; `forgectl forge REPO` makes one now.\n"
+        )
     text = modelfile(
         exported if fused else str(Path(base_gguf).resolve()), None if fused else exported,
         serving=serving or serving_for_gguf(Path(base_gguf)),
@@ -658,3 +848,79 @@ def manual_commands(
         f"ollama create {tag} -f {shlex.quote(mf_path)}\n"
         f"ollama cp {tag} {latest}\n"
     )
+
+
+# --- choosing what to publish for a judged candidate ----------------------------------
+
+
+def judged_exports(judged: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A judge result's usable exports by kind ("adapter", "fused"): written and checked."""
+    exports = judged.get("exports")
+    if exports is None and judged.get("export"):  # a result from before export = "auto"
+        e = judged["export"]
+        exports = {"fused" if e.get("kind") == "fused" else "adapter": {**e, "fidelity": judged.get("fidelity")}}
+    return {k: e for k, e in (exports or {}).items()
+            if e.get("path") and (e.get("fidelity") or {}).get("passed", True)}
+
+
+def export_order(exports: dict[str, dict[str, Any]], mode: str, adapters: bool | None) -> list[str]:
+    """Kinds to try in order: the adapter first where the server may take it (lighter,
+    faster to create), then the fused model; ``mode`` "adapter"/"fused" forces one."""
+    if mode in ("adapter", "fused"):
+        return [mode] if mode in exports else []
+    order = (["adapter"] if adapters is not False else []) + ["fused"]
+    return [k for k in order if k in exports]
+
+
+@dataclass
+class VersionMade:
+    """What :func:`publish_candidate` created: shown per version by `forgectl status REPO`."""
+
+    kind: str  # "adapter" | "fused"
+    quantization: str | None  # fused: q8_0 / q4_K_M / f16 (adapter: the base's own)
+    size: int  # bytes of the file uploaded for it
+    path: str
+    note: str = ""  # e.g. why an adapter was not used
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def publish_candidate(
+    pub: Publisher, repo: str, version: int, judged: dict[str, Any], *, mode: str, base_name: str,
+    temperature: float, serving: Serving,
+) -> VersionMade:
+    """Create ``v<N>`` from the best export this server takes; a refused adapter is
+    followed by the same candidate fused (AdaptersRefused only when there is none)."""
+    exports = judged_exports(judged)
+    base_gguf = Path(judged["base_gguf"])
+    order = export_order(exports, mode, pub.accepts_adapters())
+    if not order:
+        raise PublishError(f"no checked export of this candidate fits [publish] export = {mode!r}")
+    note = ""
+    for i, kind in enumerate(order):
+        e = exports[kind]
+        path = Path(e["path"])
+        base_tag = pub.ensure_base(base_gguf, base_name, serving) if kind == "adapter" else ""
+        try:
+            pub.create_version(repo, version, base_tag, path, serving=serving,
+                               system=system_prompt(repo), temperature=temperature)
+        except AdaptersRefused as err:
+            if i + 1 == len(order):
+                raise
+            note = f"Ollama refused the adapter ({err}); published fused"
+            continue
+        return VersionMade(kind, e.get("quantization"), path.stat().st_size, str(path), note)
+    raise AssertionError("unreachable")
+
+
+def manual_for(judged: dict[str, Any], repo: str, version: int, *, mode: str, adapters: bool | None,
+               temperature: float, serving: Serving | None = None) -> str:
+    """:func:`manual_commands` for the export a current Ollama can take (fused unless the
+    server is known to accept adapters)."""
+    exports = judged_exports(judged)
+    order = export_order(exports, mode, adapters if adapters else False) or export_order(exports, mode, True)
+    if not order:
+        return "# no checked export of this candidate to publish\n"
+    return manual_commands(repo, version, Path(judged["base_gguf"]), Path(exports[order[0]]["path"]),
+                           temperature=temperature, serving=serving, adapters_ok=bool(adapters))

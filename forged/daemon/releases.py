@@ -31,8 +31,10 @@ class Releases:
     """
 
     def __init__(self, cfg: config.Config, store: State, cycle_dir: Callable[[str, int], Path],
-                 on_live: Callable[[str], None], lock: threading.RLock | None = None) -> None:
+                 on_live: Callable[[str], None], lock: threading.RLock | None = None, *,
+                 state_dir: Path) -> None:
         self.cfg = cfg
+        self.state_dir = state_dir  # where the per-host memory of Ollama's answers lives
         self.store = store
         self.cycle_dir = cycle_dir
         self.on_live = on_live
@@ -40,10 +42,26 @@ class Releases:
         self.log = log.get("forged.daemon.releases")
         self._asking: set[int] = set()
 
-    def publisher(self) -> Any:
-        from forged.daemon.publish import Publisher
+    def publisher(self, timeout: float = 60.0) -> Any:
+        from forged.daemon.publish import HostMemory, Publisher
 
-        return Publisher(self.cfg.publish.ollama_host, keep_alive=self.cfg.publish.keep_alive)
+        gates = self.cfg.gates
+        return Publisher(self.cfg.publish.ollama_host, keep_alive=self.cfg.publish.keep_alive, timeout=timeout,
+                         memory=HostMemory(self.state_dir / "ollama_hosts.json"),
+                         room_dirs=[self.state_dir],
+                         room_margin=int(gates.min_free_disk_gb * 1e9) if gates.disk else 0)
+
+    def adapters_hint(self) -> bool | None:
+        """Whether the Ollama server creates adapter models (asked, or remembered when down)."""
+        from forged.daemon.publish import OllamaUnavailable, PublishError
+
+        pub = self.publisher(timeout=5.0)
+        try:
+            return pub.accepts_adapters()
+        except (OllamaUnavailable, PublishError):
+            return pub.memory.known(pub.host)
+        finally:
+            pub.close()
 
     def run_due(self, now: float) -> None:
         """Carry out every light stage whose (retry) time has come."""
@@ -67,46 +85,68 @@ class Releases:
 
     # -- publish ----------------------------------------------------------------------
     def publish(self, cyc: Row) -> None:
-        from forged.daemon.publish import OllamaUnavailable, PublishError, manual_commands, tag_for
+        from forged.daemon.publish import (
+            AdaptersRefused,
+            NoRoom,
+            OllamaUnavailable,
+            PublishError,
+            tag_for,
+        )
 
         repo = self.store.repo_by_id(int(cyc["repo_id"]))
         assert repo is not None
         name, cid = str(repo["name"]), int(cyc["id"])
         judged = json.loads((self.cycle_dir(name, cid) / "judge.result.json").read_text())
+        adapter_dir = self.cycle_dir(name, cid) / "train" / "adapter"
         version = cyc["version"]
         if version is None:
-            adapter = str(self.cycle_dir(name, cid) / "train" / "adapter")
-            version = self.store.add_candidate(cyc, lambda v: tag_for(name, v), adapter)
-        manual = manual_commands(name, version, Path(judged["base_gguf"]), Path(judged["export"]["path"]),
-                                 temperature=self.cfg.publish.temperature)
+            version = self.store.add_candidate(cyc, lambda v: tag_for(name, v), str(adapter_dir))
+        pub = self.publisher()
         try:
-            self._create(name, version, judged, self.cycle_dir(name, cid) / "train" / "adapter")
+            made = self._create(pub, name, version, judged, adapter_dir)
+        except AdaptersRefused as e:
+            # Nothing else of this candidate to publish (export = "adapter", or its fused
+            # model failed the fidelity check): waiting will not change Ollama's answer.
+            self._set_stage(cid, Stage.REJECTED, reason=f"not published: {e}; the candidate has no checked "
+                            "fused model ([publish] export = \"auto\" makes one)", finished=True)
+            self.store.set_version_state(int(repo["id"]), version, "rejected")
+            return
         except (OllamaUnavailable, PublishError, OSError) as e:
-            # The command is stored before the stage changes: status shows it with that stage,
-            # and a client polling between the two writes saw ready_to_publish without it.
-            self.store.merge_metrics(cid, {"manual_command": manual})
+            if isinstance(e, OllamaUnavailable) and not isinstance(e, NoRoom):
+                self._store_manual(pub, cid, name, version, judged)
             self._retry(cyc, Stage.READY_TO_PUBLISH, e)
             self.log.warning("publish_waiting", repo=name, version=version, error=str(e))
             return
+        finally:
+            pub.close()
+        self.store.record_published(int(repo["id"]), version, made.to_dict())
+        if made.note:
+            self.log.warning("adapter_refused", repo=name, version=version, note=made.note)
+            self.store.merge_metrics(cid, {"publish_note": made.note})
         self.store.set_version_state(int(repo["id"]), version, "published")
         if self.cfg.publish.auto_approve:
             self.approve(cyc, via="auto_approve")
             return
         self._await_approval(repo, cyc, version)
 
-    def _create(self, repo: str, version: int, judged: dict[str, Any], adapter_dir: Path) -> None:
-        """The candidate's Ollama tag, from the judge's export (and the base, unless fused)."""
-        from forged.daemon.publish import recorded_fim, system_prompt
+    def _create(self, pub: Any, repo: str, version: int, judged: dict[str, Any], adapter_dir: Path) -> Any:
+        """The candidate's Ollama tag, from the best export this server takes."""
+        from forged.daemon.publish import publish_candidate, recorded_fim
 
-        adapter_gguf, base_gguf = Path(judged["export"]["path"]), Path(judged["base_gguf"])
-        pub = self.publisher()
         # An ollama:NAME base keeps its own template and parameters, plus a Suffix branch.
-        serving = pub.serving(self.cfg.train.base_model, base_gguf, recorded_fim(adapter_dir))
-        # A fused export is a whole model: its version needs no base in Ollama.
-        fused = (judged.get("export") or {}).get("kind") == "fused"
-        base_tag = "" if fused else pub.ensure_base(base_gguf, base_tag_name(self.cfg.train.base_model), serving)
-        pub.create_version(repo, version, base_tag, adapter_gguf, serving=serving,
-                           system=system_prompt(repo), temperature=self.cfg.publish.temperature)
+        serving = pub.serving(self.cfg.train.base_model, Path(judged["base_gguf"]), recorded_fim(adapter_dir))
+        return publish_candidate(pub, repo, version, judged, mode=self.cfg.publish.export,
+                                 base_name=base_tag_name(self.cfg.train.base_model),
+                                 temperature=self.cfg.publish.temperature, serving=serving)
+
+    def _store_manual(self, pub: Any, cycle_id: int, repo: str, version: int, judged: dict[str, Any]) -> None:
+        """The commands to publish by hand, stored before the stage changes: status shows them
+        with that stage (a client polling between two writes saw ready_to_publish without them)."""
+        from forged.daemon.publish import manual_for
+
+        manual = manual_for(judged, repo, version, mode=self.cfg.publish.export,
+                            adapters=pub.memory.known(pub.host), temperature=self.cfg.publish.temperature)
+        self.store.merge_metrics(cycle_id, {"manual_command": manual})
 
     # -- approval ---------------------------------------------------------------------
     def _await_approval(self, repo: Row, cyc: Row, version: int) -> None:
@@ -180,14 +220,25 @@ class Releases:
         threading.Thread(target=self.on_live, args=(repo["name"],), daemon=True).start()
 
     def prune(self, repo: Row) -> None:
-        keep = self.store.published_versions(int(repo["id"]))[: self.cfg.publish.keep_versions]
+        from forged.daemon.publish import keep_list
+
+        repo_id = int(repo["id"])
+        versions = self.store.published_versions(repo_id)
+        live = self.store.repo_by_id(repo_id)["live_version"]  # type: ignore[index]
+        # the version `forgectl rollback` would restore stays too, however few are kept
+        previous = next((v for v in versions if live is not None and v < live), None)
+        keep = keep_list(versions, self.cfg.publish.keep_versions, live, previous)
         try:
             deleted = self.publisher().prune(repo["name"], keep)
         except Exception as e:  # noqa: BLE001 (pruning is best-effort; retried next promotion)
             self.log.warning("prune_failed", repo=repo["name"], error=str(e))
             return
         if deleted:
-            self.store.mark_deleted(int(repo["id"]), keep)
+            gone = [int(t.rsplit(":v", 1)[1]) for t in deleted]
+            # a fused version is a whole model: say what pruning gave back
+            self.log.info("pruned", repo=repo["name"], tags=deleted,
+                          freed_bytes=self.store.published_size(repo_id, gone))
+            self.store.mark_deleted(repo_id, keep)
 
     def rollback(self, repo: Row, version: Any = None) -> dict[str, Any]:
         from forged.daemon.publish import OllamaUnavailable, PublishError

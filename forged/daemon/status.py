@@ -85,7 +85,7 @@ def repo_detail(store: State, cfg: config.Config, repo: Row, worker: Any = None,
     out = repo_status(store, cfg, repo, worker, watcher, failure)
     out["cycles"] = [{**dict(c), "metrics": json.loads(c["metrics"]) if c["metrics"] else None}
                      for c in store.recent_cycles(int(repo["id"]), 10)]
-    out["versions"] = [dict(v) for v in store.versions(int(repo["id"]))]
+    out["versions"] = store.versions(int(repo["id"]))
     return out
 
 

@@ -298,9 +298,30 @@ class State:
     def model_version(self, repo_id: int, version: int) -> sqlite3.Row | None:
         return self.one("SELECT * FROM model_versions WHERE repo_id=? AND version=?", (repo_id, version))
 
-    def versions(self, repo_id: int) -> list[sqlite3.Row]:
-        return self.query("SELECT version, tag, state, train_commit, created_at FROM model_versions "
-                          "WHERE repo_id=? ORDER BY version DESC", (repo_id,))
+    def versions(self, repo_id: int) -> list[dict[str, Any]]:
+        """Every version, newest first, with what was created in Ollama (kind, quantization, size)."""
+        out = []
+        for v in self.query("SELECT version, tag, state, train_commit, created_at, metrics FROM model_versions "
+                            "WHERE repo_id=? ORDER BY version DESC", (repo_id,)):
+            made = (json.loads(v["metrics"] or "{}") or {}).get("published") or {}
+            out.append({**{k: v[k] for k in ("version", "tag", "state", "train_commit", "created_at")},
+                        "kind": made.get("kind"), "quantization": made.get("quantization"),
+                        "size": made.get("size")})
+        return out
+
+    def record_published(self, repo_id: int, version: int, made: dict[str, Any]) -> None:
+        """Keep what was created (kind, quantization, size) with the version's metrics."""
+        with self.tx() as db:
+            row = db.execute("SELECT metrics FROM model_versions WHERE repo_id=? AND version=?",
+                             (repo_id, version)).fetchone()
+            metrics = json.loads(row["metrics"] or "{}") if row else {}
+            metrics["published"] = made
+            db.execute("UPDATE model_versions SET metrics=? WHERE repo_id=? AND version=?",
+                       (json.dumps(metrics, default=str), repo_id, version))
+
+    def published_size(self, repo_id: int, versions: list[int]) -> int:
+        """Bytes the given versions took in Ollama, as recorded when they were created."""
+        return sum(int(v["size"] or 0) for v in self.versions(repo_id) if v["version"] in versions)
 
     def count_published(self, repo_id: int) -> int:
         """Versions that reached Ollama and are still there (live or published)."""
