@@ -97,7 +97,7 @@ def ollama_side(files: dict[str, Path], tmp: Path, rounds: int) -> dict:
     import ollama
 
     base = bundled_base()
-    kw = {"template": publish.base_chat_template(base), "system": publish.system_prompt("bench"), "temperature": 0.2}
+    kw = {"serving": publish.serving_for_gguf(base), "system": publish.system_prompt("bench"), "temperature": 0.2}
     out: dict = {"create_s": {}, "disk_bytes": {}}
     with OllamaDouble(tmp / "old", version="0.33.5") as od:
         pub = publish.Publisher(od.url)

@@ -888,12 +888,13 @@ class VersionMade:
 
 def publish_candidate(
     pub: Publisher, repo: str, version: int, judged: dict[str, Any], *, mode: str, base_name: str,
-    temperature: float, serving: Serving,
+    temperature: float, serving: Serving | None = None,
 ) -> VersionMade:
     """Create ``v<N>`` from the best export this server takes; a refused adapter is
     followed by the same candidate fused (AdaptersRefused only when there is none)."""
     exports = judged_exports(judged)
     base_gguf = Path(judged["base_gguf"])
+    serving = serving or serving_for_gguf(base_gguf)
     order = export_order(exports, mode, pub.accepts_adapters())
     if not order:
         raise PublishError(f"no checked export of this candidate fits [publish] export = {mode!r}")
