@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.daemon_proc import DaemonProc
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
@@ -28,6 +30,24 @@ def short_tmp() -> Iterator[Path]:
     """A temp dir with a short path: Unix socket paths are limited to ~104 bytes."""
     with tempfile.TemporaryDirectory(prefix="fg", dir="/tmp") as d:
         yield Path(d)
+
+
+# A daemon that polls its gates and settles file events quickly, for socket-level tests.
+QUIET = """
+[gates]
+poll_seconds = 0.5
+[watch]
+settle_seconds = 0.2
+"""
+
+
+@pytest.fixture
+def daemon(short_tmp: Path) -> Iterator[DaemonProc]:
+    """A real daemon on a real socket in a short temp home, stopped after the test."""
+    d = DaemonProc(short_tmp / "h", QUIET).start()
+    yield d
+    if d.proc and d.proc.poll() is None:
+        d.stop()
 
 
 def git(repo: Path, *args: str) -> str:

@@ -9,26 +9,9 @@ import socket
 from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
 from forged.ctl import connect_unix
 from tests.conftest import make_repo
 from tests.daemon_proc import DaemonProc
-
-QUIET = """
-[gates]
-poll_seconds = 0.5
-[watch]
-settle_seconds = 0.2
-"""
-
-
-@pytest.fixture
-def daemon(short_tmp: Path) -> Iterator[DaemonProc]:
-    d = DaemonProc(short_tmp / "h", QUIET).start()
-    yield d
-    if d.proc and d.proc.poll() is None:
-        d.stop()
 
 
 def raw_request(sock: Path, data: bytes, read: bool = True) -> bytes:

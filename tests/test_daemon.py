@@ -16,23 +16,8 @@ import pytest
 
 from forged.common import config, paths
 from forged.daemon import service
-from tests.conftest import make_repo
+from tests.conftest import QUIET, make_repo
 from tests.daemon_proc import DaemonProc
-
-QUIET = """
-[gates]
-poll_seconds = 0.5
-[watch]
-settle_seconds = 0.2
-"""
-
-
-@pytest.fixture
-def daemon(short_tmp: Path):
-    d = DaemonProc(short_tmp / "h", QUIET).start()
-    yield d
-    if d.proc and d.proc.poll() is None:
-        d.stop()
 
 
 def test_status_shape_and_permissions(daemon: DaemonProc, short_tmp: Path) -> None:
