@@ -89,6 +89,32 @@ def gains(adapter: Path, tcfg: config.TrainConfig, texts: list[str], tmp: Path) 
     return out, files
 
 
+def llama_gains(files: dict[str, Path], merged: Path, texts: list[str]) -> dict:
+    """``--llama-only``: held-out loss gain over the Q4_1 base in llama.cpp alone (no
+    trainer), for the adapter and each quantization, and its share of the unquantized
+    fused model's gain (the merge before any quantization)."""
+    from forged.worker.judge.fidelity import _llama, llama_logits, mean_nll
+
+    base = bundled_base()
+
+    def loss(model: Path, lora: Path | None = None) -> float:
+        llm = _llama(model, lora, 1024)
+        tot = n = 0.0
+        for t in texts:
+            ids = llm.tokenize(t[:1500].encode(), add_bos=False)[:1000]
+            s, k = mean_nll(llama_logits(llm, ids), ids)
+            tot, n = tot + s, n + k
+        return tot / n
+
+    ref = loss(base)
+    unq = ref - loss(merged)
+    out = {"base_loss": round(ref, 4), "fused_unquantized_gain": round(unq, 4)}
+    for name, path in files.items():
+        g = ref - (loss(base, path) if name == "adapter" else loss(path))
+        out[name] = {"gain_llama": round(g, 4), "kept_of_unquantized": round(g / unq, 3), "bytes": path.stat().st_size}
+    return out
+
+
 def _median(xs: list[float]) -> float:
     return round(statistics.median(xs), 3)
 
@@ -136,6 +162,8 @@ def main() -> None:
     ap.add_argument("--adapter", type=Path)
     ap.add_argument("--dataset", type=Path)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--llama-only", action="store_true",
+                    help="gains in llama.cpp alone, against the unquantized merge (no trainer: minutes less)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-fused-") as d:
         tmp = Path(d)
@@ -144,7 +172,17 @@ def main() -> None:
         else:
             adapter, ds, tcfg, train_s = train_adapter(args.repo, tmp, args.steps)
         texts = heldout(ds)
-        table, files = gains(adapter, tcfg, texts, tmp)
+        if args.llama_only:
+            from forged.worker.judge.export import export_adapter, export_fused
+            from forged.worker.judge.quantize import quantize_gguf
+
+            files = {"adapter": export_adapter(adapter, bundled_base(), tmp / "adapter.gguf").path}
+            merged = export_fused(adapter, bundled_base(), tmp / "fused.gguf").path
+            for q in ("q4_K_M", "q8_0", "f16"):
+                files[q] = quantize_gguf(merged, tmp / f"model-{q}.gguf", q)
+            table = llama_gains(files, merged, texts)
+        else:
+            table, files = gains(adapter, tcfg, texts, tmp)
         result = {"bench": "publish_fused", "steps": args.steps, "train_s": round(train_s, 1),
                   "n_texts": len(texts), "gain": table, **ollama_side(files, tmp, args.rounds)}
     print(json.dumps(result))
