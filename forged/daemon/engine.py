@@ -638,6 +638,8 @@ class Engine:
                 manual = manual_for(judged, repo["name"], version, mode=self.cfg.publish.export,
                                     adapters=pub.memory.known(pub.host), temperature=self.cfg.publish.temperature)
                 self._merge_metrics(cid, {"manual_command": manual})
+            else:  # Ollama answered (or the disk is full): its words, not "publish by hand"
+                self._merge_metrics(cid, {"manual_command": None})
             self._set_stage(cid, "ready_to_publish", reason=f"Ollama: {e}", attempts=attempts,
                             retry_at=time.time() + backoff(attempts, self.cfg.daemon.retry_seconds))
             self.log.warning("publish_waiting", repo=repo["name"], version=version, error=str(e))
