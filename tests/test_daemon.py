@@ -238,7 +238,7 @@ import sys, types
 from pathlib import Path
 from forged.common import config, paths
 from forged.daemon.main import Daemon
-import forged.daemon.engine, forged.daemon.gates, forged.daemon.watcher, forged.daemon.accounting, forged.daemon.publish, forged.daemon.approval, forged.ctl
+import forged.daemon.engine, forged.daemon.releases, forged.daemon.status, forged.daemon.workers, forged.daemon.gates, forged.daemon.watcher, forged.daemon.accounting, forged.daemon.publish, forged.daemon.approval, forged.ctl
 d = Daemon(paths.resolve({{'FORGED_HOME': {str(tmp_path)!r}}}), config.Config())
 d.start()
 d.engine.tick()

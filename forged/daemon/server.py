@@ -25,6 +25,7 @@ from typing import Any
 from forged import __version__
 from forged.common import log
 from forged.common.paths import check_socket_path
+from forged.daemon.errors import Conflict, DomainError, Invalid, NotFound, Unavailable
 
 API_PREFIX = "/v1"
 
@@ -34,6 +35,14 @@ class ApiError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+HTTP_STATUS: dict[type[DomainError], int] = {Invalid: 400, NotFound: 404, Conflict: 409, Unavailable: 503}
+
+
+def http_status(error: DomainError) -> int:
+    """The HTTP status a refusal of the daemon's is answered with."""
+    return next((code for cls, code in HTTP_STATUS.items() if isinstance(error, cls)), 400)
 
 
 Handler = Callable[[dict[str, str], dict[str, Any], dict[str, list[str]]], Any]
@@ -165,6 +174,9 @@ class _RequestHandler(BaseHTTPRequestHandler):
             result = handler(params, body, query)
         except ApiError as e:
             self._error(e.status, e.message)
+            return
+        except DomainError as e:
+            self._error(http_status(e), str(e))
             return
         except Exception as e:  # a bug in a handler must not take the daemon down
             log.get("forged.api").exception("handler_failed", path=path)

@@ -2,8 +2,9 @@
 
 The daemon starts it, reads its JSON lines from stdout (``{"event": "progress", …}``,
 one ``{"event": "result", …}`` at the end) and can stop it with SIGTERM, which sets a
-stop event: training checkpoints and exits (exit code 3), mining and judging exit at
-once (exit code 3; they rerun from the start). The worker dies with the daemon
+stop event: training checkpoints and exits (``EXIT_STOPPED``), mining and judging exit
+at once (``EXIT_STOPPED``; they rerun from the start). The events and exit codes are
+:mod:`forged.common.protocol`. The worker dies with the daemon
 (``PR_SET_PDEATHSIG`` on Linux, a parent watch everywhere) so a ``kill -9`` of the
 daemon never leaves two workers behind.
 """
@@ -21,24 +22,33 @@ import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from forged.common import config, paths
+from forged.common.protocol import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_STOPPED,
+    WORKER_STAGES,
+    EventName,
+    WorkerEvent,
+)
 
-EXIT_OK, EXIT_FAILED, EXIT_STOPPED = 0, 1, 3
-STAGES = ("mine", "train", "judge")
-STOP_GRACE = 30.0  # seconds a stopping trainer gets to checkpoint (the issue's SIGTERM bound)
+STAGES = WORKER_STAGES
+STOP_GRACE = 30.0  # seconds a stopping trainer gets to checkpoint before the process ends
 
 
-def emit(event: str, data: dict[str, Any] | None = None, **more: Any) -> None:
+def emit(event: EventName, data: dict[str, Any] | None = None, **more: Any) -> WorkerEvent:
+    """Write one event of :mod:`forged.common.protocol` to stdout, the daemon's pipe."""
     # the protocol's "event" wins; a stage's own event name ("step", "resumed",
     # "checkpoint") travels as "kind"
-    msg = {**(data or {}), **more}
-    if "event" in msg:
-        msg["kind"] = msg.pop("event")
-    msg.update(event=event, ts=time.time())
+    body = {**(data or {}), **more}
+    if "event" in body:
+        body["kind"] = body.pop("event")
+    msg = cast(WorkerEvent, {**body, "event": event, "ts": time.time()})
     sys.stdout.write(json.dumps(msg, default=str) + "\n")
     sys.stdout.flush()
+    return msg
 
 
 def _stop_when_asked(stop: threading.Event, stage: str, poll: float = 0.1) -> None:
