@@ -55,6 +55,24 @@ def train_adapter(repo: Path, tmp: Path, steps: int) -> tuple[Path, Path, config
     return tmp / "train" / "adapter", tmp / "ds", tcfg, time.perf_counter() - t
 
 
+def synthetic_adapter(tmp: Path) -> Path:
+    """``--synthetic``: a random rank-4 LoRA on layer 0's q and v (mlx layout): enough for
+    the Ollama-side timings and sizes, which do not depend on what was trained."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+    ad = tmp / "synthetic"
+    ad.mkdir()
+    save_file({f"model.layers.0.self_attn.{m}.{p}": rng.normal(0, 0.05, shape).astype(np.float32)
+               for m, out in (("q_proj", 576), ("v_proj", 192))
+               for p, shape in (("lora_a", (576, 4)), ("lora_b", (4, out)))}, str(ad / "adapters.safetensors"))
+    (ad / "adapter_config.json").write_text(json.dumps({"fine_tune_type": "lora",
+                                                        "lora_parameters": {"rank": 4, "scale": 2.0}}))
+    (ad / "forged_meta.json").write_text(json.dumps({"backend": "mlx", "layout": "gguf", "method": "lora"}))
+    return ad
+
+
 def heldout(ds: Path) -> list[str]:
     from forged.worker.main import _heldout_texts
 
@@ -87,6 +105,32 @@ def gains(adapter: Path, tcfg: config.TrainConfig, texts: list[str], tmp: Path) 
         fid = check_fidelity(adapter, files[q], base, tcfg, texts, min_gain=0.9)
         out[f"fused_{q}"] = row(fid, bytes=files[q].stat().st_size, quantize_s=round(secs, 2))
     return out, files
+
+
+def llama_gains(files: dict[str, Path], merged: Path, texts: list[str]) -> dict:
+    """``--llama-only``: held-out loss gain over the Q4_1 base in llama.cpp alone (no
+    trainer), for the adapter and each quantization, and its share of the unquantized
+    fused model's gain (the merge before any quantization)."""
+    from forged.worker.judge.fidelity import _llama, llama_logits, mean_nll
+
+    base = bundled_base()
+
+    def loss(model: Path, lora: Path | None = None) -> float:
+        llm = _llama(model, lora, 1024)
+        tot = n = 0.0
+        for t in texts:
+            ids = llm.tokenize(t[:1500].encode(), add_bos=False)[:1000]
+            s, k = mean_nll(llama_logits(llm, ids), ids)
+            tot, n = tot + s, n + k
+        return tot / n
+
+    ref = loss(base)
+    unq = ref - loss(merged)
+    out = {"base_loss": round(ref, 4), "fused_unquantized_gain": round(unq, 4)}
+    for name, path in files.items():
+        g = ref - (loss(base, path) if name == "adapter" else loss(path))
+        out[name] = {"gain_llama": round(g, 4), "kept_of_unquantized": round(g / unq, 3), "bytes": path.stat().st_size}
+    return out
 
 
 def _median(xs: list[float]) -> float:
@@ -136,15 +180,40 @@ def main() -> None:
     ap.add_argument("--adapter", type=Path)
     ap.add_argument("--dataset", type=Path)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--synthetic", action="store_true",
+                    help="Ollama-side timings and sizes only, with a random adapter (no training)")
+    ap.add_argument("--llama-only", action="store_true",
+                    help="gains in llama.cpp alone, against the unquantized merge (no trainer: minutes less)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-fused-") as d:
         tmp = Path(d)
+        if args.synthetic:
+            from forged.worker.judge.export import export_adapter, export_fused
+            from forged.worker.judge.quantize import quantize_gguf
+
+            ad = synthetic_adapter(tmp)
+            files = {"adapter": export_adapter(ad, bundled_base(), tmp / "adapter.gguf").path}
+            merged = export_fused(ad, bundled_base(), tmp / "fused.gguf").path
+            for q in ("q4_K_M", "q8_0"):
+                files[q] = quantize_gguf(merged, tmp / f"model-{q}.gguf", q)
+            print(json.dumps({"bench": "publish_fused", "synthetic": True, **ollama_side(files, tmp, args.rounds)}))
+            return
         if args.adapter:
             adapter, ds, tcfg, train_s = args.adapter, args.dataset, config.Config().train, 0.0
         else:
             adapter, ds, tcfg, train_s = train_adapter(args.repo, tmp, args.steps)
         texts = heldout(ds)
-        table, files = gains(adapter, tcfg, texts, tmp)
+        if args.llama_only:
+            from forged.worker.judge.export import export_adapter, export_fused
+            from forged.worker.judge.quantize import quantize_gguf
+
+            files = {"adapter": export_adapter(adapter, bundled_base(), tmp / "adapter.gguf").path}
+            merged = export_fused(adapter, bundled_base(), tmp / "fused.gguf").path
+            for q in ("q4_K_M", "q8_0", "f16"):
+                files[q] = quantize_gguf(merged, tmp / f"model-{q}.gguf", q)
+            table = llama_gains(files, merged, texts)
+        else:
+            table, files = gains(adapter, tcfg, texts, tmp)
         result = {"bench": "publish_fused", "steps": args.steps, "train_s": round(train_s, 1),
                   "n_texts": len(texts), "gain": table, **ollama_side(files, tmp, args.rounds)}
     print(json.dumps(result))

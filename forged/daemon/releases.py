@@ -112,8 +112,10 @@ class Releases:
             self.store.set_version_state(int(repo["id"]), version, "rejected")
             return
         except (OllamaUnavailable, PublishError, OSError) as e:
-            if isinstance(e, OllamaUnavailable) and not isinstance(e, NoRoom):
-                self._store_manual(pub, cid, name, version, judged)
+            # Commands to publish by hand only while Ollama is unreachable: one that answered
+            # (refused, or out of room) would refuse them too. A stale set is cleared.
+            unreachable = isinstance(e, OllamaUnavailable) and not isinstance(e, NoRoom)
+            self._store_manual(pub, cid, name, version, judged if unreachable else None)
             self._retry(cyc, Stage.READY_TO_PUBLISH, e)
             self.log.warning("publish_waiting", repo=name, version=version, error=str(e))
             return
@@ -139,13 +141,16 @@ class Releases:
                                  base_name=base_tag_name(self.cfg.train.base_model),
                                  temperature=self.cfg.publish.temperature, serving=serving)
 
-    def _store_manual(self, pub: Any, cycle_id: int, repo: str, version: int, judged: dict[str, Any]) -> None:
-        """The commands to publish by hand, stored before the stage changes: status shows them
-        with that stage (a client polling between two writes saw ready_to_publish without them)."""
+    def _store_manual(self, pub: Any, cycle_id: int, repo: str, version: int,
+                      judged: dict[str, Any] | None) -> None:
+        """The commands to publish by hand (None: none apply), stored before the stage changes:
+        status shows them with that stage (a client polling between two writes saw
+        ready_to_publish without them)."""
         from forged.daemon.publish import manual_for
 
-        manual = manual_for(judged, repo, version, mode=self.cfg.publish.export,
-                            adapters=pub.memory.known(pub.host), temperature=self.cfg.publish.temperature)
+        manual = None if judged is None else manual_for(
+            judged, repo, version, mode=self.cfg.publish.export, adapters=pub.memory.known(pub.host),
+            temperature=self.cfg.publish.temperature)
         self.store.merge_metrics(cycle_id, {"manual_command": manual})
 
     # -- approval ---------------------------------------------------------------------

@@ -74,8 +74,9 @@ class FidelityResult:
 
 
 @contextlib.contextmanager
-def _quiet_stderr() -> Iterator[None]:
-    """llama.cpp prints its load log on fd 2 even with verbose=False; keep worker logs clean."""
+def quiet_stderr() -> Iterator[None]:
+    """llama.cpp prints its load log (and its quantizer every tensor) on fd 2 even with
+    verbose=False; keep worker logs clean."""
     try:
         fd = os.dup(2)
     except OSError:
@@ -99,7 +100,7 @@ def _llama(base_gguf: Path, lora: Path | None, n_ctx: int) -> Any:
         ) from None
     threads = max(1, min(4, os.cpu_count() or 1))
     try:
-        with _quiet_stderr():
+        with quiet_stderr():
             return Llama(
                 model_path=str(base_gguf),
                 lora_path=str(lora) if lora else None,

@@ -13,7 +13,6 @@ small enough for a 4-bit step to round it away).
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import math
 import os
@@ -21,6 +20,7 @@ from pathlib import Path
 
 from forged.common.gguf import GGUFHeader
 from forged.worker.judge.export import ExportError, read_gguf_header
+from forged.worker.judge.fidelity import quiet_stderr
 
 LADDER = ("q4_K_M", "q8_0", "f16")  # the fidelity check steps up this list
 BITS = {"q4_K_M": 4.89, "q8_0": 8.5, "f16": 16.0}  # bits per weight, llama.cpp's quantize README
@@ -70,19 +70,6 @@ def steps_from(quant: str) -> list[str]:
     return list(LADDER[LADDER.index(quant):])
 
 
-@contextlib.contextmanager
-def _quiet_stderr():  # noqa: ANN202 - a context manager
-    """llama.cpp logs every tensor it quantizes on fd 2; keep the worker's log readable."""
-    fd = os.dup(2)
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
-            yield
-    finally:
-        os.dup2(fd, 2)
-        os.close(fd)
-
-
 def quantize_gguf(src: Path, dst: Path, quant: str, *, threads: int = 0) -> Path:
     """Write ``src`` quantized to ``quant`` at ``dst`` with llama.cpp's quantizer.
 
@@ -102,7 +89,7 @@ def quantize_gguf(src: Path, dst: Path, quant: str, *, threads: int = 0) -> Path
     params.allow_requantize = True
     params.nthread = threads or max(1, min(4, os.cpu_count() or 1))
     try:
-        with _quiet_stderr():
+        with quiet_stderr():
             rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
         if rc != 0 or not tmp.is_file():
             raise ExportError(f"llama.cpp could not quantize {src.name} to {quant} (code {rc})")
