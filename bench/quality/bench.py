@@ -1,12 +1,12 @@
 """Recipe vs plain baseline at equal compute (docs/benchmarks.md, "Quality").
 
-    python bench/quality/bench.py prepare OUT [--repos forged,click,java-util]
+    python bench/quality/bench.py prepare OUT [--repos forged,pytest,java-util]
     python bench/quality/bench.py base OUT REPO
     python bench/quality/bench.py run OUT REPO METHOD --seed S [--variant NAME --set sec.key=value ...]
     python bench/quality/bench.py table OUT
 
 ``prepare`` makes each bench repo a git repository under OUT/repos (this checkout at
-HEAD; click from the venv's site-packages; java.util's top-level sources from the JDK's
+HEAD; pytest's ``_pytest`` from the venv's site-packages; java.util's top-level sources from the JDK's
 src.zip), mines it with the default ``[mine]`` config (held-out share raised to
 ``HELDOUT`` so the intervals have files to stand on; the split is by file, so the
 baseline's held-out files are the recipe's), and writes the fixed evaluation set:
@@ -63,10 +63,10 @@ def make_repo(name: str, dest: Path) -> Path:
         return dest
     if name == "forged":
         subprocess.run(["git", "clone", "-q", "--local", str(ROOT), str(dest)], check=True)
-    elif name == "click":
-        import click
+    elif name == "pytest":
+        import _pytest
 
-        shutil.copytree(Path(click.__file__).parent, dest / "click", ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(Path(_pytest.__file__).parent, dest / "_pytest", ignore=shutil.ignore_patterns("__pycache__"))
         _commit_tree(dest)
     elif name == "java-util":
         with zipfile.ZipFile(SRC_ZIP) as z:
@@ -77,7 +77,7 @@ def make_repo(name: str, dest: Path) -> Path:
                     out.write_bytes(z.read(n))
         _commit_tree(dest)
     else:
-        raise SystemExit(f"unknown bench repo {name!r} (forged, click, java-util)")
+        raise SystemExit(f"unknown bench repo {name!r} (forged, pytest, java-util)")
     return dest
 
 
@@ -129,12 +129,18 @@ def train_only(ds: Path, dest: Path) -> Path:
     return dest
 
 
+def heldout_files(ds: Path) -> list[str]:
+    """The files the miner held out (its split is by file: their code is never trained on)."""
+    return sorted({r["meta"]["path"] for r in _records(ds / "valid.jsonl")
+                   if r["meta"].get("kind") in ("continuation", "fim") and r["meta"].get("path")})
+
+
 def baseline_dataset(out: Path, repo: str, ds: Path) -> Path:
     """The train-side files the miner read, as plain text records: the 30-line fine-tune's data."""
     dest = out / repo / "baseline-ds"
     if (dest / "train.jsonl").exists():
         return dest
-    held = {r["meta"]["path"] for r in _records(ds / "valid.jsonl")}
+    held = set(heldout_files(ds))
     paths = sorted({r["meta"].get("path") for r in _records(ds / "train.jsonl")} - held - {None})
     root = out / "repos" / repo
     dest.mkdir(parents=True, exist_ok=True)
@@ -152,7 +158,7 @@ def eval_set(out: Path, repo: str, ds: Path) -> dict:
         return json.loads(path.read_text())
     valid = _records(ds / "valid.jsonl")
     root = out / "repos" / repo
-    files = sorted({r["meta"]["path"] for r in valid if (root / r["meta"]["path"]).is_file()})
+    files = [p for p in heldout_files(ds) if (root / p).is_file()]
     texts = [t for t in ((root / p).read_text(errors="replace")[:TEXT_BYTES] for p in files) if t.strip()]
     fim = [{"prompt": r["prompt"], "completion": r["completion"]} for r in valid
            if r["meta"].get("kind") == "fim" and r["completion"].strip()]
@@ -206,7 +212,7 @@ def cmd_prepare(out: Path, repos: list[str]) -> None:
         ds = mine(out, repo, [])
         baseline_dataset(out, repo, ds)
         ev = eval_set(out, repo, ds)
-        n_train = sum(1 for _ in open(ds / "train.jsonl"))
+        n_train = len((ds / "train.jsonl").read_text().splitlines())
         print(json.dumps({"prepare": repo, "train_records": n_train, "heldout_files": len(ev["files"]),
                           "fim": len(ev["fim"]), "qa": len(ev["qa"]), "seconds": round(time.monotonic() - t, 1)}),
               flush=True)
@@ -315,7 +321,7 @@ def main() -> None:
     ap.add_argument("out", type=Path)
     ap.add_argument("repo", nargs="?")
     ap.add_argument("method", nargs="?", choices=["recipe", "baseline"])
-    ap.add_argument("--repos", default="forged,click,java-util")
+    ap.add_argument("--repos", default="forged,pytest,java-util")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--variant", default="default")
     ap.add_argument("--set", action="append", default=[], help="sec.key=value config override (this variant)")
