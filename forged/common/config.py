@@ -153,6 +153,8 @@ class TrainConfig:
     full_retrain_every: int = field(default=5, metadata=_check(_positive))
     eval_every: int = field(default=0, metadata=_check(_non_negative))  # held-out loss every N steps; 0 = start/end only
     threads: int = field(default=0, metadata=_check(_non_negative))  # CPU threads for training; 0 = all cores
+    # FIM examples: loss on the middle only, or on the whole sequence (prefix and suffix are code too)
+    fim_loss: str = field(default="middle", metadata=_check(_one_of("middle", "all")))
 
 
 @dataclass

@@ -122,7 +122,7 @@ def train(dataset_dir: Path, out_dir: Path, cfg: Any, *, warm_start: Path | None
 
     records = select_replay(ds.train, cfg.replay_ratio, cfg.seed) if warm_start is not None else ds.train
     dropped: Counter[str] = Counter()
-    train_ex = tokenize(be.tok, records, cfg.seq_len, dropped)
+    train_ex = tokenize(be.tok, records, cfg.seq_len, dropped, fim_loss=getattr(cfg, "fim_loss", "middle"))
     valid_ex = tokenize(be.tok, ds.valid, cfg.seq_len, dropped)
     if dropped:  # said out loud: a whole kind of example can vanish this way
         kinds = ", ".join(f"{k} {n}" for k, n in dropped.most_common())
