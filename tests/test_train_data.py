@@ -32,7 +32,7 @@ def tok():
 
 
 def test_daemon_side_imports_stay_light():
-    code = ("import sys, forged.worker.train, forged.worker.train.memory as m; from forged.config import TrainConfig;"
+    code = ("import sys, forged.worker.train, forged.common.memory as m; from forged.common.config import TrainConfig;"
             "print(forged.worker.train.choose_backend(TrainConfig()));"
             "b = forged.worker.train.resolve_base('bundled:smollm2-135m');"
             "print(m.estimate_for(b, TrainConfig(), 'torch'));"

@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 STEPS, BATCH, SEQ = 24, 4, 256
 HELDOUT = 0.2
-TEXT_BYTES, MAX_TEXTS, MAX_FIM, MAX_QA = 3000, 24, 32, 16
+TEXT_BYTES, MAX_TEXTS, MAX_FIM, MAX_QA = 2000, 16, 16, 8
 SRC_ZIP = Path("/usr/lib/jvm/temurin-25-jdk-amd64/lib/src.zip")
 
 
