@@ -313,6 +313,29 @@ def cmd_table(out: Path) -> None:
         ref = next((k for k in arms if k.startswith("baseline:")), None)
         ratios = {k: gain_ratio(base, v, arms[ref]) for k, v in arms.items() if ref and k != ref}
         print(json.dumps({"repo": repo, **summ, "gain_ratio_vs_" + (ref or "none"): ratios}), flush=True)
+        print(markdown(repo, summ, ratios), flush=True)
+
+
+def _fmt(e: dict | None, pct: bool = False) -> str:
+    if not e:
+        return "–"
+    k, f = (100, ".1f") if pct else (1, ".3f")
+    return f"{e['value'] * k:{f}} [{e['lo'] * k:{f}}, {e['hi'] * k:{f}}]"
+
+
+def markdown(repo: str, summ: dict, ratios: dict) -> str:
+    """Table rows for docs/benchmarks.md: each metric with its 95% interval."""
+    rows = [f"| {repo} | base | – | {_fmt(summ['base']['bpb'])} | – | {_fmt(summ['base']['fim_bpb'])} | – | "
+            f"{_fmt(summ['base']['qa'])} | – |"]
+    for arm, a in summ.items():
+        if not isinstance(a, dict) or "seeds" not in a:
+            continue
+        r = ratios.get(arm)
+        ratio = f"{r['value']:.2f} [{r['lo']:.2f}, {r['hi']:.2f}]" if r else "1 (ref)"
+        rows.append(f"| {repo} | {arm} | {','.join(map(str, a['seeds']))} | {_fmt(a['bpb'])} | "
+                    f"{_fmt(a['bpb_gain'], True)} | {_fmt(a['fim_bpb'])} | {_fmt(a['fim_gain'], True)} | "
+                    f"{_fmt(a['qa'])} | {ratio} |")
+    return "\n".join(rows)
 
 
 def main() -> None:
