@@ -348,7 +348,13 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--variant", default="default")
     ap.add_argument("--set", action="append", default=[], help="sec.key=value config override (this variant)")
+    ap.add_argument("--steps", type=int, default=STEPS, help="training steps per run (the budget; same for all arms)")
+    ap.add_argument("--eval", default=f"{MAX_TEXTS},{MAX_FIM},{MAX_QA}",
+                    help="prepare: held-out files, FIM middles, QA questions in the eval set")
     a = ap.parse_args()
+    global STEPS, MAX_TEXTS, MAX_FIM, MAX_QA
+    STEPS = a.steps
+    MAX_TEXTS, MAX_FIM, MAX_QA = (int(x) for x in a.eval.split(","))
     a.out.mkdir(parents=True, exist_ok=True)
     if a.mode == "prepare":
         cmd_prepare(a.out, a.repos.split(","))
