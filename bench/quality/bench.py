@@ -339,6 +339,7 @@ def markdown(repo: str, summ: dict, ratios: dict) -> str:
 
 
 def main() -> None:
+    global STEPS, MAX_TEXTS, MAX_FIM, MAX_QA
     ap = argparse.ArgumentParser()
     ap.add_argument("mode", choices=["prepare", "base", "run", "table"])
     ap.add_argument("out", type=Path)
@@ -352,7 +353,6 @@ def main() -> None:
     ap.add_argument("--eval", default=f"{MAX_TEXTS},{MAX_FIM},{MAX_QA}",
                     help="prepare: held-out files, FIM middles, QA questions in the eval set")
     a = ap.parse_args()
-    global STEPS, MAX_TEXTS, MAX_FIM, MAX_QA
     STEPS = a.steps
     MAX_TEXTS, MAX_FIM, MAX_QA = (int(x) for x in a.eval.split(","))
     a.out.mkdir(parents=True, exist_ok=True)
