@@ -291,3 +291,12 @@ def test_judge_rejects_noise_and_publishes_a_clear_gain(noise_setup) -> None:
     assert good.passed, good.reasons
     assert g["hi"] < 0 and g["n"] == 12
     assert json.loads(json.dumps(good.to_dict()))["deltas"]["bpb"]["n"] == 12
+
+
+def test_forgectl_status_shows_the_bpb_interval() -> None:
+    from forged.ctl import render_repo
+
+    judge = {"base": scores(), "candidate": scores(bpb=0.79), "deltas": {"bpb": delta(-0.01, -0.02, 0.001, 40)}}
+    text = render_repo({"name": "x", "path": "/p", "stage": "watching", "progress": {},
+                        "cycles": [{"id": 1, "stage": "rejected", "metrics": {"judge": judge}}]})
+    assert "bpb 0.8000→0.7900 (Δ 95% CI [-0.0200, +0.0010], n=40)" in text
