@@ -19,7 +19,7 @@ ifeq ($(UNAME),Linux)
 EXTRAS := $(EXTRAS),mlx
 endif
 
-.PHONY: run test bench lint setup clean-state
+.PHONY: run test check bench lint setup clean-state
 
 setup: $(STAMP)
 
@@ -40,8 +40,14 @@ $(STAMP): pyproject.toml Makefile
 run: $(STAMP)
 	FORGED_HOME=$(CURDIR)/state $(VENV)/bin/forged demo $(ARGS)
 
+# Everything (README's and CI's command).
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The fast loop: leaves out the tests marked slow (a real model, or whole forge cycles
+# through the daemon and its workers); docs/benchmarks.md says what and how long.
+check: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check forged tests bench

@@ -38,10 +38,45 @@ class _UnixConnection(http.client.HTTPConnection):
         self.unix_path = path
 
     def connect(self) -> None:
+        self.sock = connect_unix(self.unix_path, self.timeout)
+
+
+# How long a refused connect is retried: a full listen backlog is ECONNREFUSED on macOS
+# (EAGAIN on Linux), but so is a socket file no daemon listens on any more.
+REFUSED_RETRY_S = 5.0
+
+
+def connect_unix(path: str, timeout: float | None) -> socket.socket:
+    """A socket connected to ``path``, retrying while the daemon's backlog is full.
+
+    A connect with a timeout is non-blocking, so a full backlog fails at once (EAGAIN)
+    instead of waiting its turn: retry with backoff until ``timeout``. FileNotFoundError
+    (no daemon) is not retried; ECONNREFUSED is, for at most REFUSED_RETRY_S.
+    """
+    start = time.monotonic()
+    delay = 0.005
+    while True:
         s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(self.timeout)
-        s.connect(self.unix_path)
-        self.sock = s
+        s.settimeout(timeout)
+        try:
+            s.connect(path)
+            return s
+        except (BlockingIOError, InterruptedError, ConnectionRefusedError) as e:
+            s.close()
+            waited = time.monotonic() - start
+            limit = REFUSED_RETRY_S if isinstance(e, ConnectionRefusedError) else float("inf")
+            if timeout is not None:
+                limit = min(limit, timeout)
+            if waited + delay > limit:
+                if isinstance(e, BlockingIOError):
+                    raise TimeoutError(f"{path}: the daemon accepted no connection in "
+                                       f"{waited:.0f} s (busy)") from None
+                raise
+            time.sleep(delay)
+            delay = min(delay * 2, 0.2)
+        except BaseException:
+            s.close()
+            raise
 
 
 class Client:
@@ -137,6 +172,8 @@ def render_status(st: dict[str, Any]) -> str:
         cyc = r.get("cycle") or {}
         if r.get("live_tag"):
             lines.append(f"{r['name']}: use model {r['live_tag']}")
+        if r.get("failure"):
+            lines.append(f"{r['name']}: failing: {r['failure']}")
         if cyc.get("reason") and cyc.get("stage") in ("failed", "paused", "ready_to_publish", "promoting"):
             lines.append(f"{r['name']}: {cyc['stage']}: {cyc['reason']}")
         for w in cyc.get("warnings") or []:
@@ -148,6 +185,8 @@ def render_status(st: dict[str, Any]) -> str:
 
 def render_repo(r: dict[str, Any]) -> str:
     out = [f"{r['name']}  {r['path']}  stage={r['stage']}", f"progress: {_progress_text(r)}"]
+    if r.get("failure"):
+        out.append(f"failing: {r['failure']}")
     if r.get("live_tag"):
         out.append(f"live: v{r['live_version']} — use model {r['live_tag']}")
     for c in r.get("cycles", [])[:5]:
@@ -159,6 +198,13 @@ def render_repo(r: dict[str, Any]) -> str:
         if bpb and d:  # the paired difference's 95% interval: is the change more than noise?
             bpb += f" (Δ 95% CI [{d['lo']:+.4f}, {d['hi']:+.4f}], n={d['n']})"
         out.append(f"  cycle {c['id']}: {c['stage']}{bpb} {c.get('reason') or ''}".rstrip())
+    versions = [v for v in r.get("versions") or [] if v.get("state") not in ("deleted", "rejected", "candidate")]
+    if versions:
+        out.append("versions:")
+    for v in versions:
+        quant = v.get("quantization") or ("base's own" if v.get("kind") == "adapter" else "?")
+        size = f"{v['size'] / 1e6:,.1f} MB" if v.get("size") else "?"
+        out.append(f"  v{v['version']}  {v['state']:<9}  {v.get('kind') or '?':<7}  {quant:<10}  {size}")
     return "\n".join(out)
 
 

@@ -6,13 +6,13 @@ import http.client
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from forged.ctl import connect_unix
 from forged.daemon.server import wait_for_socket
 
 
@@ -22,9 +22,7 @@ class UnixHTTP(http.client.HTTPConnection):
         self.path_ = str(path)
 
     def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(self.timeout)
-        self.sock.connect(self.path_)
+        self.sock = connect_unix(self.path_, self.timeout)  # forgectl's: waits out a full backlog
 
 
 STARTED: list[subprocess.Popen[bytes]] = []  # conftest kills any a failed test left running

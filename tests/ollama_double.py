@@ -9,7 +9,13 @@ codes (docs/api.md, server/routes.go), and keeps its store the way Ollama does:
 Layers carry Ollama's media types (application/vnd.ollama.image.model, .adapter,
 .template, .system, .params). Blob uploads are hashed and rejected with 400 on a digest
 mismatch. /api/generate and /api/chat run llama.cpp (llama-cpp-python) on the model's
-base GGUF plus its adapter, rendering the ChatML Go template the way Ollama would.
+base GGUF plus its adapter, on the prompt Ollama would render: the model's Go template
+(``gotemplate.py``, a subset evaluator) with ``.Messages``/``.System`` for chat and plain
+prompts (the legacy ``.Prompt``/``.Response`` form for templates without ``.Messages``),
+``.Prompt``/``.Suffix`` for a request with ``suffix``, or the prompt as is with ``raw``.
+As in Ollama, a ``suffix`` is refused ("<name> does not support insert", HTTP 400) when
+the template never mentions ``.Suffix``, and /api/show lists "insert" among the
+``capabilities`` when it does. ``prompts`` keeps every rendered prompt.
 Structured outputs work as in Ollama: ``format: "json"`` or ``format: {JSON schema}``
 constrains sampling with a grammar (llama.cpp's, built by ``LlamaGrammar``), so even a
 random-weight model returns JSON that parses and follows the schema; any other string
@@ -29,6 +35,21 @@ blob uploads are damaged in transit, so the digest check fails), ``fail_load``,
 /api/generate answer with it instead of sampling, after the model is found and loaded
 as usual; a test that needs a controlled answer, or a slow one, sets it).
 ``chats`` keeps the body of every /api/chat and /api/generate request with content.
+
+Two Ollamas, by ``version`` (answered on /api/version; settable mid-test, an upgrade):
+
+* before 0.34.1 (default "0.33.5"): ``adapters`` on /api/create are applied, and
+  ``quantize`` (q8_0, q4_K_M, q4_K_S) quantizes an F16/F32 model for real with llama.cpp's
+  quantizer (``llama_model_quantize``), so the served bytes are the quantized ones; any
+  other model answers "quantization is only supported for F16 and F32 models".
+* 0.34.1 and later: ``adapters`` answer 400 "LoRA adapters are no longer supported", an
+  adapter GGUF among ``files`` "LoRA adapters are no longer supported: <name> is a LoRA
+  adapter", and ``quantize`` on a GGUF 400 "create-time quantization is only supported
+  for safetensors imports; ...". The texts are Ollama's (server/create.go after PR
+  #14969: errAdaptersUnsupported, validateCreateOptions), read in the stored source.
+  Nothing is written before a refusal, as in Ollama, except with ``refuse_late``: the
+  worst case of a refusal in the middle of a create, where the layers and even the
+  manifest were written before the error came (the client must not leave that tag).
 """
 
 from __future__ import annotations
@@ -44,12 +65,19 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+try:
+    from gotemplate import GoTemplate, TemplateError
+except ImportError:  # imported as tests.ollama_double
+    from tests.gotemplate import GoTemplate, TemplateError
+
 REGISTRY = "registry.ollama.ai"
+DEFAULT_TEMPLATE = "{{ .Prompt }}"  # Ollama's template.DefaultTemplate, for a model without one
 MT_MODEL = "application/vnd.ollama.image.model"
 MT_ADAPTER = "application/vnd.ollama.image.adapter"
 MT_TEMPLATE = "application/vnd.ollama.image.template"
@@ -58,11 +86,12 @@ MT_PARAMS = "application/vnd.ollama.image.params"
 MT_CONFIG = "application/vnd.docker.container.image.v1+json"
 MT_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DIGEST_RE = re.compile(r"^sha256[:-]([0-9a-f]{64})$")
+ADAPTERS_UNSUPPORTED = "LoRA adapters are no longer supported"  # Ollama 0.34.1 errAdaptersUnsupported
 
 # general.file_type → the name Ollama reports as quantization_level (the common ones).
 FILE_TYPES = {0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 7: "Q8_0", 15: "Q4_K_M", 17: "Q5_K_M", 18: "Q6_K", 32: "BF16"}
 
-# Ollama's template/chatml.gotmpl: the one Go template this double can render.
+# Ollama's template/chatml.gotmpl.
 CHATML_GOTMPL = (
     "{{- range .Messages }}<|im_start|>{{ .Role }}\n"
     "{{ .Content }}<|im_end|>\n"
@@ -167,7 +196,8 @@ def parse_keep_alive(v: Any) -> float | None:
 class OllamaDouble:
     """Context manager: ``with OllamaDouble(tmp) as od: Client(od.url)...``."""
 
-    def __init__(self, store: Path | None = None, *, n_threads: int = 1, n_ctx: int = 512) -> None:
+    def __init__(self, store: Path | None = None, *, n_threads: int = 1, n_ctx: int = 512,
+                 version: str = "0.33.5") -> None:
         self._tmp = None if store else tempfile.TemporaryDirectory(prefix="ollama-double-")
         self.store = Path(store or self._tmp.name)  # type: ignore[union-attr]
         (self.store / "blobs").mkdir(parents=True, exist_ok=True)
@@ -175,6 +205,8 @@ class OllamaDouble:
         self.n_threads = n_threads
         self.n_ctx = n_ctx  # every runner's context (Ollama's num_ctx; 512 keeps tests quick)
         self.fail_create = 0
+        self.version = version
+        self.refuse_late = False
         self.corrupt_uploads = 0
         self.fail_load = 0
         # Creates of names containing ``hold_create`` wait until ``release`` is set: a test
@@ -185,6 +217,8 @@ class OllamaDouble:
         self.requests: list[tuple[str, str]] = []  # (method, path) of every request served
         self.chats: list[dict[str, Any]] = []  # bodies of /api/chat and /api/generate with content
         self.chat_reply: Callable[[dict[str, Any]], str | None] | None = None
+        self.prompts: list[str] = []  # the rendered prompt of every generation, in order
+        self._templates: dict[str, GoTemplate] = {}
         self._grammars: dict[str, Any] = {}
         self._down = False
         self._port = 0
@@ -328,6 +362,10 @@ class OllamaDouble:
         self._write_atomic(path, body)
         return 201
 
+    def _is_adapter_blob(self, digest: str) -> bool:
+        p = self.blob_path(digest)
+        return p.is_file() and self.kv(digest).get("general.type") == "adapter"
+
     def _gguf_layer(self, digest: str, media_type: str, want_type: str) -> dict[str, Any]:
         p = self.blob_path(digest)
         if not p.is_file():
@@ -340,11 +378,58 @@ class OllamaDouble:
             raise ApiError(400, f"expected a GGUF {want_type}, got a GGUF {kind}")
         return {"mediaType": media_type, "digest": digest, "size": p.stat().st_size}
 
+    @property
+    def refuses_adapters(self) -> bool:
+        m = re.match(r"v?(\d+)\.(\d+)\.(\d+)", self.version)
+        return bool(m) and tuple(map(int, m.groups())) >= (0, 34, 1)
+
+    def _refuse_up_front(self, req: dict[str, Any]) -> None:
+        """What 0.34.1's CreateHandler refuses before it writes anything."""
+        if not self.refuses_adapters:
+            return
+        if req.get("adapters") and not self.refuse_late:
+            raise ApiError(400, ADAPTERS_UNSUPPORTED)
+        if req.get("quantize") or req.get("quantization"):
+            raise ApiError(400, "create-time quantization is only supported for safetensors imports; "
+                                "quantize GGUF models with llama.cpp tools before importing")
+
+    def quantize_layer(self, layer: dict[str, Any], quant: str) -> dict[str, Any]:
+        """Ollama (before 0.34.1) quantizing an F16/F32 model layer at create time."""
+        import ctypes
+
+        import llama_cpp
+
+        ftypes = {"q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M,
+                  "q4_k_s": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_S}
+        if quant.lower() not in ftypes:
+            raise ApiError(400, f"unsupported quantization type {quant}")
+        if self.kv(layer["digest"]).get("general.file_type", 0) not in (0, 1):
+            raise ApiError(400, "quantization is only supported for F16 and F32 models")
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = ftypes[quant.lower()]
+        params.nthread = self.n_threads
+        out = self.store / "blobs" / f".quantize-{threading.get_ident()}"
+        try:
+            rc = llama_cpp.llama_model_quantize(str(self.blob_path(layer["digest"])).encode(), str(out).encode(),
+                                                ctypes.byref(params))
+            if rc != 0:
+                raise ApiError(500, f"llama_model_quantize failed ({rc})")
+            h = hashlib.sha256()
+            with open(out, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+            digest = "sha256:" + h.hexdigest()
+            os.replace(out, self.blob_path(digest))
+        finally:
+            out.unlink(missing_ok=True)
+        return {"mediaType": MT_MODEL, "digest": digest, "size": self.blob_path(digest).stat().st_size}
+
     def create(self, req: dict[str, Any]) -> None:
         name = req.get("model") or req.get("name") or ""
         if self.hold_create and self.hold_create in name:
             self.held += 1
             self.release.wait(timeout=300)
+        self._refuse_up_front(req)
         target = self.manifest_path(name)
         layers: list[dict[str, Any]] = []
         if req.get("from"):
@@ -359,6 +444,8 @@ class OllamaDouble:
             (fname, digest), = files.items()
             if "/" in fname or fname.startswith(".."):
                 raise ApiError(400, "file path must be relative")
+            if self.refuses_adapters and self._is_adapter_blob(digest):
+                raise ApiError(400, f"{ADAPTERS_UNSUPPORTED}: {fname} is a LoRA adapter")
             layers = [self._gguf_layer(digest, MT_MODEL, "model")]
         else:
             raise ApiError(400, "neither 'from' or 'files' was specified")
@@ -373,6 +460,10 @@ class OllamaDouble:
             raise ApiError(400, "only one adapter is currently supported")
         for _fname, digest in adapters.items():
             replace(MT_ADAPTER, self._gguf_layer(digest, MT_ADAPTER, "adapter"))
+        late = bool(adapters) and self.refuses_adapters  # refuse_late: a tag is written, then the refusal
+        if quant := req.get("quantize") or req.get("quantization"):
+            model = next(x for x in layers if x["mediaType"] == MT_MODEL)
+            replace(MT_MODEL, self.quantize_layer(model, quant))
         if req.get("template") is not None:
             replace(MT_TEMPLATE, {"mediaType": MT_TEMPLATE, **self.add_blob(req["template"].encode())})
         if req.get("system") is not None:
@@ -403,6 +494,8 @@ class OllamaDouble:
         manifest = {"schemaVersion": 2, "mediaType": MT_MANIFEST,
                     "config": {"mediaType": MT_CONFIG, **config}, "layers": layers}
         self._write_atomic(target, json.dumps(manifest).encode())
+        if late:
+            raise ApiError(400, ADAPTERS_UNSUPPORTED)
 
     def copy(self, req: dict[str, Any]) -> None:
         src, dst = req.get("source", ""), req.get("destination", "")
@@ -470,12 +563,14 @@ class OllamaDouble:
         kv = self.kv(lay[MT_MODEL]["digest"])
         return {
             "modelfile": "\n".join(lines) + "\n",
-            "parameters": "\n".join(f"{k:<30} {json.dumps(v) if isinstance(v, str) else v}" for k, v in param_lines),
-            "template": template or "",
+            # Go's %#v: strings quoted (printable Unicode kept), numbers bare
+            "parameters": "\n".join(f"{k:<30} {json.dumps(v, ensure_ascii=False) if isinstance(v, str) else v}"
+                                     for k, v in param_lines),
+            "template": template or DEFAULT_TEMPLATE,
             "system": system or "",
             "details": self._details(m),
             "model_info": {k: v for k, v in kv.items() if k.startswith(("general.", "llama."))},
-            "capabilities": ["completion"],
+            "capabilities": self.capabilities(m),
             "modified_at": datetime.fromtimestamp(self.manifest_path(name).stat().st_mtime, UTC).isoformat(),
         }
 
@@ -533,16 +628,41 @@ class OllamaDouble:
         with self._lock:
             self.runners.pop(self.layers(m)[MT_MODEL]["digest"], None)
 
-    def render(self, manifest: dict[str, Any], messages: list[dict[str, Any]], system: str | None,
-               template: str | None) -> str:
-        template = template if template is not None else self.layer_text(manifest, MT_TEMPLATE)
-        if template != CHATML_GOTMPL:
-            raise ApiError(400, "the Ollama double renders only the ChatML template")
-        system = system if system is not None else self.layer_text(manifest, MT_SYSTEM)
-        if system and not any(x.get("role") == "system" for x in messages):
-            messages = [{"role": "system", "content": system}, *messages]
-        return "".join(f"<|im_start|>{x['role']}\n{x.get('content', '')}<|im_end|>\n" for x in messages) \
-            + "<|im_start|>assistant\n"
+    def template(self, manifest: dict[str, Any], override: str | None = None) -> GoTemplate:
+        """The model's Go template (Ollama's default ``{{ .Prompt }}`` when it has none)."""
+        text = override or self.layer_text(manifest, MT_TEMPLATE) or DEFAULT_TEMPLATE
+        if text not in self._templates:
+            try:
+                self._templates[text] = GoTemplate(text)
+            except TemplateError as e:
+                raise ApiError(500, f"template: {e}") from None
+        return self._templates[text]
+
+    def render_messages(self, tmpl: GoTemplate, messages: list[dict[str, Any]]) -> str:
+        """A conversation through a template, as Ollama's ``Template.Execute`` does: with
+        ``.Messages`` (system messages also joined into ``.System``) where the template
+        uses them, else the legacy per-turn ``.System``/``.Prompt``/``.Response`` form."""
+        system, msgs = collate(messages)
+        flags = {"Response": "", "Think": False, "ThinkLevel": "", "IsThinkSet": False}
+        try:
+            if "messages" in tmpl.vars():
+                return tmpl.execute({"System": system, "Messages": msgs, "Tools": None, **flags})
+            return legacy(tmpl, msgs, flags)
+        except TemplateError as e:
+            raise ApiError(500, f"template: {e}") from None
+
+    def render_insert(self, tmpl: GoTemplate, prompt: str, suffix: str) -> str:
+        """A fill-in-the-middle request: the template sees only .Prompt and .Suffix."""
+        try:
+            return tmpl.execute({"Prompt": prompt, "Suffix": suffix, "Response": "", "Think": False,
+                                 "ThinkLevel": "", "IsThinkSet": False})
+        except TemplateError as e:
+            raise ApiError(500, f"template: {e}") from None
+
+    def capabilities(self, manifest: dict[str, Any]) -> list[str]:
+        """Ollama's capabilities from the template's variables (server/images.go)."""
+        names = self.template(manifest).vars()
+        return ["completion"] + [c for c, v in (("tools", "tools"), ("insert", "suffix")) if v in names]
 
     def grammar(self, fmt: Any) -> Any:
         """Ollama's ``format`` → a llama.cpp grammar (None: unconstrained).
@@ -567,10 +687,12 @@ class OllamaDouble:
         return self._grammars[key]
 
     def complete(self, runner: dict[str, Any], prompt: str, options: dict[str, Any],
-                 fmt: Any = None) -> tuple[str, int, str]:
+                 fmt: Any = None, manifest: dict[str, Any] | None = None) -> tuple[str, int, str]:
+        """Sample from the runner's weights with the parameters of ``manifest`` (the model
+        asked for: a runner is shared by every model on the same base and adapter)."""
         if runner["llama"] is None:
             raise ApiError(500, "llama-cpp-python is not installed in the test environment")
-        opts = {**self.params(runner["manifest"]), **(options or {})}
+        opts = {**self.params(manifest or runner["manifest"]), **(options or {})}
         stop = opts.get("stop") or []
         num_predict = int(opts.get("num_predict", -1))
         grammar = self.grammar(fmt)
@@ -594,35 +716,101 @@ class OllamaDouble:
         keep_alive = req.get("keep_alive")
         empty = not req.get("messages") if chat else not req.get("prompt")
         base = {"model": name, "created_at": datetime.now(UTC).isoformat(), "done": True}
+        if empty and keep_alive is not None and parse_keep_alive(keep_alive) == 0:
+            self.unload(name)
+            return {**base, **self._empty(chat), "done_reason": "unload"}
+        if not chat and req.get("raw") and (req.get("template") or req.get("system") or req.get("context")):
+            raise ApiError(400, "raw mode does not support template, system, or context")
+        manifest = self.read_manifest(name)
+        if not chat and req.get("suffix") and "insert" not in self.capabilities(manifest):
+            ns, model, tag = parse_name(name)
+            raise ApiError(400, f"{REGISTRY}/{ns}/{model}:{tag} does not support insert")
         if empty:
-            if keep_alive is not None and parse_keep_alive(keep_alive) == 0:
-                self.unload(name)
-                reason = "unload"
-            else:
-                self.load(name, keep_alive)
-                reason = "load"
-            extra = {"message": {"role": "assistant", "content": ""}} if chat else {"response": ""}
-            return {**base, **extra, "done_reason": reason}
+            self.load(name, keep_alive)
+            return {**base, **self._empty(chat), "done_reason": "load"}
         t0 = time.perf_counter()
         runner = self.load(name, keep_alive)
-        m = runner["manifest"]
-        if chat:
-            prompt = self.render(m, list(req["messages"]), None, None)
-        elif req.get("raw"):
-            prompt = req["prompt"]
-        else:
-            prompt = self.render(m, [{"role": "user", "content": req["prompt"]}], req.get("system"), req.get("template"))
+        prompt = self.prompt(manifest, req, chat)  # the model's own template, not the runner's
+        self.prompts.append(prompt)
         self.chats.append(req)
         reply = self.chat_reply(req) if self.chat_reply is not None else None
         if reply is not None:
             text, n, reason = reply, 0, "stop"
         else:
-            text, n, reason = self.complete(runner, prompt, req.get("options") or {}, req.get("format"))
+            text, n, reason = self.complete(runner, prompt, req.get("options") or {}, req.get("format"), manifest)
         dur = int((time.perf_counter() - t0) * 1e9)
         stats = {"done_reason": reason, "total_duration": dur, "eval_count": n, "eval_duration": dur}
         if chat:
             return {**base, "message": {"role": "assistant", "content": text}, **stats}
         return {**base, "response": text, **stats}
+
+    @staticmethod
+    def _empty(chat: bool) -> dict[str, Any]:
+        return {"message": {"role": "assistant", "content": ""}} if chat else {"response": ""}
+
+    def prompt(self, m: dict[str, Any], req: dict[str, Any], chat: bool) -> str:
+        """The text llama.cpp is given for a request (server/routes.go's generate/chat)."""
+        system = self.layer_text(m, MT_SYSTEM) or ""
+        if chat:
+            msgs = list(req["messages"])
+            if msgs[0].get("role") != "system" and system:
+                msgs.insert(0, {"role": "system", "content": system})
+            return self.render_messages(self.template(m), msgs)
+        if req.get("raw"):
+            return req["prompt"]
+        tmpl = self.template(m, req.get("template"))
+        if req.get("suffix"):
+            return self.render_insert(tmpl, req["prompt"], req["suffix"])
+        system = req.get("system") or system
+        msgs = [{"role": "system", "content": system}] if system else []
+        return self.render_messages(tmpl, [*msgs, {"role": "user", "content": req["prompt"]}])
+
+
+@dataclass
+class Message:
+    """What Ollama's templates see as a message (template.templateMessage): a struct,
+    so a field it lacks is an execution error, not an empty value."""
+
+    Role: str
+    Content: str
+    Thinking: str = ""
+    Images: list[Any] | None = None
+    ToolCalls: list[Any] | None = None
+    ToolName: str = ""
+    ToolCallID: str = ""
+
+
+def collate(messages: list[dict[str, Any]]) -> tuple[str, list[Message]]:
+    """Ollama's template.collate: system contents joined, consecutive same-role merged."""
+    system, out = [], []
+    for x in messages:
+        role, content = x.get("role", ""), x.get("content", "")
+        if role == "system":
+            system.append(content)
+        if out and out[-1].Role == role and role != "tool":
+            out[-1].Content += "\n\n" + content
+        else:
+            out.append(Message(role, content, x.get("thinking", ""), x.get("images"), x.get("tool_calls"),
+                               x.get("tool_name", ""), x.get("tool_call_id", "")))
+    return "\n\n".join(system), out
+
+
+def legacy(tmpl: GoTemplate, msgs: list[Message], flags: dict[str, Any]) -> str:
+    """A template without .Messages: run once per user/assistant turn, the last one cut
+    just before .Response (Ollama's legacy Execute)."""
+    out, system, prompt, response = [], "", "", ""
+    for m in msgs:
+        if (m.Role == "system" and (prompt or response)) or (m.Role == "user" and response):
+            out.append(tmpl.execute({**flags, "System": system, "Prompt": prompt, "Response": response}))
+            system = prompt = response = ""
+        if m.Role == "system":
+            system = m.Content
+        elif m.Role == "user":
+            prompt = m.Content
+        elif m.Role == "assistant":
+            response = m.Content
+    out.append(tmpl.execute({**flags, "System": system, "Prompt": prompt, "Response": response}, cut_at="Response"))
+    return "".join(out)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -700,7 +888,7 @@ class _Handler(BaseHTTPRequestHandler):
             if route == ("GET", "/"):
                 return self._send(200, "Ollama is running")
             if route == ("GET", "/api/version"):
-                return self._send(200, {"version": "0.0.0-double"})
+                return self._send(200, {"version": od.version})
             if route == ("GET", "/api/tags"):
                 return self._send(200, od.tags())
             if route == ("GET", "/api/ps"):

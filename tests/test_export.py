@@ -433,3 +433,71 @@ def test_real_base_export_and_fidelity(tmp_path: Path, llama_cpp) -> None:
     assert fid.passed, fid.reason
     assert fid.correlation >= 0.95 and fid.correlation_qk >= 0.5
     assert fid.delta_norm_ratio == pytest.approx(1.0, abs=0.15)
+
+
+# ---------------------------------------------------------------- served precision
+
+
+def test_auto_quantization_follows_the_base_and_keeps_small_bases_at_8_bit(base: Path) -> None:
+    from forged.worker.judge.quantize import choose_quantization
+
+    assert choose_quantization(bundled_gguf()) == "q8_0"  # Q4_1 is nearest q4_K_M, but 135M < 1B
+    assert choose_quantization(base) == "f16"  # the tiny base is F32
+    assert choose_quantization(base, "q4_K_M") == "q4_K_M"
+    with pytest.raises(ExportError, match="publish.quantize"):
+        choose_quantization(base, "q2_K")
+
+
+def test_served_check_steps_up_until_the_gain_is_kept(
+    base: Path, hf: Path, tmp_path: Path, llama_cpp, monkeypatch
+) -> None:
+    """A precision that loses the trained change is replaced by the next one up; the file
+    checked is the file returned (what will be uploaded and served)."""
+    import shutil
+
+    import forged.worker.judge.quantize as quantize
+    from forged.worker.judge.fidelity import check_served
+
+    ad = make_peft_adapter(hf, tmp_path / "ad", rank=4, alpha=8.0, rslora=True, std=0.05)
+    fused = export_fused(ad, base, tmp_path / "f.gguf").path
+    # the same change at half its size: same direction (correlation ~1), about half the gain
+    half = make_peft_adapter(hf, tmp_path / "half", rank=4, alpha=4.0, rslora=True, std=0.05)
+    halved = export_fused(half, base, tmp_path / "half.gguf").path
+    real = quantize.quantize_gguf
+
+    def lossy(src: Path, dst: Path, quant: str, **kw: object) -> Path:
+        if quant == "q4_K_M":  # a quantizer that rounds half the change away
+            shutil.copy(halved, dst)
+            return dst
+        return real(src, dst, quant, **kw)
+
+    monkeypatch.setattr(quantize, "quantize_gguf", lossy)
+    warnings: list[str] = []
+    fid, served = check_served(ad, fused, base, _cfg(hf), HELDOUT, start="q4_K_M", out_dir=tmp_path / "out",
+                               min_corr=0.9, min_gain=0.9, warn=warnings.append)
+    assert fid.passed, fid.reason
+    assert [s["quantization"] for s in fid.steps] == ["q4_K_M", "q8_0"] and not fid.steps[0]["passed"]
+    assert "below fidelity_min_gain" in fid.steps[0]["reason"] and "trying q8_0" in warnings[0]
+    assert fid.quantization == "q8_0" and fid.gain_kept >= 0.9
+    assert served == tmp_path / "out" / "model-q8_0.gguf" and not (tmp_path / "out" / "model-q4_K_M.gguf").exists()
+    assert read_gguf_header(served).kv["general.file_type"] == 7 and read_gguf_header(served).kv["forged.export"] == "fused"
+
+    monkeypatch.setattr(quantize, "quantize_gguf", lambda src, dst, q, **kw: shutil.copy(base, dst) and Path(dst))
+    fid, served = check_served(ad, fused, base, _cfg(hf), HELDOUT, start="q8_0", out_dir=tmp_path / "out2")
+    assert served is None and not fid.passed and "not published" in fid.reason and len(fid.steps) == 2
+
+
+def test_export_plan_and_primary_export() -> None:
+    """auto: the fused model always (a refusal at publish time has something to fall back
+    on), the adapter unless the server is known to refuse it."""
+    from forged.worker.main import _primary, export_plan
+
+    assert export_plan("auto", None) == (True, True) and export_plan("auto", True) == (True, True)
+    assert export_plan("auto", False) == (False, True)
+    assert export_plan("adapter", False) == (True, False) and export_plan("fused", True) == (False, True)
+    ok, bad = {"passed": True, "reason": "ok"}, {"passed": False, "reason": "fails even at f16"}
+    both = {"adapter": {"path": "a.gguf", "fidelity": ok}, "fused": {"path": "m.gguf", "fidelity": ok}}
+    assert _primary(both, None)["export"]["path"] == "a.gguf"
+    assert _primary(both, False)["export"]["path"] == "m.gguf"
+    failed = {"fused": {"path": None, "fidelity": bad}}
+    assert _primary(failed, False) == {"export": failed["fused"], "fidelity": bad, "passed": False}

@@ -64,7 +64,7 @@ def test_gate_module_is_light() -> None:
     """The daemon imports the gate: it must not drag numpy/torch in."""
     import subprocess
 
-    code = "import sys, forged.worker.judge.gate; print(sorted(m for m in ('numpy','torch','transformers') if m in sys.modules))"
+    code = "import sys, forged.worker.judge.gate, forged.worker.judge.judge; print(sorted(m for m in ('numpy','torch','transformers') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

@@ -205,3 +205,48 @@ def test_split_list_cut_after_separators() -> None:
         chunks = analyze("t.js", "javascript", src.encode(), budget).chunks
         assert "".join(c.text for c in chunks) == src
         assert not any(c.text.lstrip().startswith(",") for c in chunks)
+
+
+# ---------------------------------------------------------------------- broken input
+
+
+def test_a_syntax_error_neither_raises_nor_loses_the_file() -> None:
+    """`def f(:` makes the function body an ERROR node with no children."""
+    from forged.worker.mine.chunker import chunk_code, symbols_of
+
+    data = b"def g():\n    '''Doc.'''\n    return 2\n\ndef f(:\n"
+    chunks, tree = chunk_code("x.py", "python", data, budget_bytes(96))
+    symbols, _calls = symbols_of(tree, "python", data, budget_bytes(96))
+    assert "".join(c.text for c in chunks) == data.decode()
+    assert {s.name: s.doc for s in symbols} == {"g": "Doc.", "f": ""}
+
+
+def test_analyze_falls_back_to_text_when_the_syntax_code_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    from forged.worker.mine import chunker
+
+    def broken(*a: object) -> None:
+        raise RecursionError("deep")
+
+    monkeypatch.setattr(chunker, "chunk_code", broken)
+    data = b"x = 1\n\n\ny = 2\n"
+    fa = analyze("x.py", "python", data, budget_bytes(96))
+    assert "".join(c.text for c in fa.chunks).replace("\n", "") == "x = 1y = 2"
+    assert fa.symbols == [] and all(c.lang == "python" for c in fa.chunks)
+
+
+def test_fuzz_truncated_and_edited_files_raise_nothing() -> None:
+    """Seeded and bounded: every sample of the seven languages cut every 3rd byte, and 60
+    random edits of each (bench/mine/fuzz_chunker.py runs the big one)."""
+    import random
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    import chunker_fuzz as fz
+
+    samples = [(p, lang, s.encode()) for lang, (p, s) in fz.SAMPLES.items()]
+    assert len(samples) == 7
+    cut = fz.run(fz.truncations(3), deadline_s=25)
+    edits = fz.run(fz.edited(samples, random.Random(16), 60, 8), deadline_s=25)
+    assert cut.inputs > 600 and edits.inputs == 420
+    assert cut.failures == [] and edits.failures == []

@@ -152,7 +152,9 @@ def test_incremental_remine_parses_only_changed_blob(repo: Path, tmp_path: Path)
     assert second.files_cached == first.files_parsed - 1
     recs = read(tmp_path / "o2", "train.jsonl") + read(tmp_path / "o2", "valid.jsonl")
     changed = {r["meta"]["path"] for r in recs if r["meta"]["changed"] and r["meta"]["kind"] != "raft"}
-    assert changed == {"pkg/mod3.py", None} or changed == {"pkg/mod3.py"}
+    # only the changed file's examples, its commit's (one file: its path) among them
+    assert changed == {"pkg/mod3.py"}, changed
+    assert any(r["meta"]["changed"] and r["meta"]["kind"] == "commit_diff" for r in recs)
 
 
 def test_split_stable_and_disjoint(repo: Path, tmp_path: Path) -> None:
@@ -432,7 +434,7 @@ def test_remine_patches_the_last_mine_and_matches_cold(repo: Path, tmp_path: Pat
 
     listed: list[str] = []
     ls_tree = gitio.ls_tree
-    monkeypatch.setattr(gitio, "ls_tree", lambda r, sha: (listed.append(sha), ls_tree(r, sha))[1])
+    monkeypatch.setattr(gitio, "ls_tree", lambda r, sha, *a: (listed.append(sha), ls_tree(r, sha, *a))[1])
     c, cache = cfg(), tmp_path / "cache"
     names = ("train.jsonl", "valid.jsonl", "mlx/train.jsonl", "mlx/valid.jsonl")
     mine_repo(repo, tmp_path / "w0", c, cache)
@@ -479,3 +481,90 @@ def test_remine_patches_the_last_mine_and_matches_cold(repo: Path, tmp_path: Pat
     (root / "last.bin").write_bytes(b"not marshal")
     step({"pkg/mod16.py": module(16) + "\n# c\n"}, patched=False)
     step({"pkg/mod17.py": module(17) + "\n# d\n"})
+
+
+def test_a_file_with_a_syntax_error_does_not_stop_the_mine(tmp_path: Path) -> None:
+    r = tmp_path / "r"
+    r.mkdir()
+    git(r, "init", "-q")
+    commit(r, {"x.py": "def f(:\n", **{f"m{i}.py": module(i) for i in range(3)}}, "x")
+    out = tmp_path / "o"
+    rep = mine_repo(r, out, cfg(), tmp_path / "cache")
+    assert rep.files_mined == 4
+    assert any(x["meta"]["path"] == "x.py" for x in read(out, "train.jsonl") + read(out, "valid.jsonl"))
+
+
+LFS = "version https://git-lfs.github.com/spec/v1\noid sha256:" + "ab" * 32 + "\nsize 123456\n"
+
+
+def test_lfs_pointers_symlinks_and_submodules_are_counted_never_mined(tmp_path: Path) -> None:
+    r = tmp_path / "r"
+    r.mkdir()
+    git(r, "init", "-q")
+    commit(r, {**{f"m{i}.py": module(i) for i in range(4)}, "weights.py": LFS, "model.bin.md": LFS}, "x")
+    (r / "link.py").symlink_to("m0.py")
+    (r / "dirlink").symlink_to("/etc")
+    git(r, "add", "-A")
+    git(r, "update-index", "--add", "--cacheinfo", f"160000,{git(r, 'rev-parse', 'HEAD')},vendor/sub")
+    git(r, "-c", "user.email=t@e.st", "-c", "user.name=T", "commit", "-qm", "links")
+    base = git(r, "rev-parse", "HEAD")
+    tracked = len(git(r, "ls-files").splitlines())
+
+    def check(out: Path, links: int) -> dict:
+        man = json.loads((out / "manifest.json").read_text())
+        assert man["files_total"] == len(git(r, "ls-files").splitlines())
+        assert man["skipped"]["lfs_pointer"] == 2 and man["skipped"]["submodule"] == 1, man
+        assert man["skipped"].get("symlink", 0) == links
+        assert sum(man["skipped"].values()) + man["files_mined"] == man["files_total"], man
+        text = body(out, "train.jsonl") + body(out, "valid.jsonl")
+        assert b"git-lfs" not in text
+        return man
+
+    cache = tmp_path / "cache"
+    mine_repo(r, tmp_path / "o1", cfg(), cache)
+    assert check(tmp_path / "o1", 2)["files_total"] == tracked == 9
+    # A re-mine patched from the last one: a symlink becomes a file, another is added.
+    (r / "link.py").unlink()
+    (r / "link.py").write_text(module(9))
+    (r / "l2.py").symlink_to("m1.py")
+    (r / "l3.py").symlink_to("m2.py")
+    git(r, "add", "link.py", "l2.py", "l3.py")  # not -A: that would drop the gitlink (no checkout)
+    git(r, "-c", "user.email=t@e.st", "-c", "user.name=T", "commit", "-qm", "more")
+    patched = check(mine_repo(r, tmp_path / "o2", cfg(), cache, changed_since=base) and tmp_path / "o2", 3)
+    cold = check(mine_repo(r, tmp_path / "o3", cfg(), tmp_path / "cold", changed_since=base)
+                 and tmp_path / "o3", 3)
+    assert patched["skipped"] == cold["skipped"] and patched["files_total"] == cold["files_total"] == 11
+
+
+def test_a_mine_that_fails_late_leaves_the_dataset_whole_or_absent(repo: Path, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The disk fills while the manifest is written, after train.jsonl and mlx/."""
+    import errno
+
+    from forged.worker.mine import MineReport
+
+    to_dict = MineReport.to_dict
+
+    def no_room(self: MineReport) -> dict:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    monkeypatch.setattr(MineReport, "to_dict", no_room)
+    with pytest.raises(OSError, match="No space left"):
+        mine_repo(repo, out, cfg(), cache)
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["cache", "repo"]
+    monkeypatch.setattr(MineReport, "to_dict", to_dict)
+    mine_repo(repo, out, cfg(), cache)
+    names = ("train.jsonl", "valid.jsonl", "mlx/train.jsonl", "mlx/valid.jsonl", "manifest.json")
+    before = {n: body(out, n) for n in names}
+    assert (out / "manifest.json").exists() and body(out, "mlx/train.jsonl")
+    # A later mine into the same directory that fails keeps the earlier dataset whole.
+    commit(repo, {"pkg/late.py": module(77)}, "late")
+    monkeypatch.setattr(MineReport, "to_dict", no_room)
+    with pytest.raises(OSError):
+        mine_repo(repo, out, cfg(), cache)
+    assert {n: body(out, n) for n in names} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "out", "repo"]
+    monkeypatch.setattr(MineReport, "to_dict", to_dict)
+    rep = mine_repo(repo, out, cfg(), cache)
+    assert json.loads((out / "manifest.json").read_text())["out_dir"] == str(out) == rep.out_dir

@@ -13,7 +13,14 @@ import pytest
 from ollama_double import OllamaDouble, bundled_base, make_lora_adapter
 
 from forged.daemon import publish
-from forged.daemon.publish import OllamaUnavailable, Publisher, PublishError
+from forged.daemon.publish import (
+    AdaptersRefused,
+    HostMemory,
+    NoRoom,
+    OllamaUnavailable,
+    Publisher,
+    PublishError,
+)
 
 HAS_LLAMA = importlib.util.find_spec("llama_cpp") is not None
 needs_llama = pytest.mark.skipif(not HAS_LLAMA, reason="llama-cpp-python is not installed")
@@ -54,7 +61,7 @@ def double_ok(double: OllamaDouble):
 def _create(pub: Publisher, repo: str, version: int, base_tag: str, adapter: Path) -> publish.Published:
     return pub.create_version(
         repo, version, base_tag, adapter,
-        template=publish.base_chat_template(bundled_base()), system=publish.system_prompt(repo),
+        serving=publish.serving_for_gguf(bundled_base()), system=publish.system_prompt(repo),
         temperature=0.2,
     )
 
@@ -232,15 +239,14 @@ def test_unreachable_host_is_typed() -> None:
 
 
 def test_manual_commands_and_helpers(adapters: list[Path]) -> None:
-    text = publish.manual_commands("myrepo", 4, bundled_base(), adapters[0])
+    text = publish.manual_commands("myrepo", 4, bundled_base(), adapters[0], adapters_ok=True)
     assert "ollama create forged/myrepo:v4 -f Modelfile.forged-myrepo-v4" in text
     assert "ollama cp forged/myrepo:v4 forged/myrepo:latest" in text
     assert f"FROM {bundled_base().resolve()}" in text and f"ADAPTER {adapters[0].resolve()}" in text
     assert 'PARAMETER stop "<|im_end|>"' in text and "{{ .Content }}" in text
+    assert "{{ if .Suffix }}<fim_prefix>{{ .Prompt }}<fim_suffix>{{ .Suffix }}<fim_middle>{{ else }}" in text
     assert publish.base_chat_template(adapters[0]) is None  # no chat template in an adapter
     assert publish.tag_for("r", 3) == "forged/r:v3"
-    delays = [publish.backoff_seconds(a) for a in range(1, 12)]
-    assert 24 <= delays[0] <= 36 and max(delays) <= 1800 * 1.2
 
 
 @needs_llama
@@ -345,3 +351,141 @@ def test_fused_version_loads_and_goes_live(pub: Publisher, double: OllamaDouble,
     out = ollama.Client(double.url).generate(model="forged/fzl:latest", prompt=raw, raw=True,
                                              options={"temperature": 0, "num_predict": 4}).response
     assert out
+
+
+# ---------------------------------------------------------------- Ollama 0.34.1: no adapters
+
+
+@pytest.fixture
+def new_ollama(tmp_path: Path):
+    """An Ollama that refuses adapters (0.34.1), with the bundled base published."""
+    with OllamaDouble(tmp_path / "ollama", version="0.34.1") as od:
+        p = Publisher(od.url, timeout=30, memory=HostMemory(tmp_path / "hosts.json"))
+        yield od, p, p.ensure_base(bundled_base(), "smollm2-135m")
+        p.close()
+
+
+def test_manual_commands_never_print_adapter_unless_known_accepted(adapters: list[Path], tmp_path: Path) -> None:
+    text = publish.manual_commands("myrepo", 4, bundled_base(), adapters[0])
+    assert "ADAPTER" not in text and "ollama create" not in text and 'export = "auto"' in text
+    fused = make_fused(tmp_path)
+    text = publish.manual_commands("myrepo", 4, bundled_base(), fused)
+    assert f"FROM {fused.resolve()}" in text and "ADAPTER" not in text and "--quantize" not in text
+
+
+def test_version_tells_whether_adapters_are_accepted(double: OllamaDouble, tmp_path: Path) -> None:
+    mem = HostMemory(tmp_path / "hosts.json")
+    p = Publisher(double.url, memory=mem)
+    try:
+        assert p.server_version() == "0.33.5" and p.accepts_adapters() is True
+        double.version = "0.34.1"  # upgraded in place: asked again, by version
+        assert p.accepts_adapters() is False
+        assert json.loads((tmp_path / "hosts.json").read_text())[double.url]["version"] == "0.34.1"
+        double.version = "0.0.0"  # a dev build: only a create can tell
+        assert p.accepts_adapters() is None
+    finally:
+        double.version = "0.33.5"
+        p.close()
+    assert publish.adapters_by_version("v0.34.0") is True and publish.adapters_by_version("0.35.2") is False
+
+
+def test_adapter_refused_by_the_create_itself_is_remembered(new_ollama, adapters: list[Path], tmp_path: Path) -> None:
+    od, p, base_tag = new_ollama
+    p.memory.put(od.url, "0.34.1", True, "stale")  # wrong memory: the create's answer wins
+    with pytest.raises(AdaptersRefused, match="LoRA adapters are no longer supported.*HTTP 400"):
+        _create(p, "nr", 1, base_tag, adapters[0])
+    assert not p.exists("forged/nr:v1") and p.memory.get(od.url, "0.34.1") is False
+    # the same candidate, fused, is created
+    fused = make_fused(tmp_path)
+    assert _create(p, "nr", 1, base_tag, fused).created and p.versions("nr") == [1]
+
+
+def test_refusal_in_the_middle_of_a_create_leaves_no_tag(new_ollama, adapters: list[Path]) -> None:
+    od, p, base_tag = new_ollama
+    od.refuse_late = True  # the tag is written, then the refusal comes
+    with pytest.raises(AdaptersRefused):
+        _create(p, "late", 2, base_tag, adapters[1])
+    assert ("DELETE", "/api/delete") in od.requests
+    assert p.versions("late") == [] and "forged/late:v2" not in {m["name"] for m in od.tags()["models"]}
+
+
+def test_an_adapter_gguf_given_as_the_model_is_refused_too(new_ollama, adapters: list[Path]) -> None:
+    od, p, _ = new_ollama
+    digest = p.upload(adapters[0])
+    with pytest.raises(ollama.ResponseError, match="no longer supported: a.gguf is a LoRA adapter"):
+        ollama.Client(od.url).create(model="forged/x:v1", files={"a.gguf": digest})
+
+
+@needs_llama
+def test_double_quantizes_for_real_before_0_34_1_and_refuses_after(tmp_path: Path) -> None:
+    import llama_cpp  # noqa: F401 - the double's quantizer
+
+    from forged.worker.judge.quantize import quantize_gguf
+
+    f16 = quantize_gguf(bundled_base(), tmp_path / "f16.gguf", "f16")
+    with OllamaDouble(tmp_path / "old") as od:
+        c = ollama.Client(od.url)
+        digest = Publisher(od.url).upload(f16)
+        c.create(model="forged/q:v1", files={"m.gguf": digest}, quantize="q8_0")
+        layer = od.layers(od.read_manifest("forged/q:v1"))["application/vnd.ollama.image.model"]
+        assert od.kv(layer["digest"])["general.file_type"] == 7  # Q8_0: the served bytes
+        assert layer["size"] < f16.stat().st_size * 0.6
+        tags = {m["name"]: m for m in od.tags()["models"]}
+        assert tags["forged/q:v1"]["details"]["quantization_level"] == "Q8_0"
+        with pytest.raises(ollama.ResponseError, match="only supported for F16 and F32"):
+            c.create(model="forged/q:v2", files={"b.gguf": Publisher(od.url).upload(bundled_base())},
+                     quantize="q8_0")
+        od.version = "0.34.1"
+        with pytest.raises(ollama.ResponseError, match="create-time quantization is only supported for safetensors"):
+            c.create(model="forged/q:v3", files={"m.gguf": digest}, quantize="q8_0")
+        assert "forged/q:v3" not in {m["name"] for m in od.tags()["models"]}
+
+
+def test_no_room_on_disk_is_retryable_and_creates_nothing(new_ollama, tmp_path: Path) -> None:
+    od, p, _ = new_ollama
+    fused = make_fused(tmp_path)
+    p.room_dirs, p.room_margin = [tmp_path], 1 << 60  # more than any disk has
+    with pytest.raises(NoRoom, match="not enough disk") as e:
+        _create(p, "room", 1, "", fused)
+    assert isinstance(e.value, OllamaUnavailable) and p.versions("room") == []
+    p.room_margin = 0
+    assert _create(p, "room", 1, "", fused).created
+
+
+def test_keep_list_keeps_live_and_rollback_target() -> None:
+    assert publish.keep_list([1, 2, 3, 4], 1, live=4, previous=3) == [3, 4]
+    assert publish.keep_list([1, 2, 3, 4], 1, live=2, previous=1) == [1, 2, 4]
+    assert publish.keep_list([1, 2, 3], 2, live=3) == [2, 3]
+
+
+def _judged(tmp_path: Path, adapter: Path) -> dict:
+    fused = make_fused(tmp_path)
+    return {"base_gguf": str(bundled_base()), "exports": {
+        "adapter": {"kind": "lora", "path": str(adapter), "fidelity": {"passed": True}},
+        "fused": {"kind": "fused", "path": str(fused), "quantization": "q8_0", "fidelity": {"passed": True}}}}
+
+
+def test_a_refused_adapter_publishes_the_same_candidate_fused(new_ollama, adapters: list[Path], tmp_path: Path) -> None:
+    od, p, _ = new_ollama
+    judged = _judged(tmp_path, adapters[0])
+    p.memory.put(od.url, "0.34.1", True, "stale")  # believed to take adapters: the create says no
+    made = publish.publish_candidate(p, "fb", 1, judged, mode="auto", base_name="smollm2-135m", temperature=0.2)
+    assert made.kind == "fused" and made.quantization == "q8_0" and "no longer supported" in made.note
+    assert made.size == Path(judged["exports"]["fused"]["path"]).stat().st_size
+    assert "adapter" not in {x["mediaType"].rsplit(".", 1)[-1] for x in od.read_manifest("forged/fb:v1")["layers"]}
+    # now known: the next candidate goes straight to the fused export
+    assert p.memory.get(od.url, "0.34.1") is False
+    made = publish.publish_candidate(p, "fb", 2, judged, mode="auto", base_name="smollm2-135m", temperature=0.2)
+    assert made.kind == "fused" and not made.note  # no adapter was tried
+    with pytest.raises(AdaptersRefused):  # export = "adapter" insists: nothing else to publish
+        publish.publish_candidate(p, "fb", 3, judged, mode="adapter", base_name="smollm2-135m", temperature=0.2)
+    assert p.versions("fb") == [1, 2]
+
+
+def test_manual_commands_for_a_judged_candidate(adapters: list[Path], tmp_path: Path) -> None:
+    judged = _judged(tmp_path, adapters[0])
+    for known in (None, False):
+        text = publish.manual_for(judged, "m", 1, mode="auto", adapters=known, temperature=0.2)
+        assert "ADAPTER" not in text and judged["exports"]["fused"]["path"] in text
+    text = publish.manual_for(judged, "m", 1, mode="auto", adapters=True, temperature=0.2)
+    assert f"ADAPTER {adapters[0].resolve()}" in text

@@ -33,8 +33,9 @@ def tok():
 
 def test_daemon_side_imports_stay_light():
     code = ("import sys, forged.worker.train, forged.common.memory as m; from forged.common.config import TrainConfig;"
-            "print(forged.worker.train.choose_backend(TrainConfig()));"
-            "b = forged.worker.train.resolve_base('bundled:smollm2-135m');"
+            "from forged.common.backends import choose_backend; from forged.common.models import resolve_base;"
+            "print(choose_backend(TrainConfig()));"
+            "b = resolve_base('bundled:smollm2-135m');"
             "print(m.estimate_for(b, TrainConfig(), 'torch'));"
             "heavy = [x for x in ('torch', 'transformers', 'peft', 'mlx', 'gguf', 'numpy') if x in sys.modules];"
             "assert not heavy, heavy")

@@ -17,7 +17,6 @@ from forged.daemon.watcher import RepoWatcher, git_path_matters
 from tests.gitrepo import GitRepo
 
 SETTLE = 0.2
-QUIET = 0.7  # long enough that a pass would have fired: settle + batch + slack
 
 
 @pytest.fixture(autouse=True)
@@ -34,6 +33,25 @@ def wait_until(cond: Callable[[], bool], timeout: float = 5.0) -> bool:
     return cond()
 
 
+def caught_up(w: RepoWatcher, marker: Path, timeout: float = 10.0) -> bool:
+    """Wait until ``w`` has classified every event so far: an ignored ``marker`` written now
+    is the last of them (inotify keeps order), and its batch has been classified."""
+    t = time.monotonic()
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(str(t))
+    return wait_until(lambda: w.seen_until >= t, timeout)
+
+
+def settled(w: RepoWatcher, marker: Path) -> bool:
+    """Caught up, and every change seen has had its pass: nothing more will fire."""
+    return caught_up(w, marker) and wait_until(lambda: w.idle)
+
+
+def no_pass_pending(w: RepoWatcher, marker: Path, timeout: float = 10.0) -> bool:
+    """Caught up, and nothing seen waits for a pass (the watcher judged it all irrelevant)."""
+    return caught_up(w, marker, timeout) and w.idle
+
+
 @pytest.fixture
 def repo(tmp_path: Path) -> GitRepo:
     r = GitRepo(tmp_path / "r")
@@ -45,6 +63,7 @@ def repo(tmp_path: Path) -> GitRepo:
 
 class Watched:
     def __init__(self, repo: GitRepo, **kw: float) -> None:
+        self.marker = repo.root / "marker.log"  # ignored (*.log) by the fixture's .gitignore
         self.fired: list[float] = []
         self.presence: list[bool] = []
         self.w = RepoWatcher(
@@ -77,7 +96,7 @@ def test_edits_coalesce_into_one_pass(repo: GitRepo, watched: Watched) -> None:
         repo.lines("src/app.py", 20 + i)
         time.sleep(0.02)
     assert wait_until(lambda: watched.w.passes == 1)
-    time.sleep(QUIET)
+    assert settled(watched.w, watched.marker)
     assert watched.w.passes == 1
 
 
@@ -92,7 +111,7 @@ def test_ignored_files_and_git_internals_trigger_nothing(repo: GitRepo, watched:
     (repo.root / "blob.txt").write_text("loose object")
     repo.git("hash-object", "-w", "blob.txt")
     (repo.root / "blob.txt").unlink()
-    time.sleep(QUIET)  # the blob.txt create/delete above is a real (untracked) change
+    assert settled(watched.w, watched.marker)  # the blob.txt create/delete is a real (untracked) change
     base = watched.w.passes
     repo.git("hash-object", "-w", "src/app.py")
     (repo.root / ".git" / "objects" / "pack" / "junk.tmp").write_text("x")
@@ -102,7 +121,7 @@ def test_ignored_files_and_git_internals_trigger_nothing(repo: GitRepo, watched:
     (repo.root / ".git" / "index.lock").write_text("")
     (repo.root / ".git" / "index.lock").unlink()
     repo.write("more.log", "x")
-    time.sleep(QUIET)
+    assert no_pass_pending(watched.w, watched.marker)
     assert watched.w.passes == base
     assert watched.w.stats["ignored"] > 0
 
@@ -118,12 +137,12 @@ def test_ignore_rules_come_from_git(repo: GitRepo, watched: Watched, tmp_path: P
     repo.git("add", "sub/.gitignore")
     repo.git("commit", "-q", "-m", "nested ignore")
     assert wait_until(lambda: watched.w.passes >= 1)
-    time.sleep(QUIET)
+    assert settled(watched.w, watched.marker)
     base = watched.w.passes
     repo.write("scratch/a.py", "x")
     repo.write("src/.app.py.swp", "x")
     repo.write("sub/local_x.py", "x")
-    time.sleep(QUIET)
+    assert no_pass_pending(watched.w, watched.marker)
     assert watched.w.passes == base
     repo.write("sub/kept.py", "x")  # not ignored by the nested rule
     assert wait_until(lambda: watched.w.passes == base + 1)
@@ -134,7 +153,7 @@ def test_tracked_file_matching_an_ignore_pattern_counts(repo: GitRepo, watched: 
     repo.git("add", "-f", "keep.log")
     repo.git("commit", "-q", "-m", "forced")
     assert wait_until(lambda: watched.w.passes >= 1)
-    time.sleep(QUIET)
+    assert settled(watched.w, watched.marker)
     base = watched.w.passes
     repo.write("keep.log", "changed")
     assert wait_until(lambda: watched.w.passes == base + 1)
@@ -145,7 +164,7 @@ def test_commit_is_one_pass_and_accounting_sees_it(repo: GitRepo, watched: Watch
     repo.lines("src/new.py", 400)
     repo.commit("big")
     assert wait_until(lambda: watched.w.passes >= 1)
-    time.sleep(QUIET)
+    assert settled(watched.w, watched.marker)
     assert watched.w.passes == 1
     assert account(repo.root, cursor, ThresholdConfig()).due
 
@@ -153,7 +172,7 @@ def test_commit_is_one_pass_and_accounting_sees_it(repo: GitRepo, watched: Watch
 def test_checkout_triggers_a_pass(repo: GitRepo, watched: Watched) -> None:
     repo.git("branch", "other")
     assert wait_until(lambda: watched.w.passes == 1)  # a new ref
-    time.sleep(QUIET)
+    assert settled(watched.w, watched.marker)
     repo.git("checkout", "-q", "other")  # HEAD only: no work-tree change
     assert wait_until(lambda: watched.w.passes == 2)
 
@@ -162,8 +181,8 @@ def test_index_lock_defers_the_pass(repo: GitRepo, watched: Watched) -> None:
     lock = repo.root / ".git" / "index.lock"
     lock.write_text("")
     repo.lines("src/app.py", 30)
-    time.sleep(QUIET)
-    assert watched.w.passes == 0 and watched.w.deferred == "index.lock"
+    assert wait_until(lambda: watched.w.deferred == "index.lock")
+    assert watched.w.passes == 0
     lock.unlink()
     assert wait_until(lambda: watched.w.passes == 1)
     assert watched.w.deferred is None
@@ -183,7 +202,7 @@ def test_max_wait_bounds_the_delay_under_constant_churn(repo: GitRepo) -> None:
         assert wait_until(lambda: len(w.fired) >= 1)
         during = [t for t in w.fired if t <= start + duration]
         assert len(during) >= 2, "max_wait must force passes while churn goes on"
-        time.sleep(1.0)
+        assert settled(w.w, w.marker)
         assert len(w.fired) <= duration / 0.8 + 2
     finally:
         w.w.stop()
@@ -201,7 +220,7 @@ def test_callback_errors_do_not_kill_the_watcher(repo: GitRepo) -> None:
     try:
         repo.write("src/a.py", "1")
         assert wait_until(lambda: len(calls) == 1)
-        time.sleep(QUIET)
+        assert settled(w, repo.root / "marker.log")
         repo.write("src/a.py", "2")
         assert wait_until(lambda: len(calls) == 2)
     finally:
@@ -214,13 +233,12 @@ def test_repo_deleted_and_restored(repo: GitRepo, watched: Watched, tmp_path: Pa
     assert wait_until(lambda: watched.presence == [False])
     assert watched.w.missing
     passes = watched.w.passes
-    time.sleep(QUIET)
-    assert watched.w.passes == passes
     os.rename(aside, repo.root)
     assert wait_until(lambda: watched.presence == [False, True])
-    assert wait_until(lambda: watched.w.passes == passes + 1), "a reconcile pass on return"
-    time.sleep(QUIET)
-    repo.write("src/after.py", "x")  # the new watch works
+    assert wait_until(lambda: watched.w.passes >= passes + 1), "a reconcile pass on return"
+    assert settled(watched.w, watched.marker)  # the marker's event also shows the new watch works
+    assert watched.w.passes == passes + 1, "one pass on return, none while missing"
+    repo.write("src/after.py", "x")
     assert wait_until(lambda: watched.w.passes == passes + 2)
 
 
@@ -292,14 +310,12 @@ def test_event_storm_is_bounded_and_responsive(tmp_path: Path) -> None:
             os.close(os.open(gen / f"d{i % 100}" / f"f{i}.py", os.O_CREAT | os.O_WRONLY))
         for i in range(25_000):
             os.unlink(gen / f"d{i % 100}" / f"f{i}.py")
-        # T: until the watcher has taken in the last event.
-        seen = -1
-        while w.w.stats["events"] != seen:
-            seen = w.w.stats["events"]
-            time.sleep(0.3)
+        # T: until the watcher has taken in the last event (an ignored marker after them all).
+        assert caught_up(w.w, repo.root / "node_modules" / "marker", timeout=60)
         storm = time.monotonic() - t0
-        assert wait_until(lambda: len(w.fired) >= 1 and w.fired[-1] >= t0 + storm - 0.3 - 0.5, timeout=5)
-        time.sleep(QUIET)
+        seen = w.w.stats["events"]
+        assert wait_until(lambda: len(w.fired) >= 1 and w.fired[-1] >= t0 + storm - 0.5, timeout=5)
+        assert settled(w.w, repo.root / "node_modules" / "marker")
         stop.set()
         w.w.stop()
         assert seen >= 50_000
@@ -312,7 +328,7 @@ def test_event_storm_is_bounded_and_responsive(tmp_path: Path) -> None:
         nm.mkdir(parents=True)
         for i in range(5_000):
             os.close(os.open(nm / f"f{i}.js", os.O_CREAT | os.O_WRONLY))
-        time.sleep(QUIET)
+        assert no_pass_pending(w2.w, nm / "marker", timeout=30)
         w2.w.stop()
         assert w2.w.passes == 0 and w2.w.stats["check_ignore_runs"] <= 3
     finally:

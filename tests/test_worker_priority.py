@@ -6,7 +6,8 @@ import os
 import stat
 from pathlib import Path
 
-from forged.daemon.engine import qos_prefix
+from forged.common.protocol import EXIT_STOPPED
+from forged.daemon.workers import qos_prefix
 
 
 def test_macos_worker_is_clamped_to_utility_qos_not_background(tmp_path: Path) -> None:
@@ -32,7 +33,7 @@ def test_worker_lowers_its_own_priority(tmp_path: Path) -> None:
     (tmp_path / "job.json").write_text(json.dumps({"config": cfg, "repo_path": str(tmp_path / "nope"),
                                                    "head_commit": "HEAD", "cache_dir": str(tmp_path / "c")}))
     # The stage reports the niceness it runs at (the worker sets it before any stage runs).
-    code = ("import os, sys, forged.worker as w\n"
+    code = ("import os, sys, forged.worker.main as w\n"
             "w.run_stage = lambda *a: {'nice': os.nice(0)}\n"
             "sys.exit(w.main(['mine', '--cycle-dir', sys.argv[1]]))\n")
     r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=60)
@@ -50,7 +51,7 @@ def test_worker_stops_under_a_burst_of_sigterms() -> None:
     import subprocess
     import sys
 
-    code = ("import threading, time, forged.worker as w\n"
+    code = ("import threading, time, forged.worker.main as w\n"
             "stop = threading.Event()\n"
             "w._stop_when_asked(stop, 'mine')\n"
             "print('ready', flush=True)\n"
@@ -65,7 +66,7 @@ def test_worker_stops_under_a_burst_of_sigterms() -> None:
                     os.kill(p.pid, signal.SIGTERM)
                 except ProcessLookupError:
                     break
-            assert p.wait(timeout=20) == 3  # EXIT_STOPPED: the stop went through
+            assert p.wait(timeout=20) == EXIT_STOPPED  # the stop went through
         finally:
             p.kill()
             p.wait()

@@ -2,7 +2,7 @@
 
   python bench/mine/bench.py --corpus DIR [--corpus go=DIR ...] [--budget 1152]
                              [--peers astchunk,chonkie,...] [--failures FILE] [--repeat N]
-  python bench/mine/bench.py --remine 10000
+  python bench/mine/bench.py --remine 10000 [--no-shortcut]
 
 Metrics at an equal budget of non-whitespace characters (peers that count all characters
 get budget × 1.45, the whitespace ratio of the corpus, so chunk sizes match):
@@ -339,6 +339,8 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1,
                     help="rounds: one pass of every chunker per round, the fastest kept")
     ap.add_argument("--remine", type=int, default=0)
+    ap.add_argument("--no-shortcut", action="store_true",
+                    help="with --remine: the line store alone (the re-mine shortcut always falls back)")
     ap.add_argument("--full", action="store_true", help="also time a cold mine_repo of the corpus")
     ap.add_argument("--cold", action="store_true",
                     help="also time forged's cold-mine parse stage (git, redaction, chunks, "
@@ -376,6 +378,13 @@ def main() -> None:
     if args.failures:
         args.failures.write_text("".join(f"=== {p}\n{c}\n" for p, c in fails))
     if args.remine:
+        if args.no_shortcut:
+            from forged.worker.mine import remine as shortcut
+
+            def fall_back(*_a: object, **_k: object) -> None:
+                raise shortcut.Fallback
+
+            shortcut.remine = fall_back
         results.append({"remine": remine(args.remine)})
     results.append({"load_average": Path("/proc/loadavg").read_text().split()[:3]
                     if Path("/proc/loadavg").exists() else None})

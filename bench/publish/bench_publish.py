@@ -53,12 +53,12 @@ def main() -> None:
         t = time.perf_counter()
         base_tag = pub.ensure_base(base, "smollm2-135m")
         ensure_base_s = time.perf_counter() - t
-        template = publish.base_chat_template(base)
+        serving = publish.serving_for_gguf(base)
         create_s = []
         for v in (1, 2):
             adapter = make_lora_adapter(Path(tmp) / f"a{v}.gguf", seed=v)
             t = time.perf_counter()
-            pub.create_version("bench", v, base_tag, adapter, template=template,
+            pub.create_version("bench", v, base_tag, adapter, serving=serving,
                                system=publish.system_prompt("bench"), temperature=0.2)
             create_s.append(time.perf_counter() - t)
 

@@ -13,6 +13,7 @@ live in the state database, so the user's comments and layout are never lost.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import tomllib
 import types
@@ -32,16 +33,12 @@ def _check(fn: typing.Callable[[Any], str | None], doc: str = "") -> dict[str, A
     return {"check": fn, "doc": doc}
 
 
-def _positive(v: Any) -> str | None:
-    return None if v > 0 else "must be > 0"
+def _range(lo: float, hi: float) -> dict[str, Any]:
+    """A numeric key's bounds: every number has one (non-finite ones never reach a check)."""
+    def check(v: Any) -> str | None:
+        return None if lo <= v <= hi else f"must be from {lo:g} to {hi:g}"
 
-
-def _non_negative(v: Any) -> str | None:
-    return None if v >= 0 else "must be >= 0"
-
-
-def _fraction(v: Any) -> str | None:
-    return None if 0 <= v <= 1 else "must be between 0 and 1"
+    return {"check": check, "range": (lo, hi)}
 
 
 def _one_of(*choices: str) -> typing.Callable[[Any], str | None]:
@@ -58,6 +55,37 @@ def _hhmm_range(v: Any) -> str | None:
     return None
 
 
+def _module_names(v: Any) -> str | None:
+    if not v:
+        return "must name at least one module (e.g. 'q_proj')"
+    bad = [m for m in v if not re.fullmatch(r"[A-Za-z_][\w.]*", m)]
+    return f"{bad[0]!r} is not a module name" if bad else None
+
+
+BUNDLED_BASES = ("smollm2-135m",)  # forged.common.models.BUNDLED's keys (tests keep them equal)
+
+
+def _base_model_form(v: Any) -> str | None:
+    """The spec's form; whether a local path exists is checked in :func:`parse`."""
+    kind, _, rest = v.strip().partition(":")
+    if not v.strip():
+        return "must name a base model ('bundled:smollm2-135m', 'ollama:NAME', a .gguf file or an HF directory)"
+    if kind == "bundled" and rest not in BUNDLED_BASES:
+        return f"unknown bundled model {rest!r} (known: {', '.join(BUNDLED_BASES)})"
+    if kind == "ollama" and not rest.strip():
+        return "'ollama:' needs a model name, e.g. 'ollama:qwen2.5-coder:0.5b'"
+    return None
+
+
+def _http_url(v: Any) -> str | None:
+    return None if re.fullmatch(r"https?://[^\s/]+(/\S*)?", v) else "must be an http(s) URL"
+
+
+def _duration(v: Any) -> str | None:
+    ok = re.fullmatch(r"-?\d+(\.\d+)?(ns|us|ms|s|m|h)?(\d+(\.\d+)?(ns|us|ms|s|m|h))*", v)
+    return None if ok else "must be a duration such as '30m', '1h', '0' or '-1'"
+
+
 @dataclass
 class RepoConfig:
     path: str
@@ -68,24 +96,24 @@ class RepoConfig:
 @dataclass
 class DaemonConfig:
     log_level: str = field(default="info", metadata=_check(_one_of("debug", "info", "warning", "error")))
-    max_concurrent_jobs: int = field(default=1, metadata=_check(_positive))
-    max_request_bytes: int = field(default=1_048_576, metadata=_check(_positive))
-    retry_seconds: float = field(default=30.0, metadata=_check(_positive))
-    worker_nice: int = field(default=10, metadata=_check(lambda v: None if 0 <= v <= 19 else "must be 0..19"))
+    max_concurrent_jobs: int = field(default=1, metadata=_range(1, 64))
+    max_request_bytes: int = field(default=1_048_576, metadata=_range(1024, 1 << 30))
+    retry_seconds: float = field(default=30.0, metadata=_range(1, 86400))
+    worker_nice: int = field(default=10, metadata=_range(0, 19))
 
 
 @dataclass
 class WatchConfig:
-    settle_seconds: float = field(default=2.0, metadata=_check(_non_negative))
-    max_wait_seconds: float = field(default=30.0, metadata=_check(_positive))
-    reconcile_interval_minutes: float = field(default=10.0, metadata=_check(_positive))
+    settle_seconds: float = field(default=2.0, metadata=_range(0, 3600))
+    max_wait_seconds: float = field(default=30.0, metadata=_range(0.1, 86400))
+    reconcile_interval_minutes: float = field(default=10.0, metadata=_range(0.1, 10080))
 
 
 @dataclass
 class ThresholdConfig:
-    min_changed_lines: int = field(default=300, metadata=_check(_positive))
-    min_commits: int = field(default=10, metadata=_check(_positive))
-    max_age_days: float = field(default=7.0, metadata=_check(_positive))
+    min_changed_lines: int = field(default=300, metadata=_range(1, 10**9))
+    min_commits: int = field(default=10, metadata=_range(1, 10**6))
+    max_age_days: float = field(default=7.0, metadata=_range(0.001, 3650))
     count_uncommitted: bool = False
 
 
@@ -95,81 +123,85 @@ DEFAULT_SEQ_LEN = 512
 
 @dataclass
 class MineKinds:
-    continuation: float = field(default=1.0, metadata=_check(_non_negative))
-    fim: float = field(default=1.0, metadata=_check(_non_negative))
-    doc_to_code: float = field(default=0.5, metadata=_check(_non_negative))
-    code_to_doc: float = field(default=0.5, metadata=_check(_non_negative))
-    raft: float = field(default=1.0, metadata=_check(_non_negative))
-    commit_diff: float = field(default=0.5, metadata=_check(_non_negative))
-    teacher: float = field(default=0.25, metadata=_check(_non_negative))  # needs [mine] teacher
+    continuation: float = field(default=1.0, metadata=_range(0, 100))
+    fim: float = field(default=1.0, metadata=_range(0, 100))
+    doc_to_code: float = field(default=0.5, metadata=_range(0, 100))
+    code_to_doc: float = field(default=0.5, metadata=_range(0, 100))
+    raft: float = field(default=1.0, metadata=_range(0, 100))
+    commit_diff: float = field(default=0.5, metadata=_range(0, 100))
+    teacher: float = field(default=0.25, metadata=_range(0, 100))  # needs [mine] teacher
 
 
 @dataclass
 class MineConfig:
-    chunk_tokens: int = field(default=384, metadata=_check(_positive))
-    max_file_bytes: int = field(default=1_000_000, metadata=_check(_positive))
-    heldout_fraction: float = field(default=0.05, metadata=_check(_fraction))
-    raft_distractors: int = field(default=4, metadata=_check(_non_negative))
-    raft_oracle_fraction: float = field(default=0.8, metadata=_check(_fraction))
-    max_commits: int = field(default=500, metadata=_check(_non_negative))
-    workers: int = field(default=0, metadata=_check(_non_negative))  # 0 = one per core
-    seed: int = 0
+    chunk_tokens: int = field(default=384, metadata=_range(16, 32768))
+    max_file_bytes: int = field(default=1_000_000, metadata=_range(1024, 1 << 30))
+    heldout_fraction: float = field(default=0.05, metadata=_range(0, 0.5))
+    raft_distractors: int = field(default=4, metadata=_range(0, 64))
+    raft_oracle_fraction: float = field(default=0.8, metadata=_range(0, 1))
+    max_commits: int = field(default=500, metadata=_range(0, 10**6))
+    workers: int = field(default=0, metadata=_range(0, 1024))  # 0 = one per core
+    seed: int = field(default=0, metadata=_range(0, 2**32 - 1))
     teacher: str = ""  # an Ollama model that writes extra Q/A; "" = off
-    teacher_max_calls: int = field(default=100, metadata=_check(_non_negative))  # per mine; 0 = cached answers only
-    teacher_max_minutes: float = field(default=15.0, metadata=_check(_positive))  # asking time per mine
-    teacher_timeout_seconds: float = field(default=120.0, metadata=_check(_positive))  # one teacher call
+    teacher_max_calls: int = field(default=100, metadata=_range(0, 10**6))  # per mine; 0 = cached answers only
+    teacher_max_minutes: float = field(default=15.0, metadata=_range(0.01, 1440))  # asking time per mine
+    teacher_timeout_seconds: float = field(default=120.0, metadata=_range(0.1, 3600))  # one teacher call
     kinds: MineKinds = field(default_factory=MineKinds)
 
 
 @dataclass
 class TrainConfig:
     backend: str = field(default="auto", metadata=_check(_one_of("auto", "mlx", "torch")))
-    base_model: str = "bundled:smollm2-135m"
+    base_model: str = field(default="bundled:smollm2-135m", metadata=_check(_base_model_form))
     method: str = field(default="pissa", metadata=_check(_one_of("lora", "pissa")))
     quantized: bool = False  # QLoRA: train on a 4-bit base
-    rank: int = field(default=16, metadata=_check(_positive))
-    alpha: float = field(default=16.0, metadata=_check(_positive))
+    rank: int = field(default=16, metadata=_range(1, 1024))
+    alpha: float = field(default=16.0, metadata=_range(0.001, 65536))
     rslora: bool = True
     dora: bool = False
-    dropout: float = field(default=0.0, metadata=_check(_fraction))
+    dropout: float = field(default=0.0, metadata=_range(0, 0.9))
     target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        metadata=_check(_module_names),
     )
-    pissa_niter: int = field(default=4, metadata=_check(_non_negative))  # 0 = exact SVD
-    learning_rate: float = field(default=1e-4, metadata=_check(_positive))
+    pissa_niter: int = field(default=4, metadata=_range(0, 100))  # 0 = exact SVD
+    learning_rate: float = field(default=1e-4, metadata=_range(1e-9, 1))
     lr_schedule: str = field(default="cosine", metadata=_check(_one_of("cosine", "linear", "constant")))
-    warmup_steps: int = field(default=10, metadata=_check(_non_negative))
-    batch_size: int = field(default=4, metadata=_check(_positive))
-    seq_len: int = field(default=DEFAULT_SEQ_LEN, metadata=_check(_positive))
-    grad_accum: int = field(default=1, metadata=_check(_positive))
+    warmup_steps: int = field(default=10, metadata=_range(0, 10**6))
+    batch_size: int = field(default=4, metadata=_range(1, 1024))
+    seq_len: int = field(default=DEFAULT_SEQ_LEN, metadata=_range(8, 131072))
+    grad_accum: int = field(default=1, metadata=_range(1, 1024))
     grad_checkpoint: bool = False
-    max_grad_norm: float = field(default=1.0, metadata=_check(_non_negative))
-    seed: int = 0
-    max_steps: int = field(default=200, metadata=_check(_non_negative))  # 0 = no limit
-    max_minutes: float = field(default=60.0, metadata=_check(_non_negative))
-    max_tokens: int = field(default=0, metadata=_check(_non_negative))
-    checkpoint_every: int = field(default=20, metadata=_check(_positive))
-    replay_ratio: float = field(default=0.3, metadata=_check(_fraction))
-    full_retrain_every: int = field(default=5, metadata=_check(_positive))
-    eval_every: int = field(default=0, metadata=_check(_non_negative))  # held-out loss every N steps; 0 = start/end only
-    threads: int = field(default=0, metadata=_check(_non_negative))  # CPU threads for training; 0 = all cores
+    max_grad_norm: float = field(default=1.0, metadata=_range(0, 1e6))
+    seed: int = field(default=0, metadata=_range(0, 2**32 - 1))
+    max_steps: int = field(default=200, metadata=_range(0, 10**8))  # 0 = no limit
+    max_minutes: float = field(default=60.0, metadata=_range(0, 10080))
+    max_tokens: int = field(default=0, metadata=_range(0, 10**13))
+    checkpoint_every: int = field(default=20, metadata=_range(1, 10**8))
+    replay_ratio: float = field(default=0.3, metadata=_range(0, 1))
+    full_retrain_every: int = field(default=5, metadata=_range(1, 10**4))
+    eval_every: int = field(default=0, metadata=_range(0, 10**8))  # held-out loss every N steps; 0 = start/end only
+    threads: int = field(default=0, metadata=_range(0, 1024))  # CPU threads for training; 0 = all cores
     # FIM examples: loss on the middle only, or on the whole sequence (prefix and suffix are code too)
     fim_loss: str = field(default="middle", metadata=_check(_one_of("middle", "all")))
 
 
 @dataclass
 class JudgeConfig:
-    min_bpb_gain: float = field(default=0.002, metadata=_check(_non_negative))
-    tolerance: float = field(default=0.02, metadata=_check(_fraction))
-    max_examples: int = field(default=200, metadata=_check(_positive))
-    fidelity_min_corr: float = field(default=0.95, metadata=_check(_fraction))
+    min_bpb_gain: float = field(default=0.002, metadata=_range(0, 10))
+    tolerance: float = field(default=0.02, metadata=_range(0, 1))
+    max_examples: int = field(default=200, metadata=_range(1, 10**6))
+    fidelity_min_corr: float = field(default=0.95, metadata=_range(0, 1))
     # FIM and RAFT need greedy generation, which dominates judge time: cap them apart.
-    max_generate: int = field(default=32, metadata=_check(_positive))
+    max_generate: int = field(default=32, metadata=_range(1, 10**5))
     # A RAFT prompt carries the oracle and distractor documents, sized by the miner to fit
     # [train] seq_len; 0 = as many as max_generate.
-    max_raft: int = field(default=0, metadata=_check(_non_negative))
+    max_raft: int = field(default=0, metadata=_range(0, 10**5))
     # Fidelity: llama.cpp's held-out loss gain may differ from the trainer's by this share.
-    fidelity_loss_tolerance: float = field(default=0.25, metadata=_check(_fraction))
+    fidelity_loss_tolerance: float = field(default=0.25, metadata=_range(0, 1))
+    # A fused version is checked as Ollama will serve it (quantized): it must keep this
+    # share of the trainer's held-out loss gain, else the next precision up is tried.
+    fidelity_min_gain: float = field(default=0.9, metadata=_range(0, 1))
 
 
 DEFAULT_OLLAMA_HOST = "http://127.0.0.1:11434"
@@ -177,29 +209,35 @@ DEFAULT_OLLAMA_HOST = "http://127.0.0.1:11434"
 
 @dataclass
 class PublishConfig:
-    ollama_host: str = DEFAULT_OLLAMA_HOST
-    keep_versions: int = field(default=3, metadata=_check(_positive))
+    ollama_host: str = field(default=DEFAULT_OLLAMA_HOST, metadata=_check(_http_url))
+    keep_versions: int = field(default=3, metadata=_range(1, 1000))
     auto_approve: bool = False
-    approval_timeout_seconds: float = field(default=300.0, metadata=_check(_positive))
-    temperature: float = field(default=0.2, metadata=_check(_non_negative))
-    # "adapter": GGUF LoRA on the base; "fused": full GGUF with the adapter merged (forged.worker.judge.export.export_fused)
-    export: str = field(default="adapter", metadata=_check(_one_of("adapter", "fused")))
-    keep_alive: str = "30m"  # Ollama keep_alive for the warm-up load of a new :latest
+    approval_timeout_seconds: float = field(default=300.0, metadata=_range(1, 604800))
+    temperature: float = field(default=0.2, metadata=_range(0, 5))
+    # "adapter": GGUF LoRA on the base; "fused": full GGUF with the adapter merged, quantized
+    # (forged.worker.judge.export.export_fused); "auto": adapter where the Ollama server still
+    # accepts adapters (before 0.34.1), fused where it does not (docs/publishing.md)
+    export: str = field(default="auto", metadata=_check(_one_of("auto", "adapter", "fused")))
+    # precision of a fused version: "auto" = closest to the base's own, never below 8-bit
+    # for bases under 1B parameters
+    quantize: str = field(default="auto", metadata=_check(_one_of("auto", "q8_0", "q4_K_M", "f16")))
+    # Ollama keep_alive for the warm-up load of a new :latest
+    keep_alive: str = field(default="30m", metadata=_check(_duration))
 
 
 @dataclass
 class GatesConfig:
     idle: bool = True
-    min_idle_minutes: float = field(default=10.0, metadata=_check(_non_negative))
+    min_idle_minutes: float = field(default=10.0, metadata=_range(0, 1440))
     power: bool = True
     memory: bool = True
-    memory_headroom_mb: int = field(default=1024, metadata=_check(_non_negative))
-    max_memory_pressure: float = field(default=10.0, metadata=_check(_non_negative))  # Linux PSI some avg10, %
+    memory_headroom_mb: int = field(default=1024, metadata=_range(0, 10**7))
+    max_memory_pressure: float = field(default=10.0, metadata=_range(0, 100))  # Linux PSI some avg10, %
     thermal: bool = True
     disk: bool = True
-    min_free_disk_gb: float = field(default=2.0, metadata=_check(_non_negative))
+    min_free_disk_gb: float = field(default=2.0, metadata=_range(0, 1e9))
     quiet_hours: list[str] = field(default_factory=list, metadata=_check(_hhmm_range))
-    poll_seconds: float = field(default=5.0, metadata=_check(_positive))
+    poll_seconds: float = field(default=5.0, metadata=_range(0.1, 3600))
 
 
 @dataclass
@@ -267,6 +305,8 @@ def _coerce(t: Any, value: Any, kp: str, locate: typing.Callable[[str], str]) ->
         raise ConfigError(
             f"{locate(kp)}{kp}: expected {_type_name(t)}, got {type(value).__name__} {value!r}"
         )
+    if t is float and not math.isfinite(value):
+        raise ConfigError(f"{locate(kp)}{kp}: must be a finite number (got {value!r})")
     return float(value) if t is float else value
 
 
@@ -281,14 +321,17 @@ def _locator(path: Path | None, text: str) -> typing.Callable[[str], str]:
         if not parts:
             return f"{path}: "
         start = 0
-        # Walk to the table header of the leading parts, honouring [[array]] indexes.
-        for depth in range(len(parts) - 1, 0, -1):
+        # Walk to the table header of the leading parts, honouring [[array]] indexes (the
+        # key itself first: an unknown or mistyped table is named by its own header).
+        for depth in range(len(parts), 0, -1):
             header = ".".join(p for p, _ in parts[:depth])
             idx = int(parts[depth - 1][1]) if parts[depth - 1][1] else None
             pat = re.compile(rf"^\s*\[\[?\s*{re.escape(header)}\s*\]\]?\s*(#.*)?$")
             hits = [i for i, line in enumerate(lines) if pat.match(line)]
             if hits:
                 start = hits[idx] if idx is not None and idx < len(hits) else hits[0]
+                if depth == len(parts):
+                    return f"{path}:{start + 1}: "
                 break
         leaf = parts[-1][0]
         pat = re.compile(rf"^\s*{re.escape(leaf)}\s*=")
@@ -310,10 +353,19 @@ def parse(text: str, source: Path | None = None, check_paths: bool = True) -> Co
         raise ConfigError(f"{source or '<config>'}: not valid TOML: {e}") from None
     cfg = _build(Config, data, "", locate)
     cfg.source = source
+    base = cfg.train.base_model.strip()
+    if check_paths and not base.startswith(("bundled:", "ollama:")):
+        p = Path(base).expanduser()
+        if not (p.is_dir() or (p.is_file() and p.suffix == ".gguf")):
+            raise ConfigError(f"{locate('train.base_model')}train.base_model: {base!r} does not resolve: "
+                              "not a .gguf file or a directory (or use 'bundled:...' / 'ollama:NAME')")
     seen: dict[str, int] = {}
     for i, repo in enumerate(cfg.repos):
         kp = f"repos[{i}]"
         p = Path(repo.path).expanduser()
+        if re.search(r"[\x00-\x1f\x7f]", repo.path):
+            raise ConfigError(f"{locate(kp + '.path')}{kp}.path: a path with a newline or other control "
+                              "character cannot be watched")
         if check_paths and not p.is_dir():
             raise ConfigError(f"{locate(kp + '.path')}{kp}.path: directory does not exist ({repo.path})")
         repo.name = repo.name or default_repo_name(p)

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from forged.common.config import default_repo_name
 from forged.common.gguf import GGUFError, read_gguf_metadata
 
 BUNDLED = {
@@ -50,6 +51,12 @@ class BaseModel:
         d = asdict(self)
         d["path"] = str(self.path)
         return d
+
+
+def base_tag_name(spec: str) -> str:
+    """The name a base model gets in Ollama: the last part of its spec, made tag-safe."""
+    name = spec.split(":", 1)[-1].rstrip("/").split("/")[-1].lower()
+    return default_repo_name(Path(name))
 
 
 def resolve_base(spec: str) -> BaseModel:

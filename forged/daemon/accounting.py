@@ -14,6 +14,7 @@ rewrites ``.git/index``, which the watcher would see as a change — a feedback 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import threading
 import time
@@ -78,12 +79,23 @@ def _out(repo: Path, *args: str) -> str:
     return _git(repo, *args)[1].decode(errors="surrogateescape").strip()
 
 
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def check_branch(repo: Path, branch: str) -> None:
+    """RepoError unless ``branch`` is a local branch of ``repo`` with a commit."""
+    _resolve_branch(repo, branch)
+
+
 def check_work_tree(path: str | Path) -> Path:
     """The top level of the git work tree at or above ``path``.
 
     RepoError for a missing path, a file, a non-repo, a bare repo and a path inside a
     ``.git`` directory.
     """
+    if _CONTROL_CHARS.search(str(path)):
+        raise RepoError(f"{str(path)!r}: a path with a newline or other control character cannot be "
+                        "watched (git's output is read line by line); rename the directory")
     p = Path(path).expanduser()
     if not p.exists():
         raise RepoError(f"{p}: no such directory")
@@ -101,7 +113,10 @@ def check_work_tree(path: str | Path) -> Path:
         raise RepoError(f"{p}: is a bare repository; register a work tree (a clone with files)")
     if inside_git_dir == "true":
         raise RepoError(f"{p}: is inside a .git directory; register the work tree above it")
-    return Path(_out(p, "rev-parse", "--show-toplevel"))
+    top = _git(p, "rev-parse", "--show-toplevel")[1].decode(errors="surrogateescape").removesuffix("\n")
+    if _CONTROL_CHARS.search(top):
+        raise RepoError(f"{top!r}: a path with a newline or other control character cannot be watched")
+    return Path(top)
 
 
 @dataclass

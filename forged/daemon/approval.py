@@ -26,6 +26,8 @@ import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+from forged.daemon.publish import tag_for
+
 Runner = Callable[[list[str]], tuple[int, str]]
 Answer = str | None  # "approve" | "reject" | "later" | None
 
@@ -45,7 +47,7 @@ class ApprovalRequest:
 
     def __post_init__(self) -> None:
         if not self.tag:
-            self.tag = f"forged/{self.repo}:v{self.version}"
+            self.tag = tag_for(self.repo, self.version)
 
 
 def _fmt_delta(name: str, value: float) -> str:
@@ -64,7 +66,7 @@ def describe(req: ApprovalRequest) -> str:
     lines = [f"{req.tag} is ready ({commits})."]
     if req.metric_deltas:
         lines.append("vs live: " + ", ".join(_fmt_delta(k, v) for k, v in sorted(req.metric_deltas.items())))
-    lines.append(f"Approve to make it forged/{req.repo}:latest "
+    lines.append(f"Approve to make it {tag_for(req.repo, 'latest')} "
                  f"(or later: forgectl approve|reject {req.repo}).")
     return "\n".join(lines)
 

@@ -1,24 +1,22 @@
-"""The forge cycle as a persisted state machine, driven by the daemon's scheduler.
+"""The forge cycle's engine: the daemon's scheduler, watchers and the heavy stages.
 
-Per repo: watching → due → mining → training → judging → publishing → awaiting_approval
-→ promoting → live, plus paused / failed / rejected / ready_to_publish / superseded.
-
-Every transition is written to SQLite before the work starts and after it ends, so a
-restart after ``kill -9`` of the daemon or the worker re-runs (training: resumes) the
-stage it was in; a heavy stage is only ever run by one worker at a time machine-wide.
-The live model only changes in :meth:`Engine._promote`, after judge and approval.
+Per repo a cycle moves through the stages of :class:`~forged.common.protocol.Stage`
+(transitions: :mod:`forged.daemon.cycles`). Every transition is written to SQLite
+(:mod:`forged.daemon.store`) before the work starts and after it ends, so a restart
+after ``kill -9`` of the daemon or the worker re-runs (training: resumes) the stage it
+was in; a heavy stage is only ever run by one worker at a time machine-wide. What
+follows the judge — publish, approval, promotion — is :mod:`forged.daemon.releases`;
+what status shows is :mod:`forged.daemon.status`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from sqlite3 import Row
 from typing import Any
@@ -27,109 +25,14 @@ from apscheduler.schedulers.background import BackgroundScheduler
 from structlog.contextvars import bound_contextvars
 
 from forged.common import config, log
-from forged.daemon.server import ApiError
+from forged.common.protocol import EXIT_OK, EXIT_STOPPED, Stage
+from forged.daemon import status
+from forged.daemon.cycles import MAX_ATTEMPTS, STEP_OF_WORKER, HeavyStep, heavy_step, retry_later
+from forged.daemon.errors import Conflict
+from forged.daemon.releases import Releases
+from forged.daemon.workers import WorkerHandle, WorkerJob
 
-HEAVY = ("due", "mining", "training", "judging")  # run in a worker subprocess
-STAGE_OF_WORKER = {"due": "mine", "mining": "mine", "training": "train", "judging": "judge"}
-NEXT_STAGE = {"mine": "training", "train": "judging"}
-WORKER_STAGE_NAME = {"mine": "mining", "train": "training", "judge": "judging"}
-MAX_ATTEMPTS = 5
-TERMINAL = ("live", "rejected", "superseded", "failed")
-
-
-def backoff(attempts: int, base: float = 30.0) -> float:
-    return min(3600.0, base * 2 ** max(0, attempts - 1))
-
-
-def qos_prefix(platform: str = sys.platform, taskpolicy: str = "/usr/sbin/taskpolicy") -> list[str]:
-    """On macOS, start the worker clamped to the *utility* QoS class.
-
-    Utility work yields to anything the user is doing but may still run on the
-    performance cores; *background* QoS (``taskpolicy -b``, or launchd's
-    ProcessType=Background) would confine it to the efficiency cores and make a cycle
-    several times slower. ``taskpolicy`` execs the command, so the pid stays the worker's.
-    Elsewhere ``nice`` (``daemon.worker_nice``, applied by the worker itself) is the tool.
-    """
-    if platform == "darwin" and os.access(taskpolicy, os.X_OK):
-        return [taskpolicy, "-c", "utility"]
-    return []
-
-
-class WorkerHandle:
-    """One running ``forged worker`` subprocess and the thread reading its output."""
-
-    def __init__(self, engine: Engine, cycle: Row, repo: Row, stage: str, cycle_dir: Path,
-                 job_id: int, forced: bool) -> None:
-        self.engine = engine
-        self.cycle_id = int(cycle["id"])
-        self.repo = str(repo["name"])
-        self.stage = stage
-        self.cycle_dir = cycle_dir
-        self.job_id = job_id
-        self.forced = forced
-        self.started = time.time()
-        self.progress: dict[str, Any] = {}
-        self.result: dict[str, Any] | None = None
-        self.error: str | None = None
-        self.warnings: list[dict[str, str]] = []  # what a stage said the user should know
-        self.stop_reason: str | None = None
-        env = dict(os.environ)
-        preload = engine.blas_preload()
-        if preload:
-            env["LD_PRELOAD"] = ":".join(filter(None, [preload, env.get("LD_PRELOAD")]))
-        self.stderr = open(cycle_dir / f"{stage}.stderr.log", "ab")  # noqa: SIM115 (closed on exit)
-        self.proc = subprocess.Popen(
-            [*qos_prefix(), sys.executable, "-m", "forged", "worker", stage, "--cycle-dir", str(cycle_dir)],
-            stdout=subprocess.PIPE, stderr=self.stderr, stdin=subprocess.DEVNULL, env=env,
-        )
-        self.thread = threading.Thread(target=self._read, name=f"worker-{stage}", daemon=True)
-        self.thread.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        last_write = 0.0
-        for raw in self.proc.stdout:
-            try:
-                msg = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                continue  # a library printed to stdout; not ours
-            kind = msg.pop("event", "")
-            if kind == "progress" and msg.get("kind") == "warning":
-                self.warnings.append({"stage": self.stage, "message": str(msg.get("message", ""))})
-                self.engine.log.warning("worker_warning", repo=self.repo, cycle=self.cycle_id,
-                                        stage=self.stage, message=msg.get("message"))
-            if kind == "progress":
-                # steps come many a second: record them every 2 s; milestones always
-                milestone = msg.get("kind") not in (None, "step", "progress")
-                self.progress = {**self.progress, **msg} if milestone else msg
-                if milestone or time.time() - last_write > 2.0:
-                    last_write = time.time()
-                    self.engine.state.query("UPDATE jobs SET progress=? WHERE id=?",
-                                            (json.dumps(msg), self.job_id))
-                    self.engine.state.event("progress", self.repo, self.cycle_id, {"stage": self.stage, **msg})
-            elif kind == "result":
-                self.result = msg
-            elif kind == "error":
-                self.error = msg.get("message", "worker failed")
-        code = self.proc.wait()
-        self.stderr.close()
-        self.engine._worker_finished(self, code)
-
-    def request_stop(self, reason: str) -> None:
-        if self.stop_reason is None and self.proc.poll() is None:
-            self.stop_reason = reason
-            self.proc.send_signal(signal.SIGTERM)
-            # the worker promises to checkpoint and exit within 30 s; past that, kill it.
-            threading.Timer(35.0, self._kill_if_alive).start()
-
-    def _kill_if_alive(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-
-    def status(self) -> dict[str, Any]:
-        return {"repo": self.repo, "cycle_id": self.cycle_id, "stage": self.stage, "pid": self.proc.pid,
-                "running_s": round(time.time() - self.started, 1), "progress": self.progress,
-                "stopping": self.stop_reason}
+JOB_STATE = {EXIT_OK: "done", EXIT_STOPPED: "stopped"}  # any other exit code: failed
 
 
 class Engine:
@@ -144,15 +47,18 @@ class Engine:
         # no I/O beyond SQLite), so status gets a consistent (worker, stages) snapshot
         # without waiting for _lock, which publishing holds across Ollama calls.
         self._snap = threading.Lock()
+        self.releases = Releases(self.cfg, self.state, self.cycle_dir, self.account_repo, self._lock,
+                                 state_dir=self.paths.state_dir)
         self.worker: WorkerHandle | None = None
         self.watchers: dict[str, Any] = {}
+        # repo name → why its watcher or accounting fails (status shows it as failing)
+        self.failures: dict[str, str] = {}
         self._gates: dict[str, Any] = {}
         self._gates_open = False
         self._mem_need: int | None = None
         self._tick_error: str | None = None
         self._tick_error_at = 0.0
         self._last_tick = time.time()
-        self._asking: set[int] = set()
         self._paused_flag = self.paths.state_dir / "paused"
         self.paused = self._paused_flag.exists()
         self.scheduler = BackgroundScheduler(timezone="UTC", job_defaults={"coalesce": True, "max_instances": 1})
@@ -163,10 +69,7 @@ class Engine:
         self._recover()
         for row in self.state.repos():
             self._start_watcher(row)
-        now = time.time()
-        from datetime import UTC, datetime, timedelta
-
-        start_at = datetime.fromtimestamp(now, UTC)
+        start_at = datetime.fromtimestamp(time.time(), UTC)
         self.scheduler.add_job(self.reconcile_all, "interval",
                                minutes=self.cfg.watch.reconcile_interval_minutes,
                                next_run_time=start_at, id="reconcile")
@@ -189,7 +92,7 @@ class Engine:
         """After a crash: no worker of ours may still run; running jobs become interrupted."""
         import psutil
 
-        for job in self.state.query("SELECT * FROM jobs WHERE state='running'"):
+        for job in self.state.running_jobs():
             pid = job["pid"]
             if pid:
                 try:
@@ -203,8 +106,7 @@ class Engine:
                             proc.kill()
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
                     pass
-            with self.state.tx() as db:
-                db.execute("UPDATE jobs SET state='interrupted', finished_at=? WHERE id=?", (time.time(), job["id"]))
+            self.state.interrupt_job(int(job["id"]))
             self.log.warning("job_interrupted", job=job["id"], stage=job["stage"], cycle=job["cycle_id"])
 
     # -- repos and accounting -------------------------------------------------------------
@@ -223,8 +125,10 @@ class Engine:
             w.start()
         except (OSError, ValueError) as e:  # inotify watch limit; RepoError (a ValueError) if it vanished
             self.log.warning("watcher_failed", repo=name, error=str(e))
+            self.failures[name] = f"cannot watch: {e}"
             return
         self.watchers[name] = w
+        self.failures.pop(name, None)
 
     def _stop_watcher(self, name: str) -> None:
         w = self.watchers.pop(name, None)
@@ -239,9 +143,12 @@ class Engine:
 
     def repo_removing(self, row: Row) -> None:
         self._stop_watcher(str(row["name"]))
+        self._stop_worker_of(str(row["name"]), "repo removed")
+
+    def _stop_worker_of(self, repo: str, reason: str) -> None:
         w = self.worker
-        if w is not None and w.repo == row["name"]:
-            w.request_stop("repo removed")
+        if w is not None and w.repo == repo:
+            w.request_stop(reason)
 
     def reconcile_all(self) -> None:
         for row in self.state.repos():
@@ -251,34 +158,22 @@ class Engine:
                 self.log.exception("reconcile_failed", repo=row["name"])
 
     def account_repo(self, name: str) -> None:
-        from forged.daemon.accounting import RepoError, account, check_work_tree
+        """Count what changed in a repo since its live model; open a cycle when it is due."""
+        from forged.daemon.accounting import RepoError, account
 
         row = self.state.repo(name)
-        if row is None:
+        if row is None or not self._present(row):
             return
-        path = Path(row["path"])
         try:
-            check_work_tree(path)
-        except RepoError as e:
-            if not row["missing"]:
-                self.state.update_repo(name, missing=1)
-                self.state.event("repo_missing", name, data={"reason": str(e)})
-                self.log.warning("repo_missing", repo=name, reason=str(e))
-            w = self.worker
-            if w is not None and w.repo == name:
-                w.request_stop("repo missing")
-            return
-        if row["missing"]:
-            self.state.update_repo(name, missing=0)
-            self.state.event("repo_back", name)
-            self._start_watcher(row)  # no-op when its watcher is still polling for it
-        try:
-            acc = account(path, row["cursor_commit"], self.cfg.thresholds, cursor_at=row["cursor_at"],
+            acc = account(Path(row["path"]), row["cursor_commit"], self.cfg.thresholds, cursor_at=row["cursor_at"],
                           branch=row["branch"] or "")
         except RepoError as e:  # e.g. the registered branch was deleted
             self.state.event("accounting_failed", name, data={"error": str(e)})
             self.log.warning("accounting_failed", repo=name, error=str(e))
+            self.failures[name] = f"cannot account changes: {e}"
             return
+        if self.failures.get(name, "").startswith("cannot account"):
+            del self.failures[name]
         old = json.loads(row["accounting"] or "{}")
         if acc.deferred:
             # git is mid-operation: keep the last numbers, only say why they wait
@@ -286,49 +181,41 @@ class Engine:
             return
         data = acc.to_dict()
         self.state.update_repo(name, accounting=data, accounted_at=time.time())
-        if {k: old.get(k) for k in ("head", "lines_changed", "commits", "due", "deferred")} != {
-            k: data.get(k) for k in ("head", "lines_changed", "commits", "due", "deferred")
-        }:
+        shown = ("head", "lines_changed", "commits", "due", "deferred")
+        if {k: old.get(k) for k in shown} != {k: data.get(k) for k in shown}:
             self.state.event("accounting", name, data={"progress": acc.progress, "due": acc.due})
-        if acc.due and acc.head and self._open_cycle(row) is None:
+        if acc.due and acc.head and self.state.open_cycle(int(row["id"])) is None:
             self._new_cycle(row, head=acc.head, forced=False, reason=", ".join(acc.due_reasons))
 
-    # -- cycles -------------------------------------------------------------------------
-    def _open_cycle(self, repo: Row, include_awaiting: bool = False) -> Row | None:
-        """The repo's unfinished cycle. One awaiting approval does not block a newer one."""
-        sql = "SELECT * FROM cycles WHERE repo_id=? AND finished_at IS NULL"
-        if not include_awaiting:
-            sql += " AND stage != 'awaiting_approval'"
-        return self.state.one(sql + " ORDER BY id DESC LIMIT 1", (repo["id"],))
+    def _present(self, row: Row) -> bool:
+        """Whether the repo's work tree is there; records it going missing or coming back."""
+        from forged.daemon.accounting import RepoError, check_work_tree
 
+        name = str(row["name"])
+        try:
+            check_work_tree(Path(row["path"]))
+        except RepoError as e:
+            if not row["missing"]:
+                self.state.update_repo(name, missing=1)
+                self.state.event("repo_missing", name, data={"reason": str(e)})
+                self.log.warning("repo_missing", repo=name, reason=str(e))
+            self._stop_worker_of(name, "repo missing")
+            return False
+        if row["missing"]:
+            self.state.update_repo(name, missing=0)
+            self.state.event("repo_back", name)
+            self._start_watcher(row)  # no-op when its watcher is still polling for it
+        return True
+
+    # -- cycles -------------------------------------------------------------------------
     def _new_cycle(self, repo: Row, head: str, forced: bool, reason: str) -> int:
-        now = time.time()
-        with self.state.tx() as db:
-            cur = db.execute(
-                "INSERT INTO cycles(repo_id, stage, forced, base_commit, head_commit, reason, created_at, updated_at)"
-                " VALUES (?,?,?,?,?,?,?,?)",
-                (repo["id"], "due", int(forced), repo["cursor_commit"], head, reason, now, now),
-            )
-            cid = int(cur.lastrowid or 0)
-            self.state._event(db, "stage", repo["name"], cid, {"stage": "due", "reason": reason})
+        cid = self.state.new_cycle(repo, Stage.DUE, head=head, forced=forced, reason=reason)
         self.log.info("cycle_due", repo=repo["name"], cycle=cid, reason=reason)
         return cid
 
     def _set_stage(self, cycle_id: int, stage: str, *, reason: str | None = None, finished: bool = False,
                    **fields: Any) -> None:
-        now = time.time()
-        sets = {"stage": stage, "updated_at": now, **fields}
-        if reason is not None:
-            sets["reason"] = reason
-        if finished:
-            sets["finished_at"] = now
-        cols = ", ".join(f"{k}=?" for k in sets)
-        with self.state.tx() as db:
-            db.execute(f"UPDATE cycles SET {cols} WHERE id=?", (*sets.values(), cycle_id))
-            repo = db.execute("SELECT r.name FROM cycles c JOIN repos r ON r.id=c.repo_id WHERE c.id=?",
-                              (cycle_id,)).fetchone()
-            self.state._event(db, "stage", repo["name"] if repo else None, cycle_id,
-                              {"stage": stage, "reason": reason})
+        self.state.set_stage(cycle_id, stage, reason=reason, finished=finished, **fields)
         self.log.info("stage", cycle=cycle_id, stage=stage, reason=reason)
 
     def cycle_dir(self, repo: str, cycle_id: int) -> Path:
@@ -338,22 +225,22 @@ class Engine:
         from forged.daemon.accounting import git_state
 
         if repo["missing"]:
-            raise ApiError(409, f"repo {repo['name']!r} is missing from {repo['path']}")
-        cyc = self._open_cycle(repo)
+            raise Conflict(f"repo {repo['name']!r} is missing from {repo['path']}")
+        cyc = self.state.open_cycle(int(repo["id"]))
         if cyc is not None:
             fields: dict[str, Any] = {"retry_at": None}
             if force:
                 fields["forced"] = 1
             stage = cyc["stage"]
-            if stage == "failed":
+            if stage == Stage.FAILED:
                 fields["attempts"] = 0
             self._set_stage(int(cyc["id"]), stage, **fields)
             return {"cycle_id": cyc["id"], "stage": stage, "forced": force, "existing": True}
         head = git_state(Path(repo["path"])).head
         if not head:
-            raise ApiError(409, f"repo {repo['name']!r} has no commits yet")
+            raise Conflict(f"repo {repo['name']!r} has no commits yet")
         cid = self._new_cycle(repo, head=head, forced=force, reason="forge requested" + (" (forced)" if force else ""))
-        return {"cycle_id": cid, "stage": "due", "forced": force, "existing": False}
+        return {"cycle_id": cid, "stage": Stage.DUE.value, "forced": force, "existing": False}
 
     def set_paused(self, paused: bool) -> dict[str, Any]:
         self.paused = paused
@@ -398,7 +285,7 @@ class Engine:
             self.state.event("gates", data={"open": self._gates_open, "gates": self._gates})
 
     def blas_preload(self) -> str | None:
-        """MLX on Linux needs OpenBLAS preloaded into the worker to be usable (design.md)."""
+        """MLX on Linux needs OpenBLAS preloaded into the worker to be usable (docs/training.md)."""
         from forged.common.backends import BackendError, choose_backend, openblas_preload
 
         try:
@@ -431,339 +318,119 @@ class Engine:
         self._last_tick = now
         self._read_gates()
         with self._lock:
-            w = self.worker
-            if w is not None:
-                if self.paused:
-                    w.request_stop("paused by user")
-                elif not self._gates_open and not w.forced:
-                    closed = [k for k, v in self._gates.items() if v["state"] in ("closed", "unknown")]
-                    w.request_stop("gate closed: " + ", ".join(closed))
+            if self.worker is not None:
+                self._check_worker(self.worker)
                 return
-        self._light_stages(now)
+        self.releases.run_due(now)
         if self.paused:
             return
         with self._lock:
             if self.worker is not None:
                 return
-            for cyc in self._runnable(now):
+            for cyc, step in self._runnable(now):
                 if self._gates_open or cyc["forced"]:
-                    self._run_heavy(cyc)
+                    self._run_heavy(cyc, step)
                     return
 
-    def _runnable(self, now: float) -> list[Row]:
+    def _check_worker(self, w: WorkerHandle) -> None:
+        """Stop the running worker when the user paused or a gate closed (unless forced)."""
+        if self.paused:
+            w.request_stop("paused by user")
+        elif not self._gates_open and not w.forced:
+            closed = [k for k, v in self._gates.items() if v["state"] in ("closed", "unknown")]
+            w.request_stop("gate closed: " + ", ".join(closed))
+
+    def _runnable(self, now: float) -> list[tuple[Row, HeavyStep]]:
         """Heavy-stage cycles ready to run, oldest first (fair across repos)."""
-        rows = self.state.query(
-            "SELECT c.*, r.name AS repo_name, r.missing FROM cycles c JOIN repos r ON r.id=c.repo_id "
-            "WHERE c.finished_at IS NULL ORDER BY c.created_at, c.id"
-        )
         out = []
-        for c in rows:
-            if c["missing"]:
+        for c in self.state.unfinished_cycles():
+            step = heavy_step(c["stage"], c["resume_stage"])
+            if c["missing"] or step is None or (c["retry_at"] and c["retry_at"] > now):
                 continue
-            stage = c["stage"]
-            if stage in HEAVY or (stage in ("paused", "failed") and (c["resume_stage"] or "due") in HEAVY):
-                if c["retry_at"] and c["retry_at"] > now:
-                    continue
-                out.append(c)
+            out.append((c, step))
         return out
 
-    def _run_heavy(self, cyc: Row) -> None:
-        repo = self.state.one("SELECT * FROM repos WHERE id=?", (cyc["repo_id"],))
-        assert repo is not None
-        stage = cyc["stage"]
-        if stage in ("paused", "failed"):
-            stage = cyc["resume_stage"] or "due"
-        wstage = STAGE_OF_WORKER[stage]
-        cid = int(cyc["id"])
-        cdir = self.cycle_dir(repo["name"], cid)
-        cdir.mkdir(parents=True, exist_ok=True)
-        live = self._live_version_row(repo)
+    # -- heavy stages: one worker at a time ------------------------------------------------
+    def _job(self, repo: Row, cyc: Row, step: HeavyStep) -> dict[str, Any]:
+        """What the worker reads from ``job.json``. A warm start continues the live adapter,
+        except every ``full_retrain_every``-th published version, which starts afresh."""
+        live = self.state.live_version(int(repo["id"]))
         live_adapter = live["adapter_path"] if live is not None else None
-        n_live = self.state.one("SELECT COUNT(*) AS n FROM model_versions WHERE repo_id=? AND state IN "
-                                "('live','published','retired')", (repo["id"],))
-        full = live_adapter is None or (n_live and n_live["n"] % self.cfg.train.full_retrain_every == 0)
-        job = {
+        n_published = self.state.count_published(int(repo["id"]))
+        full = live_adapter is None or n_published % self.cfg.train.full_retrain_every == 0
+        return {
             "config": config.to_dict(self.cfg),
-            "repo": repo["name"], "repo_path": repo["path"], "cycle_id": cid,
+            "repo": repo["name"], "repo_path": repo["path"], "cycle_id": int(cyc["id"]),
             "head_commit": cyc["head_commit"], "base_commit": cyc["base_commit"],
             "cache_dir": str(self.paths.cache_dir),
             "warm_start": None if full else live_adapter, "live_adapter": live_adapter,
+            # the judge exports what this Ollama can take (None: unknown, export both)
+            "ollama_adapters": self.releases.adapters_hint() if step.worker == "judge" else None,
         }
-        (cdir / "job.json").write_text(json.dumps(job, indent=1))
+
+    def _run_heavy(self, cyc: Row, step: HeavyStep) -> None:
+        repo = self.state.repo_by_id(int(cyc["repo_id"]))
+        assert repo is not None
+        cid = int(cyc["id"])
+        cdir = self.cycle_dir(repo["name"], cid)
+        cdir.mkdir(parents=True, exist_ok=True)
+        (cdir / "job.json").write_text(json.dumps(self._job(repo, cyc, step), indent=1))
         with self._snap:
-            with self.state.tx() as db:
-                db.execute("UPDATE cycles SET stage=?, resume_stage=?, reason=NULL, updated_at=? WHERE id=?",
-                           (WORKER_STAGE_NAME[wstage], WORKER_STAGE_NAME[wstage], time.time(), cid))
-                cur = db.execute("INSERT INTO jobs(cycle_id, stage, state, started_at) VALUES (?,?,?,?)",
-                                 (cid, wstage, "running", time.time()))
-                job_id = int(cur.lastrowid or 0)
-                self.state._event(db, "stage", repo["name"], cid, {"stage": WORKER_STAGE_NAME[wstage]})
+            job_id = self.state.start_job(repo["name"], cid, step.worker, step.running)
             with bound_contextvars(repo=repo["name"], cycle=cid):
-                self.log.info("worker_start", stage=wstage)
-            self.worker = WorkerHandle(self, cyc, repo, wstage, cdir, job_id, bool(cyc["forced"]))
-        self.state.query("UPDATE jobs SET pid=? WHERE id=?", (self.worker.proc.pid, job_id))
+                self.log.info("worker_start", stage=step.worker)
+            job = WorkerJob(str(repo["name"]), cid, step.worker, cdir, job_id, bool(cyc["forced"]))
+            self.worker = WorkerHandle(job, self.state, self.log, self._worker_finished, self.blas_preload())
+        self.state.set_job_pid(job_id, self.worker.proc.pid)
 
     def _worker_finished(self, w: WorkerHandle, code: int) -> None:
         with self._lock, self._snap, bound_contextvars(repo=w.repo, cycle=w.cycle_id):
             self.worker = None
-            result = w.result or {}
-            jstate = {0: "done", 3: "stopped"}.get(code, "failed")
-            with self.state.tx() as db:
-                db.execute("UPDATE jobs SET state=?, exit_code=?, finished_at=?, progress=? WHERE id=?",
-                           (jstate, code, time.time(), json.dumps(w.progress), w.job_id))
-            cyc = self.state.one("SELECT * FROM cycles WHERE id=?", (w.cycle_id,))
+            self.state.finish_job(w.job.job_id, JOB_STATE.get(code, "failed"), code, w.progress)
+            cyc = self.state.cycle(w.cycle_id)
             if cyc is None or cyc["finished_at"] is not None:
                 return  # repo removed meanwhile
             self.log.info("worker_exit", stage=w.stage, code=code, stop=w.stop_reason)
             if w.warnings:  # kept with the cycle: status and the report show them
                 old = json.loads(cyc["metrics"] or "{}").get("warnings") or []
                 # once each: a stage resumed after a crash says the same again
-                self._merge_metrics(w.cycle_id, {"warnings": old + [x for x in w.warnings if x not in old]})
-            if code == 0 and w.stage in NEXT_STAGE:
-                if w.stage == "mine":
-                    self._merge_metrics(w.cycle_id, {"dataset": result.get("manifest", {})})
-                else:
-                    self._merge_metrics(w.cycle_id, {"train": result.get("train", {})})
-                self._set_stage(w.cycle_id, NEXT_STAGE[w.stage], attempts=0, resume_stage=NEXT_STAGE[w.stage])
-            elif code == 0 and w.stage == "judge":
-                self._merge_metrics(w.cycle_id, {k: result.get(k) for k in ("judge", "export", "fidelity")})
-                if result.get("passed"):
-                    self._set_stage(w.cycle_id, "publishing", attempts=0, resume_stage="publishing")
-                    threading.Thread(target=self._light_stages, args=(time.time(),), daemon=True).start()
-                else:
-                    why = "; ".join((result.get("judge") or {}).get("reasons", [])) or result.get(
-                        "export_error") or (result.get("fidelity") or {}).get("reason") or "judge rejected"
-                    self._set_stage(w.cycle_id, "rejected", reason=f"rejected by judge: {why}", finished=True)
-            elif w.stop_reason is not None or code == 3:
-                self._set_stage(w.cycle_id, "paused", reason=w.stop_reason or "stopped",
-                                resume_stage=WORKER_STAGE_NAME[w.stage])
+                self.state.merge_metrics(w.cycle_id, {"warnings": old + [x for x in w.warnings if x not in old]})
+            step = STEP_OF_WORKER[w.stage]
+            if code == EXIT_OK:
+                self._succeeded(w.cycle_id, step, w.result or {})
+            elif w.stop_reason is not None or code == EXIT_STOPPED:
+                self._set_stage(w.cycle_id, Stage.PAUSED, reason=w.stop_reason or "stopped", resume_stage=step.running)
             else:
-                attempts = int(cyc["attempts"]) + 1
-                why = w.error or f"worker exited with code {code}"
-                if attempts >= MAX_ATTEMPTS:
-                    self._set_stage(w.cycle_id, "failed", reason=why, attempts=attempts, finished=True)
-                else:
-                    self._set_stage(w.cycle_id, "failed", reason=why, attempts=attempts,
-                                    retry_at=time.time() + backoff(attempts, self.cfg.daemon.retry_seconds),
-                                    resume_stage=WORKER_STAGE_NAME[w.stage])
+                self._failed(cyc, step, w.error or f"worker exited with code {code}")
 
-    def _merge_metrics(self, cycle_id: int, data: dict[str, Any]) -> None:
-        row = self.state.one("SELECT metrics FROM cycles WHERE id=?", (cycle_id,))
-        metrics = json.loads(row["metrics"] or "{}") if row else {}
-        metrics.update(data)
-        self.state.query("UPDATE cycles SET metrics=? WHERE id=?", (json.dumps(metrics, default=str), cycle_id))
+    def _succeeded(self, cycle_id: int, step: HeavyStep, result: dict[str, Any]) -> None:
+        self.state.merge_metrics(cycle_id, step.keep(result))
+        if step.then != Stage.PUBLISHING:
+            self._set_stage(cycle_id, step.then, attempts=0, resume_stage=step.then)
+        elif result.get("passed"):
+            self._set_stage(cycle_id, step.then, attempts=0, resume_stage=step.then)
+            threading.Thread(target=self.releases.run_due, args=(time.time(),), daemon=True).start()
+        else:
+            why = "; ".join((result.get("judge") or {}).get("reasons", [])) or result.get(
+                "export_error") or (result.get("fidelity") or {}).get("reason") or "judge rejected"
+            self._set_stage(cycle_id, Stage.REJECTED, reason=f"rejected by judge: {why}", finished=True)
 
-    # -- publishing, approval, promotion (light: in the daemon) --------------------------
-    def _light_stages(self, now: float) -> None:
-        rows = self.state.query(
-            "SELECT * FROM cycles WHERE finished_at IS NULL AND stage IN ('publishing','ready_to_publish','promoting')"
-            " AND (retry_at IS NULL OR retry_at <= ?) ORDER BY id", (now,))
-        for cyc in rows:
-            with self._lock:
-                fresh = self.state.one("SELECT * FROM cycles WHERE id=?", (cyc["id"],))
-                if fresh is None or fresh["finished_at"] is not None or fresh["stage"] != cyc["stage"]:
-                    continue
-                if cyc["stage"] == "promoting":
-                    self._promote(fresh)
-                else:
-                    self._publish(fresh)
+    def _failed(self, cyc: Row, step: HeavyStep, why: str) -> None:
+        """A worker failed: retried after a backoff, until MAX_ATTEMPTS failures end the cycle."""
+        attempts = int(cyc["attempts"]) + 1
+        if attempts >= MAX_ATTEMPTS:
+            self._set_stage(int(cyc["id"]), Stage.FAILED, reason=why, attempts=attempts, finished=True)
+        else:
+            self._set_stage(int(cyc["id"]), Stage.FAILED, reason=why, resume_stage=step.running,
+                            **retry_later(attempts, self.cfg.daemon.retry_seconds))
 
-    def _publisher(self) -> Any:
-        from forged.daemon.publish import Publisher
-
-        return Publisher(self.cfg.publish.ollama_host, keep_alive=self.cfg.publish.keep_alive)
-
-    def _publish(self, cyc: Row) -> None:
-        from forged.daemon.publish import (
-            OllamaUnavailable,
-            PublishError,
-            base_chat_template,
-            manual_commands,
-            system_prompt,
-        )
-
-        repo = self.state.one("SELECT * FROM repos WHERE id=?", (cyc["repo_id"],))
-        assert repo is not None
-        cid = int(cyc["id"])
-        judged = json.loads((self.cycle_dir(repo["name"], cid) / "judge.result.json").read_text())
-        adapter_gguf = Path(judged["export"]["path"])
-        base_gguf = Path(judged["base_gguf"])
-        version = cyc["version"]
-        if version is None:
-            row = self.state.one("SELECT MAX(version) AS v FROM model_versions WHERE repo_id=?", (repo["id"],))
-            version = int(row["v"] or 0) + 1 if row else 1
-            tag = f"forged/{repo['name']}:v{version}"
-            with self.state.tx() as db:
-                db.execute("UPDATE cycles SET version=? WHERE id=?", (version, cid))
-                db.execute(
-                    "INSERT INTO model_versions(repo_id, version, cycle_id, tag, adapter_path, train_commit, state,"
-                    " metrics, created_at) VALUES (?,?,?,?,?,?,?,?,?)",
-                    (repo["id"], version, cid, tag, str(self.cycle_dir(repo["name"], cid) / "train" / "adapter"),
-                     cyc["head_commit"], "candidate", cyc["metrics"], time.time()))
-        manual = manual_commands(repo["name"], version, base_gguf, adapter_gguf,
-                                 temperature=self.cfg.publish.temperature)
-        try:
-            pub = self._publisher()
-            # A fused export is a whole model: its version needs no base in Ollama.
-            fused = (judged.get("export") or {}).get("kind") == "fused"
-            base_tag = "" if fused else pub.ensure_base(base_gguf, _base_name(self.cfg.train.base_model))
-            pub.create_version(repo["name"], version, base_tag, adapter_gguf,
-                               template=base_chat_template(base_gguf),
-                               system=system_prompt(repo["name"]),
-                               temperature=self.cfg.publish.temperature)
-        except (OllamaUnavailable, PublishError, OSError) as e:
-            attempts = int(cyc["attempts"]) + 1
-            # The command is stored before the stage changes: status shows it with that stage,
-            # and a client polling between the two writes saw ready_to_publish without it.
-            self._merge_metrics(cid, {"manual_command": manual})
-            self._set_stage(cid, "ready_to_publish", reason=f"Ollama: {e}", attempts=attempts,
-                            retry_at=time.time() + backoff(attempts, self.cfg.daemon.retry_seconds))
-            self.log.warning("publish_waiting", repo=repo["name"], version=version, error=str(e))
-            return
-        self.state.query("UPDATE model_versions SET state='published' WHERE repo_id=? AND version=?",
-                         (repo["id"], version))
-        if self.cfg.publish.auto_approve:
-            self._approve(cyc, repo, version, via="auto_approve")
-            return
-        # a newer candidate supersedes an unanswered one
-        for old in self.state.query("SELECT * FROM cycles WHERE repo_id=? AND stage='awaiting_approval' "
-                                    "AND finished_at IS NULL AND id != ?", (repo["id"], cid)):
-            self._set_stage(int(old["id"]), "superseded", reason=f"superseded by v{version}", finished=True)
-            self.state.query("UPDATE approvals SET state='superseded', answered_at=? WHERE cycle_id=? AND "
-                             "state='pending'", (time.time(), old["id"]))
-        with self.state.tx() as db:
-            db.execute("INSERT INTO approvals(repo_id, cycle_id, version, state, requested_at) VALUES (?,?,?,?,?)",
-                       (repo["id"], cid, version, "pending", time.time()))
-        self._set_stage(cid, "awaiting_approval", attempts=0, retry_at=None)
-        self._ask_async(repo, cyc, version)
-
-    def _ask_async(self, repo: Row, cyc: Row, version: int) -> None:
-        from forged.daemon.approval import ApprovalRequest, ask
-
-        if int(cyc["id"]) in self._asking:
-            return
-        self._asking.add(int(cyc["id"]))
-        metrics = json.loads(cyc["metrics"] or "{}")
-        judge = metrics.get("judge") or {}
-        deltas: dict[str, float] = {}
-        ref = judge.get("live") or judge.get("base") or {}
-        for k, v in (judge.get("candidate") or {}).items():
-            if isinstance(v, int | float) and isinstance(ref.get(k), int | float):
-                deltas[k] = round(v - ref[k], 4)
-        acc = json.loads(repo["accounting"] or "{}")
-        req = ApprovalRequest(repo=repo["name"], version=version, commits=int(acc.get("commits") or 0),
-                              metric_deltas=deltas, tag=f"forged/{repo['name']}:v{version}")
-
-        def run() -> None:
-            try:
-                answer = ask(req, self.cfg.publish.approval_timeout_seconds)
-                if answer in ("approve", "reject"):
-                    self.answer(repo, answer, via="notification")
-            except Exception:
-                self.log.exception("approval_prompt_failed", repo=repo["name"])
-            finally:
-                self._asking.discard(int(cyc["id"]))
-
-        threading.Thread(target=run, name="approval", daemon=True).start()
-
+    # -- what the API asks for ------------------------------------------------------------
     def answer(self, repo: Row, answer: str, via: str) -> dict[str, Any]:
-        with self._lock:
-            cyc = self.state.one("SELECT * FROM cycles WHERE repo_id=? AND stage='awaiting_approval' AND "
-                                 "finished_at IS NULL ORDER BY id DESC LIMIT 1", (repo["id"],))
-            if cyc is None:
-                raise ApiError(409, f"nothing is awaiting approval for {repo['name']!r}")
-            version = int(cyc["version"])
-            if answer == "approve":
-                self._approve(cyc, repo, version, via=via)
-                row = self.state.one("SELECT stage, reason FROM cycles WHERE id=?", (cyc["id"],))
-                return {"approved": version, "stage": row["stage"] if row else None,
-                        "reason": row["reason"] if row else None}
-            with self.state.tx() as db:
-                db.execute("UPDATE approvals SET state='rejected', via=?, answered_at=? WHERE cycle_id=? "
-                           "AND state='pending'", (via, time.time(), cyc["id"]))
-                db.execute("UPDATE model_versions SET state='rejected' WHERE repo_id=? AND version=?",
-                           (repo["id"], version))
-            self._set_stage(int(cyc["id"]), "rejected", reason=f"rejected by user ({via})", finished=True)
-            return {"rejected": version}
-
-    def _approve(self, cyc: Row, repo: Row, version: int, via: str) -> None:
-        with self.state.tx() as db:
-            db.execute("UPDATE approvals SET state='approved', via=?, answered_at=? WHERE cycle_id=? "
-                       "AND state='pending'", (via, time.time(), cyc["id"]))
-        self._set_stage(int(cyc["id"]), "promoting", reason=f"approved ({via})", retry_at=None, attempts=0)
-        fresh = self.state.one("SELECT * FROM cycles WHERE id=?", (cyc["id"],))
-        assert fresh is not None
-        self._promote(fresh)
-
-    def _promote(self, cyc: Row) -> None:
-        from forged.daemon.publish import OllamaUnavailable, PublishError
-
-        repo = self.state.one("SELECT * FROM repos WHERE id=?", (cyc["repo_id"],))
-        assert repo is not None
-        version = int(cyc["version"])
-        previous = repo["live_version"]
-        try:
-            pub = self._publisher()
-            pub.promote(repo["name"], version, previous=previous)
-        except (OllamaUnavailable, PublishError, OSError) as e:
-            attempts = int(cyc["attempts"]) + 1
-            self._set_stage(int(cyc["id"]), "promoting", reason=f"Ollama: {e}", attempts=attempts,
-                            retry_at=time.time() + backoff(attempts, self.cfg.daemon.retry_seconds))
-            return
-        now = time.time()
-        with self.state.tx() as db:
-            db.execute("UPDATE model_versions SET state='published' WHERE repo_id=? AND state='live'", (repo["id"],))
-            db.execute("UPDATE model_versions SET state='live' WHERE repo_id=? AND version=?", (repo["id"], version))
-            db.execute("UPDATE repos SET cursor_commit=?, cursor_at=?, live_version=? WHERE id=?",
-                       (cyc["head_commit"], now, version, repo["id"]))
-        self._set_stage(int(cyc["id"]), "live", reason=f"forged/{repo['name']}:latest = v{version}", finished=True)
-        self._prune(repo)
-        threading.Thread(target=self.account_repo, args=(repo["name"],), daemon=True).start()
-
-    def _prune(self, repo: Row) -> None:
-        rows = self.state.query("SELECT version FROM model_versions WHERE repo_id=? AND state IN "
-                                "('live','published') ORDER BY version DESC", (repo["id"],))
-        keep = [int(r["version"]) for r in rows[: self.cfg.publish.keep_versions]]
-        try:
-            deleted = self._publisher().prune(repo["name"], keep)
-        except Exception as e:  # noqa: BLE001 (pruning is best-effort; retried next promotion)
-            self.log.warning("prune_failed", repo=repo["name"], error=str(e))
-            return
-        if deleted:
-            self.state.query(
-                f"UPDATE model_versions SET state='deleted' WHERE repo_id=? AND state!='live' AND version NOT IN "
-                f"({','.join('?' * len(keep))})", (repo["id"], *keep))
+        return self.releases.answer(repo, answer, via)
 
     def rollback(self, repo: Row, version: Any = None) -> dict[str, Any]:
-        from forged.daemon.publish import OllamaUnavailable, PublishError
+        return self.releases.rollback(repo, version)
 
-        live = repo["live_version"]
-        if version is None:
-            row = self.state.one("SELECT version FROM model_versions WHERE repo_id=? AND state='published' "
-                                 "AND version < ? ORDER BY version DESC LIMIT 1", (repo["id"], live or 0))
-            if row is None:
-                raise ApiError(409, f"no earlier published version of {repo['name']!r} to roll back to")
-            version = int(row["version"])
-        try:
-            version = int(str(version).lstrip("v"))
-        except ValueError:
-            raise ApiError(400, f"version: {version!r} is not a version number") from None
-        target = self.state.one("SELECT * FROM model_versions WHERE repo_id=? AND version=?", (repo["id"], version))
-        if target is None or target["state"] not in ("published", "live"):
-            raise ApiError(409, f"v{version} of {repo['name']!r} is not a published version")
-        try:
-            self._publisher().rollback(repo["name"], version)
-        except (OllamaUnavailable, PublishError) as e:
-            raise ApiError(503, f"Ollama: {e}") from None
-        with self.state.tx() as db:
-            db.execute("UPDATE model_versions SET state='published' WHERE repo_id=? AND state='live'", (repo["id"],))
-            db.execute("UPDATE model_versions SET state='live' WHERE id=?", (target["id"],))
-            db.execute("UPDATE repos SET live_version=?, cursor_commit=?, cursor_at=? WHERE id=?",
-                       (version, target["train_commit"], time.time(), repo["id"]))
-            self.state._event(db, "rollback", repo["name"], None, {"version": version, "from": live})
-        return {"live_version": version, "previous": live}
-
-    # -- status -------------------------------------------------------------------------
     def gate_status(self) -> dict[str, Any]:
         return {"open": self._gates_open, **self._gates}
 
@@ -777,81 +444,17 @@ class Engine:
         with self._snap:
             return self.worker_status(), self.repo_statuses()
 
-    def _live_version_row(self, repo: Row) -> Row | None:
-        return self.state.one("SELECT * FROM model_versions WHERE repo_id=? AND state='live'", (repo["id"],))
-
     def repo_statuses(self) -> list[dict[str, Any]]:
-        return [self._repo_status(r) for r in self.state.repos()]
-
-    def _repo_status(self, repo: Row) -> dict[str, Any]:
-        acc = json.loads(repo["accounting"] or "{}")
-        cyc = self._open_cycle(repo)
-        awaiting = self.state.one("SELECT * FROM approvals WHERE repo_id=? AND state='pending' ORDER BY id DESC "
-                                  "LIMIT 1", (repo["id"],))
-        last = self.state.one("SELECT * FROM cycles WHERE repo_id=? ORDER BY id DESC LIMIT 1", (repo["id"],))
-        if repo["missing"]:
-            stage = "missing"
-        elif cyc is not None:
-            stage = cyc["stage"]
-        elif awaiting is not None:
-            stage = "awaiting_approval"
-        else:
-            stage = "watching"
-        w = self.worker
-        cycle_info = None
-        if cyc is not None:
-            metrics = json.loads(cyc["metrics"] or "{}")
-            cycle_info = {
-                "id": cyc["id"], "stage": cyc["stage"], "reason": cyc["reason"], "attempts": cyc["attempts"],
-                "retry_at": cyc["retry_at"], "forced": bool(cyc["forced"]), "version": cyc["version"],
-                "progress": w.progress if w is not None and w.cycle_id == cyc["id"] else None,
-                "manual_command": metrics.get("manual_command") if cyc["stage"] == "ready_to_publish" else None,
-                "warnings": metrics.get("warnings") or [],
-            }
-        live = repo["live_version"]
-        watcher = self.watchers.get(str(repo["name"]))
-        return {
-            "name": repo["name"], "path": repo["path"], "branch": repo["branch"], "missing": bool(repo["missing"]),
-            "watch": {"active": watcher is not None, "passes": getattr(watcher, "passes", 0),
-                      "events": (getattr(watcher, "stats", None) or {}).get("events", 0),
-                      "accounted_at": repo["accounted_at"]},
-            "stage": stage,
-            "progress": {
-                "text": acc.get("progress"), "due": acc.get("due", False),
-                "lines": acc.get("lines_changed"), "min_lines": self.cfg.thresholds.min_changed_lines,
-                "commits": acc.get("commits"), "min_commits": self.cfg.thresholds.min_commits,
-                "uncommitted_lines": acc.get("uncommitted_lines"), "diverged": acc.get("diverged", False),
-                "deferred": acc.get("deferred"),
-            },
-            "live_version": live,
-            "live_tag": f"forged/{repo['name']}:latest" if live else None,
-            "pending_approval": {"version": awaiting["version"], "cycle_id": awaiting["cycle_id"],
-                                 "tag": f"forged/{repo['name']}:v{awaiting['version']}"} if awaiting else None,
-            "cycle": cycle_info,
-            "last_cycle": {"id": last["id"], "stage": last["stage"], "reason": last["reason"],
-                           "finished_at": last["finished_at"]} if last is not None else None,
-        }
+        return [status.repo_status(self.state, self.cfg, r, self.worker, self.watchers.get(str(r["name"])),
+                                   failure=self.failures.get(str(r["name"])))
+                for r in self.state.repos()]
 
     def repo_detail(self, repo: Row) -> dict[str, Any]:
-        out = self._repo_status(repo)
-        cycles = self.state.query("SELECT * FROM cycles WHERE repo_id=? ORDER BY id DESC LIMIT 10", (repo["id"],))
-        out["cycles"] = [{**dict(c), "metrics": json.loads(c["metrics"]) if c["metrics"] else None}
-                         for c in cycles]
-        out["versions"] = [dict(v) for v in self.state.query(
-            "SELECT version, tag, state, train_commit, created_at FROM model_versions WHERE repo_id=? "
-            "ORDER BY version DESC", (repo["id"],))]
-        return out
+        return status.repo_detail(self.state, self.cfg, repo, self.worker, self.watchers.get(str(repo["name"])),
+                                  failure=self.failures.get(str(repo["name"])))
 
     def report(self, repo: Row) -> dict[str, Any]:
-        from forged.daemon.report import write_report
-
-        cyc = self.state.one("SELECT * FROM cycles WHERE repo_id=? ORDER BY id DESC LIMIT 1", (repo["id"],))
-        if cyc is None:
-            raise ApiError(404, f"{repo['name']!r} has no cycle yet")
-        cdir = self.cycle_dir(repo["name"], int(cyc["id"]))
-        cdir.mkdir(parents=True, exist_ok=True)
-        path = write_report(cdir, repo["name"], dict(cyc))
-        return {"path": str(path), "cycle_id": cyc["id"]}
+        return status.report(self.state, repo, self.cycle_dir)
 
 
 def _probe_from_env() -> Any:
@@ -871,8 +474,3 @@ def _probe_from_env() -> Any:
         return (Path(fixtures) / f"{Path(cmd[0]).name}.txt").read_text()
 
     return Probe(run=run, read=lambda path: (Path(fixtures) / Path(path).name).read_text(), platform="darwin")
-
-
-def _base_name(spec: str) -> str:
-    name = spec.split(":", 1)[-1].rstrip("/").split("/")[-1].lower()
-    return config.default_repo_name(Path(name))

@@ -20,6 +20,7 @@ from typing import Any
 
 from forged import __version__
 from forged.common import config, log, paths
+from forged.daemon import fields
 from forged.daemon.server import ApiError, ControlServer, Router
 from forged.daemon.store import State
 
@@ -85,14 +86,27 @@ class Daemon:
             self._register_config_repos()
             self.engine = Engine(self)
             self.server = ControlServer(self.paths.socket, self._router(), self.cfg.daemon.max_request_bytes)
+            threading.Thread(target=self.server.serve_forever, name="control", daemon=True).start()
+            self.engine.start()
         except BaseException:
-            self.lock.release()
+            self._undo_start()
             raise
-        threading.Thread(target=self.server.serve_forever, name="control", daemon=True).start()
-        self.engine.start()
         self.state.event("daemon_started", data={"pid": os.getpid(), "version": __version__})
         self.log.info("daemon_started", pid=os.getpid(), socket=str(self.paths.socket),
                       config=str(self.cfg.source or "(defaults)"), home=str(self.paths.state_dir))
+
+    def _undo_start(self) -> None:
+        """A start that failed half way leaves nothing behind: no socket file, no lock."""
+        steps = [self.engine.stop if self.engine is not None else None,
+                 self.server.close if self.server is not None else None,
+                 self.state.close if self.state is not None else None]
+        for step in filter(None, steps):
+            try:
+                step()
+            except Exception as e:  # noqa: BLE001 - the failure that brought us here matters more
+                self.log.warning("start_cleanup_failed", error=f"{type(e).__name__}: {e}")
+        self.engine = self.server = self.state = None
+        self.lock.release()
 
     def stop(self) -> None:
         self.stopping.set()
@@ -143,22 +157,33 @@ class Daemon:
     # -- API --------------------------------------------------------------------
     def _router(self) -> Router:
         r = Router()
-        r.add("GET", "/status", lambda p, b, q: self.status())
-        r.add("GET", "/repos", lambda p, b, q: {"repos": self.engine.repo_statuses()})
-        r.add("POST", "/repos", lambda p, b, q: self.add_repo(b))
-        r.add("DELETE", "/repos", lambda p, b, q: self.remove_repo(str(b.get("name", ""))))
-        r.add("GET", "/repos/{name}", lambda p, b, q: self.engine.repo_detail(self._repo(p["name"])))
-        r.add("DELETE", "/repos/{name}", lambda p, b, q: self.remove_repo(p["name"]))
-        r.add("POST", "/repos/{name}/forge",
-              lambda p, b, q: self.engine.forge_now(self._repo(p["name"]), force=bool(b.get("force"))))
-        r.add("POST", "/repos/{name}/approve", lambda p, b, q: self.engine.answer(self._repo(p["name"]), "approve", via="api"))
-        r.add("POST", "/repos/{name}/reject", lambda p, b, q: self.engine.answer(self._repo(p["name"]), "reject", via="api"))
-        r.add("POST", "/repos/{name}/rollback",
-              lambda p, b, q: self.engine.rollback(self._repo(p["name"]), b.get("version")))
-        r.add("GET", "/repos/{name}/report", lambda p, b, q: self.engine.report(self._repo(p["name"])))
-        r.add("POST", "/pause", lambda p, b, q: self.engine.set_paused(True))
-        r.add("POST", "/resume", lambda p, b, q: self.engine.set_paused(False))
-        r.add("GET", "/events", lambda p, b, q: self.events(q))
+
+        def route(method: str, pattern: str, takes: tuple[str, ...], fn: Any) -> None:
+            """A handler whose body may hold only ``takes`` (each then type-checked by fn)."""
+            def handler(p: dict[str, str], b: dict[str, Any], q: dict[str, list[str]]) -> Any:
+                fields.only(b, *takes)
+                return fn(p, b, q)
+            r.add(method, pattern, handler)
+
+        repo = self._repo
+        route("GET", "/status", (), lambda p, b, q: self.status())
+        route("GET", "/repos", (), lambda p, b, q: {"repos": self.engine.repo_statuses()})
+        route("POST", "/repos", ("path", "name", "branch"), lambda p, b, q: self.add_repo(b))
+        route("DELETE", "/repos", ("name",), lambda p, b, q: self.remove_repo(fields.string(b, "name")))
+        route("GET", "/repos/{name}", (), lambda p, b, q: self.engine.repo_detail(repo(p["name"])))
+        route("DELETE", "/repos/{name}", (), lambda p, b, q: self.remove_repo(p["name"]))
+        route("POST", "/repos/{name}/forge", ("force",),
+              lambda p, b, q: self.engine.forge_now(repo(p["name"]), force=fields.boolean(b, "force")))
+        route("POST", "/repos/{name}/approve", (),
+              lambda p, b, q: self.engine.answer(repo(p["name"]), "approve", via="api"))
+        route("POST", "/repos/{name}/reject", (),
+              lambda p, b, q: self.engine.answer(repo(p["name"]), "reject", via="api"))
+        route("POST", "/repos/{name}/rollback", ("version",),
+              lambda p, b, q: self.engine.rollback(repo(p["name"]), fields.version(b)))
+        route("GET", "/repos/{name}/report", (), lambda p, b, q: self.engine.report(repo(p["name"])))
+        route("POST", "/pause", (), lambda p, b, q: self.engine.set_paused(True))
+        route("POST", "/resume", (), lambda p, b, q: self.engine.set_paused(False))
+        route("GET", "/events", (), lambda p, b, q: self.events(q))
         return r
 
     def _repo(self, name: str) -> Any:
@@ -187,23 +212,26 @@ class Daemon:
         }
 
     def add_repo(self, body: dict[str, Any]) -> dict[str, Any]:
-        from forged.daemon.accounting import RepoError, check_work_tree
+        from forged.daemon.accounting import RepoError, check_branch, check_work_tree
 
         assert self.state is not None
-        raw = body.get("path")
-        if not isinstance(raw, str) or not raw:
+        raw = fields.string(body, "path")
+        if not raw:
             raise ApiError(400, "path: required (a git work tree)")
         try:
             top = check_work_tree(raw)
         except RepoError as e:
             raise ApiError(400, str(e)) from None
-        name = body.get("name") or config.default_repo_name(top)
-        if not isinstance(name, str) or not config.TAG_SAFE.match(name):
+        name = fields.string(body, "name") or config.default_repo_name(top)
+        if not config.TAG_SAFE.match(name):
             raise ApiError(400, f"name: {name!r} is not usable in an Ollama tag "
                                 "(lowercase letters, digits, '.', '_', '-'; at most 64)")
-        branch = body.get("branch") or ""
-        if not isinstance(branch, str):
-            raise ApiError(400, "branch: must be a string")
+        branch = fields.string(body, "branch")
+        if branch:
+            try:
+                check_branch(top, branch)
+            except RepoError as e:
+                raise ApiError(400, f"branch: {e}") from None
         if self.state.repo(name) is not None:
             raise ApiError(409, f"a repo named {name!r} is already registered (use --name)")
         for row in self.state.repos():
@@ -223,11 +251,8 @@ class Daemon:
     def events(self, query: dict[str, list[str]]) -> Iterator[dict[str, Any]]:
         assert self.state is not None
         state = self.state
-        try:
-            after = int(query.get("after", ["-1"])[0])
-        except ValueError:
-            raise ApiError(400, "after: must be an integer event id") from None
-        follow = query.get("follow", ["1"])[0] not in ("0", "false")
+        after = fields.query_int(query, "after", -1, -1, fields.MAX_INT)
+        follow = fields.query_bool(query, "follow", True)
         if after < 0:
             after = state.last_event_id()
 
@@ -290,5 +315,9 @@ def run_daemon(argv: list[str]) -> int:
         d.run_forever()
     except (LockHeld, RuntimeError, ValueError, OSError) as e:
         print(f"forged: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:  # noqa: BLE001 - one line, not a traceback; the log has the rest
+        log.get("forged.daemon").exception("start_failed")
+        print(f"forged: failed: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
     return 0

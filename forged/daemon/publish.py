@@ -10,25 +10,35 @@ complete model that has already loaded once. A version is created under its own 
 Ollama is down or fails half-way, ``:latest`` still names the previous model and the
 caller retries the whole, idempotent, operation later.
 
-A version is the base plus a GGUF LoRA adapter (``FROM <base> / ADAPTER <adapter>``) or,
-with ``[publish] export = "fused"``, a full model GGUF with the adapter merged in
-(``FROM <fused>``, no ADAPTER): :meth:`Publisher.create_version` tells the two apart by
-the file (``general.type = adapter``, or a model carrying ``forged.export = fused``).
+A version is the base plus a GGUF LoRA adapter (``FROM <base> / ADAPTER <adapter>``) or
+a full model GGUF with the adapter merged in and quantized by llama.cpp (``FROM <fused>``,
+no ADAPTER): :meth:`Publisher.create_version` tells the two apart by the file
+(``general.type = adapter``, or a model carrying ``forged.export = fused``).
+
+Ollama 0.34.1 stopped creating models with adapters ("LoRA adapters are no longer
+supported", HTTP 400) and quantizing GGUFs at create time. :meth:`Publisher.accepts_adapters`
+answers from ``/api/version`` and from what a create said, remembered per host and
+version (:class:`HostMemory`); a refused adapter raises :class:`AdaptersRefused`, and the
+caller publishes the same candidate fused.
 
 Errors are split in two, so the caller knows whether waiting helps:
 
 - :class:`OllamaUnavailable` — connection refused, timeout, a dropped connection, a
-  5xx, or an upload that arrived corrupted: retry later with :func:`backoff_seconds`.
+  5xx, or an upload that arrived corrupted: retry later (the cycle backs off).
 - :class:`PublishError` — a permanent problem (bad file, unknown version, 4xx).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import random
+import json
+import os
 import re
 import shlex
-from collections.abc import Callable
+import shutil
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -36,7 +46,9 @@ from typing import Any, TypeVar
 import httpx
 import ollama
 
-from forged.common.gguf import read_gguf_metadata  # stdlib-only GGUF header reader
+# stdlib-only: the daemon imports no ML library
+from forged.common.fim import FimFormat, detect
+from forged.common.gguf import read_gguf_header, read_gguf_metadata
 
 NAMESPACE = "forged"
 WARM_KEEP_ALIVE = "30m"  # default: how long Ollama keeps a freshly promoted model loaded
@@ -58,6 +70,101 @@ class PublishError(RuntimeError):
         self.status = status  # Ollama's HTTP status when Ollama refused
 
 
+class AdaptersRefused(PublishError):
+    """This Ollama no longer creates models with a LoRA adapter: publish the fused export."""
+
+
+class NoRoom(OllamaUnavailable):
+    """Not enough free disk for the version (Ollama's model dir or forged's state): retry later."""
+
+
+# Ollama's refusal (server/create.go since 0.34.1: errAdaptersUnsupported, HTTP 400, for an
+# ``adapters`` field, and "...: <file> is a LoRA adapter" for an adapter GGUF among ``files``).
+ADAPTER_REFUSAL = "LoRA adapters are no longer supported"
+ADAPTERS_REMOVED_IN = (0, 34, 1)
+
+
+def parse_version(text: str) -> tuple[int, int, int] | None:
+    """'0.34.1' / 'v0.33.5-rc1' → (0, 34, 1); None for what is not a release number."""
+    m = re.match(r"v?(\d+)\.(\d+)\.(\d+)", text or "")
+    return (int(m.group(1)), int(m.group(2)), int(m.group(3))) if m else None
+
+
+def adapters_by_version(version: str) -> bool | None:
+    """Whether an Ollama of this version creates adapter models; None when unknown (a dev
+    build's 0.0.0): the first create tells."""
+    v = parse_version(version)
+    if v is None or v == (0, 0, 0):
+        return None
+    return v < ADAPTERS_REMOVED_IN
+
+
+class HostMemory:
+    """What each Ollama host said about adapters, per version, in a small JSON file.
+
+    ``{host: {"version": "0.34.1", "adapters": false, "how": "create refused", "at": ts}}``.
+    A new version at the same host is asked again.
+    """
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = Path(path) if path else None
+        self._mem: dict[str, dict[str, Any]] = {}
+
+    def _load(self) -> dict[str, dict[str, Any]]:
+        if self.path is None:
+            return self._mem
+        try:
+            data = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def get(self, host: str, version: str) -> bool | None:
+        rec = self._load().get(host)
+        return rec.get("adapters") if isinstance(rec, dict) and rec.get("version") == version else None
+
+    def known(self, host: str) -> bool | None:
+        """The last answer for ``host`` whatever its version (for Ollama being down)."""
+        rec = self._load().get(host)
+        return rec.get("adapters") if isinstance(rec, dict) else None
+
+    def put(self, host: str, version: str, adapters: bool, how: str) -> None:
+        data = self._load()
+        data[host] = {"version": version, "adapters": adapters, "how": how, "at": time.time()}
+        if self.path is None:
+            self._mem = data
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, self.path)
+
+
+def ollama_models_dir() -> Path:
+    """Where a local Ollama keeps blobs and manifests (``OLLAMA_MODELS`` or its default)."""
+    return Path(os.environ.get("OLLAMA_MODELS") or Path.home() / ".ollama" / "models")
+
+
+def _is_local(host: str) -> bool:
+    return httpx.URL(host if "://" in host else f"http://{host}").host in ("127.0.0.1", "localhost", "::1", "0.0.0.0")
+
+
+def check_disk_room(need: int, dirs: list[Path], *, margin: int = 0) -> None:
+    """NoRoom unless every existing ``dirs`` entry has ``need + margin`` bytes free."""
+    for d in dirs:
+        probe = next((p for p in (d, *d.parents) if p.exists()), None)
+        if probe is None:
+            continue
+        free = shutil.disk_usage(probe).free
+        if free < need + margin:
+            raise NoRoom(f"not enough disk for the new version in {d}: {_mb(free)} free, "
+                         f"{_mb(need + margin)} needed ({_mb(need)} model + {_mb(margin)} kept free)")
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.0f} MB"
+
+
 @dataclass
 class Published:
     """The outcome of :meth:`Publisher.create_version`."""
@@ -71,10 +178,16 @@ class Published:
         return asdict(self)
 
 
-# --- chat templates -----------------------------------------------------------------
+# --- templates -------------------------------------------------------------------------
 # Ollama templates are Go templates, not the Jinja of the GGUF's tokenizer.chat_template.
 # Ollama itself maps Jinja templates to a small table of known formats; so do we. The
 # ChatML entry is Ollama's own template/chatml.gotmpl and its stop words.
+#
+# A published template has two branches: ``{{ if .Suffix }}`` renders a fill-in-the-middle
+# request exactly as FimFormat.render (the format the model was trained on), and the else
+# branch is the chat template. Ollama grants a model the "insert" capability (requests
+# with ``suffix``) only when its template uses .Suffix, and Continue sends autocomplete
+# through ``suffix`` only then.
 
 
 @dataclass(frozen=True)
@@ -95,6 +208,26 @@ CHATML = ChatFormat(
 )
 
 KNOWN_FORMATS: dict[str, ChatFormat] = {CHATML.name: CHATML}
+DEFAULT_TEMPLATE = "{{ .Prompt }}"  # what Ollama uses for a model without a template
+_USES_SUFFIX = re.compile(r"\{\{[^}]*\.Suffix\b")
+
+
+@dataclass(frozen=True)
+class Serving:
+    """What a published model is served with: its Go template and its parameters."""
+
+    template: str | None
+    stop: tuple[str, ...] = ()
+    parameters: dict[str, Any] = field(default_factory=dict)  # others (num_ctx, ...): from an Ollama base
+
+    def params(self, temperature: float | None = None) -> dict[str, Any]:
+        """The ``parameters`` of a create request."""
+        out = dict(self.parameters)
+        if self.stop:
+            out["stop"] = list(self.stop)
+        if temperature is not None:
+            out["temperature"] = temperature
+        return out
 
 
 def detect_chat_format(jinja: str | None) -> ChatFormat | None:
@@ -104,11 +237,6 @@ def detect_chat_format(jinja: str | None) -> ChatFormat | None:
     if "<|im_start|>" in jinja and "<|im_end|>" in jinja:
         return CHATML
     return None
-
-
-def format_for_template(template: str | None) -> ChatFormat | None:
-    """The known format a Go template belongs to (to find its stop words)."""
-    return next((f for f in KNOWN_FORMATS.values() if f.template == template), None)
 
 
 def base_chat_template(base_gguf: Path) -> str | None:
@@ -121,21 +249,106 @@ def base_chat_template(base_gguf: Path) -> str | None:
     return fmt.template if fmt else None
 
 
+def uses_suffix(template: str | None) -> bool:
+    """Whether a Go template reads ``.Suffix`` (Ollama's test for the insert capability)."""
+    return bool(template and _USES_SUFFIX.search(template))
+
+
+def _go_text(text: str) -> str:
+    """Literal text inside a Go template (an action only where the text holds ``{{``)."""
+    return "{{ " + json.dumps(text, ensure_ascii=False) + " }}" if "{{" in text else text
+
+
+def with_fim(template: str | None, fim: FimFormat) -> str:
+    """``template`` with a Suffix branch in front that renders ``fim.render(.Prompt, .Suffix)``.
+
+    The chat (or plain prompt) template becomes the else branch, unchanged. A template
+    that already reads .Suffix is returned as it is: it has its own way of inserting.
+    """
+    if template and uses_suffix(template):
+        return template
+    if template and re.search(r"\{\{-?\s*(define|block)\b", template):
+        raise PublishError("the base's template defines sub-templates; forged cannot add a Suffix branch to it")
+    return ("{{ if .Suffix }}" + _go_text(fim.prefix) + "{{ .Prompt }}" + _go_text(fim.suffix)
+            + "{{ .Suffix }}" + _go_text(fim.middle) + "{{ else }}" + (template or DEFAULT_TEMPLATE)
+            + "{{ end }}")
+
+
+def _unique(*groups: Iterable[str]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(s for g in groups for s in g))
+
+
+def base_fim_format(base_gguf: Path) -> FimFormat:
+    """The base's fill-in-the-middle format, found from its vocabulary and metadata."""
+    try:
+        kv = read_gguf_header(base_gguf, arrays=True).kv
+    except ValueError as e:
+        raise PublishError(str(e)) from None
+    return detect(kv.get("tokenizer.ggml.tokens") or [], kv)
+
+
+def recorded_fim(adapter_dir: Path) -> FimFormat | None:
+    """The FIM format an adapter was trained in (``fim_format`` in its forged_meta.json),
+    or None where it records none (then :func:`base_fim_format` finds the same from the base)."""
+    try:
+        d = json.loads((Path(adapter_dir) / "forged_meta.json").read_text()).get("fim_format")
+        return FimFormat.from_dict(d) if isinstance(d, dict) else None
+    except (OSError, ValueError, KeyError, AttributeError):
+        return None
+
+
+def serving_for_gguf(base_gguf: Path, fim: FimFormat | None = None) -> Serving:
+    """Template and stop words for a base GGUF: its known chat format (else Ollama's plain
+    prompt) behind a Suffix branch in the base's FIM format (``fim``: as recorded with the
+    adapter; found from the base when not given)."""
+    base_gguf = Path(base_gguf)
+    fim = fim or base_fim_format(base_gguf)
+    try:
+        chat = detect_chat_format(read_gguf_metadata(base_gguf).get("tokenizer.chat_template"))
+    except ValueError:
+        chat = None
+    return Serving(with_fim(chat.template if chat else None, fim), _unique(chat.stop if chat else (), fim.stop))
+
+
+def parse_show_parameters(text: str | None) -> dict[str, Any]:
+    """``/api/show``'s ``parameters`` (``name  value`` lines, values as Go's %#v writes
+    them) → create-request parameters; ``stop`` collects its repeated lines in a list."""
+    out: dict[str, Any] = {}
+    for line in (text or "").splitlines():
+        key, _, raw = line.strip().partition(" ")
+        raw = raw.strip()
+        if not key or not raw:
+            continue
+        value = _show_value(raw)
+        if key == "stop":
+            out.setdefault("stop", []).append(value)
+        else:
+            out[key] = value
+    return out
+
+
+def _show_value(raw: str) -> Any:
+    if raw.startswith('"'):
+        try:
+            return json.loads(raw)
+        except json.JSONDecodeError:  # a Go escape JSON lacks (\a, \x..): keep the text
+            return raw[1:-1]
+    if raw in ("true", "false"):
+        return raw == "true"
+    for kind in (int, float):
+        try:
+            return kind(raw)
+        except ValueError:
+            pass
+    return raw
+
+
 def system_prompt(repo: str) -> str:
     """The default system prompt of a published model: names the repo it knows."""
     return (
         f"You are a coding assistant fine-tuned on the {repo} repository. "
         f"Answer questions about {repo}'s code and write code that follows its conventions."
     )
-
-
-def backoff_seconds(attempt: int, *, base: float = 30.0, cap: float = 1800.0) -> float:
-    """Delay before retry ``attempt`` (1, 2, ...) after OllamaUnavailable: doubling, jittered.
-
-    Jitter (±20%) keeps several repos' retries from arriving at Ollama all at once.
-    """
-    delay = min(cap, base * 2 ** max(0, attempt - 1))
-    return delay * random.uniform(0.8, 1.2)
 
 
 def _keep_alive_value(value: str | float) -> str | float:
@@ -216,10 +429,16 @@ def _check_export(path: Path) -> bool:
 class Publisher:
     """Ollama operations for one Ollama server, through the official Python client."""
 
-    def __init__(self, host: str, *, timeout: float = 60.0, keep_alive: str = WARM_KEEP_ALIVE) -> None:
+    def __init__(self, host: str, *, timeout: float = 60.0, keep_alive: str = WARM_KEEP_ALIVE,
+                 memory: HostMemory | None = None, room_dirs: list[Path] | None = None,
+                 room_margin: int = 0) -> None:
         self.host = host
         self.keep_alive = _keep_alive_value(keep_alive)  # [publish] keep_alive
         self._client = ollama.Client(host=host, timeout=timeout)
+        self.memory = memory or HostMemory(None)
+        # checked before a create: forged's state dir, and Ollama's model dir when local
+        self.room_dirs = list(room_dirs or []) + ([ollama_models_dir()] if _is_local(host) else [])
+        self.room_margin = room_margin
         # sha256 of local files by (path, size, mtime_ns): hashing the ~100 MB base takes
         # about a second, and ensure_base/create_version run on every retry.
         self._digests: dict[tuple[str, int, int], str] = {}
@@ -241,6 +460,35 @@ class Publisher:
             # dropped connections arrive as other httpx transport errors.
             detail = "connection refused" if isinstance(e, ConnectionError) else type(e).__name__
             raise OllamaUnavailable(f"Ollama at {self.host} is unreachable ({detail}) while trying to {what}") from None
+
+    # -- what this server supports --
+
+    def server_version(self) -> str:
+        """``GET /api/version`` (the client has no call for it: its own HTTP session)."""
+        def get() -> str:
+            r = self._client._client.get("/api/version")
+            if r.status_code != 200:
+                raise ollama.ResponseError(r.text or "version check failed", r.status_code)
+            return str(r.json().get("version", ""))
+
+        return self._call("ask its version", get)
+
+    def accepts_adapters(self) -> bool | None:
+        """Whether this server creates adapter models: remembered for this host and
+        version, else judged by the version; None when only a create can tell."""
+        version = self.server_version()
+        known = self.memory.get(self.host, version)
+        if known is not None:
+            return known
+        guess = adapters_by_version(version)
+        if guess is not None:
+            self.memory.put(self.host, version, guess, "version")
+        return guess
+
+    def _remember_adapters(self, accepted: bool, how: str) -> None:
+        # remembering is an optimisation; the next create tells again
+        with contextlib.suppress(OllamaUnavailable, PublishError, OSError):
+            self.memory.put(self.host, self.server_version(), accepted, how)
 
     # -- queries --
 
@@ -328,8 +576,28 @@ class Publisher:
 
     # -- creating models --
 
-    def ensure_base(self, base_gguf: Path, name: str) -> str:
-        """Publish a base GGUF Ollama does not have as ``forged/base-<name>:latest`` (once)."""
+    def serving_for_ollama(self, name: str, fim: FimFormat) -> Serving:
+        """The template and parameters of the user's Ollama model ``name``, as /api/show
+        gives them, with a Suffix branch in ``fim`` (and its stop words) only where its
+        template has no .Suffix of its own."""
+        show = self._call(f"show {name}", lambda: self._client.show(name))
+        params = parse_show_parameters(show.parameters)
+        stop = tuple(str(x) for x in params.pop("stop", []))
+        template = show.template or DEFAULT_TEMPLATE
+        if uses_suffix(template):
+            return Serving(template, stop, params)
+        return Serving(with_fim(template, fim), _unique(stop, fim.stop), params)
+
+    def serving(self, base_spec: str, base_gguf: Path, fim: FimFormat | None = None) -> Serving:
+        """How versions of a base are served: an ``ollama:NAME`` base keeps its own template
+        and parameters; any other base gets forged's (:func:`serving_for_gguf`)."""
+        if base_spec.strip().startswith("ollama:"):
+            return self.serving_for_ollama(base_spec.strip()[len("ollama:"):], fim or base_fim_format(base_gguf))
+        return serving_for_gguf(base_gguf, fim)
+
+    def ensure_base(self, base_gguf: Path, name: str, serving: Serving | None = None) -> str:
+        """Publish a base GGUF Ollama does not have as ``forged/base-<name>:latest`` (once),
+        served as ``serving`` says (default: :func:`serving_for_gguf`)."""
         tag = f"{NAMESPACE}/base-{name}:latest"
         if not _REPO_RE.match(f"base-{name}"):
             raise PublishError(f"base name {name!r} is not usable in an Ollama tag")
@@ -340,14 +608,12 @@ class Publisher:
         if self.exists(tag) and self._layer_digest_of(tag, "FROM") == self._digest(base_gguf):
             return tag
         digest = self.upload(base_gguf)
-        template = base_chat_template(base_gguf)
-        fmt = format_for_template(template)
-        params: dict[str, Any] = {"stop": list(fmt.stop)} if fmt else {}
+        serving = serving or serving_for_gguf(base_gguf)
         self._call(
             f"create {tag}",
             lambda: self._client.create(
-                model=tag, files={base_gguf.name: digest}, template=template,
-                parameters=params or None,
+                model=tag, files={base_gguf.name: digest}, template=serving.template,
+                parameters=serving.params() or None,
             ),
         )
         return tag
@@ -366,11 +632,12 @@ class Publisher:
         base_tag: str,
         adapter_gguf: Path,
         *,
-        template: str | None,
+        serving: Serving,
         system: str,
         temperature: float,
     ) -> Published:
-        """Create ``forged/<repo>:v<N>`` = base + adapter + template + system + temperature.
+        """Create ``forged/<repo>:v<N>`` = base + adapter + serving (template, stop words,
+        parameters) + system + temperature.
 
         ``adapter_gguf`` may instead be a fused export (a full model): then the version
         is created FROM that file alone, with no ADAPTER, and ``base_tag`` is not used.
@@ -386,6 +653,7 @@ class Publisher:
         tag = tag_for(repo, version)
         if not fused and not self.exists(base_tag):
             raise PublishError(f"base model {base_tag} is not in Ollama (publish it with ensure_base first)")
+        self._check_room(adapter_gguf)
         digest = self.upload(adapter_gguf)
 
         if self.exists(tag):
@@ -395,19 +663,39 @@ class Publisher:
                 raise PublishError(f"{tag} is live with a different adapter; publish under a new version")
             # A leftover from an earlier attempt with another export: replace it.
 
-        fmt = format_for_template(template)
-        params: dict[str, Any] = {"temperature": temperature}
-        if fmt:
-            params["stop"] = list(fmt.stop)
+        params = serving.params(temperature)
         source: dict[str, Any] = (
             {"files": {adapter_gguf.name: digest}} if fused  # FROM the fused model, no ADAPTER
             else {"from_": base_tag, "adapters": {adapter_gguf.name: digest}}
         )
-        self._call(
-            f"create {tag}",
-            lambda: self._client.create(model=tag, **source, template=template, system=system, parameters=params),
-        )
+        try:
+            self._call(
+                f"create {tag}",
+                lambda: self._client.create(model=tag, **source, template=serving.template, system=system,
+                                            parameters=params),
+            )
+        except PublishError as e:
+            if fused or ADAPTER_REFUSAL.lower() not in str(e).lower():
+                raise
+            self._remember_adapters(False, "create refused")
+            self._drop_leftover(repo, version)
+            raise AdaptersRefused(str(e), e.status) from None
+        if not fused:
+            self._remember_adapters(True, "created")
         return Published(tag, self._digests_by_tag().get(tag, ""), True, digest)
+
+    def _check_room(self, path: Path) -> None:
+        """NoRoom unless the version fits: its file (as a blob, unless Ollama has it)."""
+        if not self.room_dirs or self._blob_exists(self._digest(path)):
+            return
+        check_disk_room(path.stat().st_size, self.room_dirs, margin=self.room_margin)
+
+    def _drop_leftover(self, repo: str, version: int) -> None:
+        """Delete a ``v<N>`` tag a refused create may have left (never a live one)."""
+        tag = tag_for(repo, version)
+        if self.exists(tag) and self.live_version(repo) != version:
+            with contextlib.suppress(PublishError):
+                self._call(f"delete {tag}", lambda: self._client.delete(tag))
 
     # -- going live --
 
@@ -458,6 +746,20 @@ class Publisher:
         """Point ``:latest`` back at an earlier ``v<N>`` (same swap as promote)."""
         self.promote(repo, version, previous=self.live_version(repo))
 
+    def sizes(self, repo: str) -> dict[int, dict[str, Any]]:
+        """Each ``v<N>``'s size in bytes and quantization as Ollama reports them."""
+        _check_repo(repo)
+        listing = self._call("list models", self._client.list)
+        prefix = f"{NAMESPACE}/{repo}:"
+        out: dict[int, dict[str, Any]] = {}
+        for m in listing.models:
+            name = m.model or ""
+            if name.startswith(prefix) and (v := _VERSION_TAG.match(name[len(prefix):])):
+                details = m.details
+                out[int(v.group(1))] = {"size": int(m.size or 0),
+                                        "quantization": details.quantization_level if details else None}
+        return out
+
     def prune(self, repo: str, keep: list[int]) -> list[str]:
         """Delete ``forged/<repo>:v<N>`` not in ``keep``; never the one ``:latest`` names."""
         _check_repo(repo)
@@ -477,49 +779,68 @@ class Publisher:
         return deleted
 
 
-def keep_list(versions: list[int], keep_versions: int, live: int | None) -> list[int]:
-    """The newest ``keep_versions`` versions, plus the live one if it is older."""
+def keep_list(versions: list[int], keep_versions: int, live: int | None,
+              previous: int | None = None) -> list[int]:
+    """The newest ``keep_versions`` versions, plus the live one and the one a rollback
+    would restore (``previous``) if they are older."""
     keep = sorted(versions)[-keep_versions:] if keep_versions > 0 else []
-    if live is not None and live not in keep:
-        keep.append(live)
+    for v in (live, previous):
+        if v is not None and v not in keep:
+            keep.append(v)
     return sorted(keep)
 
 
 def modelfile(
-    base_from: str, adapter: str | None, *, template: str | None, system: str | None,
+    base_from: str, adapter: str | None, *, serving: Serving, system: str | None,
     temperature: float | None,
 ) -> str:
     """Modelfile text (for the user, and for `ollama create -f`)."""
     lines = [f"FROM {base_from}"]
     if adapter:
         lines.append(f"ADAPTER {adapter}")
-    if template:
-        lines.append(f'TEMPLATE """{template}"""')
+    if serving.template:
+        lines.append(f'TEMPLATE """{serving.template}"""')
     if system:
         lines.append(f'SYSTEM """{system}"""')
-    if temperature is not None:
-        lines.append(f"PARAMETER temperature {temperature:g}")
-    fmt = format_for_template(template)
-    for stop in fmt.stop if fmt else ():
-        lines.append(f'PARAMETER stop "{stop}"')
+    for key, value in serving.params(temperature).items():
+        for item in value if isinstance(value, list) else [value]:
+            lines.append(f"PARAMETER {key} {_modelfile_value(item)}")
     return "\n".join(lines) + "\n"
+
+
+def _modelfile_value(value: Any) -> str:
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)  # quoted: stop words hold spaces and quotes
+    if isinstance(value, bool):
+        return str(value).lower()
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def manual_commands(
     repo: str, version: int, base_gguf: Path, adapter_gguf: Path, *,
-    system: str | None = None, temperature: float = 0.2,
+    system: str | None = None, temperature: float = 0.2, serving: Serving | None = None,
+    adapters_ok: bool = False,
 ) -> str:
     """Shell lines that publish a version by hand (printed by `forgectl status`).
 
-    ``adapter_gguf`` may be a fused export: then the Modelfile is ``FROM`` it, no ADAPTER.
+    ``adapter_gguf`` may be a fused export: then the Modelfile is ``FROM`` it, no ADAPTER
+    (it is already quantized: Ollama 0.34.1+ no longer quantizes a GGUF on create). An
+    ``ADAPTER`` line is written only with ``adapters_ok``, for a server known to take
+    one; otherwise the lines say why there is nothing to run.
     """
     tag, latest = tag_for(repo, version), tag_for(repo, "latest")
     mf_path = f"Modelfile.forged-{repo}-v{version}"
     exported = str(Path(adapter_gguf).resolve())
     fused = is_fused_export(Path(adapter_gguf))
+    if not fused and not adapters_ok:
+        return (
+            f"# {tag} exists only as a LoRA adapter ({exported}), and Ollama 0.34.1 and later\n"
+            "# no longer create models with adapters. Set [publish] export = \"auto\" (or \"fused\")\n"
+            "# so forged also writes a fused model; `forgectl forge REPO` makes one now.\n"
+        )
     text = modelfile(
         exported if fused else str(Path(base_gguf).resolve()), None if fused else exported,
-        template=base_chat_template(Path(base_gguf)),
+        serving=serving or serving_for_gguf(Path(base_gguf)),
         system=system if system is not None else system_prompt(repo), temperature=temperature,
     )
     return (
@@ -527,3 +848,80 @@ def manual_commands(
         f"ollama create {tag} -f {shlex.quote(mf_path)}\n"
         f"ollama cp {tag} {latest}\n"
     )
+
+
+# --- choosing what to publish for a judged candidate ----------------------------------
+
+
+def judged_exports(judged: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A judge result's usable exports by kind ("adapter", "fused"): written and checked."""
+    exports = judged.get("exports")
+    if exports is None and judged.get("export"):  # a result from before export = "auto"
+        e = judged["export"]
+        exports = {"fused" if e.get("kind") == "fused" else "adapter": {**e, "fidelity": judged.get("fidelity")}}
+    return {k: e for k, e in (exports or {}).items()
+            if e.get("path") and (e.get("fidelity") or {}).get("passed", True)}
+
+
+def export_order(exports: dict[str, dict[str, Any]], mode: str, adapters: bool | None) -> list[str]:
+    """Kinds to try in order: the adapter first where the server may take it (lighter,
+    faster to create), then the fused model; ``mode`` "adapter"/"fused" forces one."""
+    if mode in ("adapter", "fused"):
+        return [mode] if mode in exports else []
+    order = (["adapter"] if adapters is not False else []) + ["fused"]
+    return [k for k in order if k in exports]
+
+
+@dataclass
+class VersionMade:
+    """What :func:`publish_candidate` created: shown per version by `forgectl status REPO`."""
+
+    kind: str  # "adapter" | "fused"
+    quantization: str | None  # fused: q8_0 / q4_K_M / f16 (adapter: the base's own)
+    size: int  # bytes of the file uploaded for it
+    path: str
+    note: str = ""  # e.g. why an adapter was not used
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def publish_candidate(
+    pub: Publisher, repo: str, version: int, judged: dict[str, Any], *, mode: str, base_name: str,
+    temperature: float, serving: Serving | None = None,
+) -> VersionMade:
+    """Create ``v<N>`` from the best export this server takes; a refused adapter is
+    followed by the same candidate fused (AdaptersRefused only when there is none)."""
+    exports = judged_exports(judged)
+    base_gguf = Path(judged["base_gguf"])
+    serving = serving or serving_for_gguf(base_gguf)
+    order = export_order(exports, mode, pub.accepts_adapters())
+    if not order:
+        raise PublishError(f"no checked export of this candidate fits [publish] export = {mode!r}")
+    note = ""
+    for i, kind in enumerate(order):
+        e = exports[kind]
+        path = Path(e["path"])
+        base_tag = pub.ensure_base(base_gguf, base_name, serving) if kind == "adapter" else ""
+        try:
+            pub.create_version(repo, version, base_tag, path, serving=serving,
+                               system=system_prompt(repo), temperature=temperature)
+        except AdaptersRefused as err:
+            if i + 1 == len(order):
+                raise
+            note = f"Ollama refused the adapter ({err}); published fused"
+            continue
+        return VersionMade(kind, e.get("quantization"), path.stat().st_size, str(path), note)
+    raise AssertionError("unreachable")
+
+
+def manual_for(judged: dict[str, Any], repo: str, version: int, *, mode: str, adapters: bool | None,
+               temperature: float, serving: Serving | None = None) -> str:
+    """:func:`manual_commands` for the export a current Ollama can take (fused unless the
+    server is known to accept adapters)."""
+    exports = judged_exports(judged)
+    order = export_order(exports, mode, adapters if adapters else False) or export_order(exports, mode, True)
+    if not order:
+        return "# no checked export of this candidate to publish\n"
+    return manual_commands(repo, version, Path(judged["base_gguf"]), Path(exports[order[0]]["path"]),
+                           temperature=temperature, serving=serving, adapters_ok=bool(adapters))

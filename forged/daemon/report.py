@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -11,9 +12,21 @@ from typing import Any
 
 def _load(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        return _dict(json.loads(path.read_text()))
+    except (OSError, ValueError):
         return {}
+
+
+def _dict(v: Any) -> dict[str, Any]:
+    """Stored JSON is rendered as found: whatever is not an object where one belongs is empty."""
+    return v if isinstance(v, dict) else {}
+
+
+def _text(v: Any) -> str:
+    """Any stored value as escaped text (lists joined with '; ')."""
+    if isinstance(v, list | tuple):
+        return "; ".join(_text(x) for x in v)
+    return html.escape(str(v if v is not None else ""))
 
 
 def _svg_curve(points: list[tuple[float, float]], width: int = 640, height: int = 240) -> str:
@@ -43,48 +56,70 @@ def _table(rows: list[list[Any]], head: list[str]) -> str:
     return out + "</table>"
 
 
-def _point(i: int, p: Any) -> tuple[float, float]:
-    """A loss-curve entry: a bare loss per step (the trainer's format), a [step, loss] pair or a dict."""
-    if isinstance(p, list | tuple):
-        return float(p[0]), float(p[1])
-    if isinstance(p, dict):
-        return float(p["step"]), float(p["loss"])
-    return float(i + 1), float(p)
+def _point(i: int, p: Any) -> tuple[float, float] | None:
+    """A loss-curve entry: a bare loss per step (the trainer's format), a [step, loss] pair or
+    a dict; None for anything else, or a value that is not a finite number."""
+    try:
+        if isinstance(p, list | tuple):
+            x, y = float(p[0]), float(p[1])
+        elif isinstance(p, dict):
+            x, y = float(p["step"]), float(p["loss"])
+        else:
+            x, y = float(i + 1), float(p)
+    except (TypeError, ValueError, KeyError, IndexError):
+        return None
+    return (x, y) if math.isfinite(x) and math.isfinite(y) else None
+
+
+def _metrics(cycle: dict[str, Any]) -> dict[str, Any]:
+    m = cycle.get("metrics")
+    if isinstance(m, str):
+        try:
+            m = json.loads(m or "{}")
+        except ValueError:
+            return {}
+    return _dict(m)
 
 
 def write_report(cycle_dir: Path, repo: str, cycle: dict[str, Any]) -> Path:
-    metrics = json.loads(cycle.get("metrics") or "{}") if isinstance(cycle.get("metrics"), str) else (
-        cycle.get("metrics") or {})
-    train = (_load(cycle_dir / "train.result.json").get("train") or metrics.get("train") or {})
-    judged = _load(cycle_dir / "judge.result.json") or {}
-    judge = judged.get("judge") or metrics.get("judge") or {}
-    manifest = _load(cycle_dir / "dataset" / "manifest.json") or metrics.get("dataset") or {}
-    curve = [_point(i, p) for i, p in enumerate(train.get("loss_curve") or [])]
-    said = [f"<li>{html.escape(str(w.get('stage')))}: {html.escape(str(w.get('message')))}</li>"
-            for w in metrics.get("warnings") or []]
+    """Write ``report.html``; never raises on what the stored JSON holds (all text escaped)."""
+    metrics = _metrics(cycle)
+    train = _load(cycle_dir / "train.result.json").get("train") or metrics.get("train")
+    train = _dict(train)
+    judged = _load(cycle_dir / "judge.result.json")
+    judge = _dict(judged.get("judge") or metrics.get("judge"))
+    manifest = _load(cycle_dir / "dataset" / "manifest.json") or _dict(metrics.get("dataset"))
+    raw_curve = train.get("loss_curve")
+    curve = [pt for i, p in enumerate(raw_curve if isinstance(raw_curve, list) else [])
+             if (pt := _point(i, p)) is not None]
+    warned = metrics.get("warnings")
+    said = [f"<li>{_text(_dict(w).get('stage'))}: {_text(_dict(w).get('message') if isinstance(w, dict) else w)}</li>"
+            for w in (warned if isinstance(warned, list) else [])]
     warnings = ["<h2>Warnings</h2>", f"<ul>{''.join(said)}</ul>"] if said else []
     parts = [
         "<!doctype html><meta charset=utf-8>",
-        f"<title>forged report — {html.escape(repo)} cycle {cycle.get('id')}</title>",
+        f"<title>forged report — {_text(repo)} cycle {_text(cycle.get('id'))}</title>",
         "<style>body{font:14px system-ui;margin:2em;max-width:900px}table{border-collapse:collapse;margin:1em 0}"
         "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}th{background:#f3f4f6}</style>",
-        f"<h1>{html.escape(repo)} — cycle {cycle.get('id')}</h1>",
-        f"<p>Stage: <b>{html.escape(str(cycle.get('stage')))}</b> · {html.escape(str(cycle.get('reason') or ''))}"
-        f" · commit {html.escape(str(cycle.get('head_commit') or '')[:12])}"
+        f"<h1>{_text(repo)} — cycle {_text(cycle.get('id'))}</h1>",
+        f"<p>Stage: <b>{_text(cycle.get('stage'))}</b> · {_text(cycle.get('reason') or '')}"
+        f" · commit {_text(str(cycle.get('head_commit') or '')[:12])}"
         f" · generated {time.strftime('%Y-%m-%d %H:%M:%S')}</p>",
         *warnings,
         "<h2>Training loss</h2>", _svg_curve(curve),
         _table([[k, v] for k, v in train.items() if not isinstance(v, list | dict)], ["train", "value"]),
     ]
     if judge:
-        models = [m for m in ("base", "live", "candidate") if judge.get(m)]
-        keys = sorted({k for m in models for k, v in judge[m].items() if isinstance(v, int | float)})
+        models = [m for m in ("base", "live", "candidate") if isinstance(judge.get(m), dict) and judge[m]]
+        keys = sorted({k for m in models for k, v in judge[m].items()
+                       if isinstance(v, int | float) and not isinstance(v, bool)})
         parts += ["<h2>Judge</h2>",
-                  f"<p>Passed: <b>{judge.get('passed')}</b> {html.escape('; '.join(judge.get('reasons', [])))}</p>",
+                  f"<p>Passed: <b>{_text(judge.get('passed'))}</b> {_text(judge.get('reasons') or '')}</p>",
                   _table([[k, *[judge[m].get(k) for m in models]] for k in keys], ["metric", *models])]
-    if judged.get("fidelity"):
+    fidelity = _dict(judged.get("fidelity"))
+    if fidelity:
         parts += ["<h2>Export fidelity (llama.cpp vs trainer)</h2>",
-                  _table([[k, v] for k, v in judged["fidelity"].items()], ["check", "value"])]
+                  _table([[k, v] for k, v in fidelity.items()], ["check", "value"])]
     if manifest:
         flat = [[k, json.dumps(v) if isinstance(v, dict | list) else v] for k, v in manifest.items()]
         parts += ["<h2>Dataset</h2>", _table(flat, ["field", "value"])]

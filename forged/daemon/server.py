@@ -25,15 +25,20 @@ from typing import Any
 from forged import __version__
 from forged.common import log
 from forged.common.paths import check_socket_path
+from forged.daemon.errors import Conflict, DomainError, Invalid, NotFound, Unavailable
+from forged.daemon.fields import ApiError, parse_body
+
+__all__ = ["API_PREFIX", "ApiError", "ControlServer", "Router", "http_status"]
 
 API_PREFIX = "/v1"
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
+HTTP_STATUS: dict[type[DomainError], int] = {Invalid: 400, NotFound: 404, Conflict: 409, Unavailable: 503}
+
+
+def http_status(error: DomainError) -> int:
+    """The HTTP status a refusal of the daemon's is answered with."""
+    return next((code for cls, code in HTTP_STATUS.items() if isinstance(error, cls)), 400)
 
 
 Handler = Callable[[dict[str, str], dict[str, Any], dict[str, list[str]]], Any]
@@ -148,23 +153,17 @@ class _RequestHandler(BaseHTTPRequestHandler):
             self._error(411, "chunked request bodies are not accepted; send Content-Length")
             return
         raw = self.rfile.read(length) if length else b""
-        body: dict[str, Any] = {}
-        if raw.strip():
-            try:
-                body = json.loads(raw)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                self._error(400, f"body is not JSON: {e}")
-                return
-            if not isinstance(body, dict):
-                self._error(400, "body must be a JSON object")
-                return
         try:
+            body = parse_body(raw)
             if not path.startswith(API_PREFIX + "/"):
                 raise ApiError(404, f"unknown API version or path: {path} (this daemon serves {API_PREFIX})")
             handler, params = self.server.router.match(method, path[len(API_PREFIX):])
             result = handler(params, body, query)
         except ApiError as e:
             self._error(e.status, e.message)
+            return
+        except DomainError as e:
+            self._error(http_status(e), str(e))
             return
         except Exception as e:  # a bug in a handler must not take the daemon down
             log.get("forged.api").exception("handler_failed", path=path)
@@ -188,6 +187,9 @@ class _RequestHandler(BaseHTTPRequestHandler):
 class ControlServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
     allow_reuse_address = False
+    # socketserver's default of 5 overflows under a few dozen polling clients; the kernel
+    # caps this at somaxconn.
+    request_queue_size = 128
 
     def __init__(self, path: Path, router: Router, max_body: int = 1 << 20) -> None:
         check_socket_path(path)
@@ -203,6 +205,15 @@ class ControlServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
             os.umask(old)
         os.chmod(path, 0o600)
         self.sock_ino = path.stat().st_ino
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """One log line for a client that hung up mid-reply; a traceback only for our bugs
+        (socketserver's default prints every one of them to stderr)."""
+        exc = sys.exc_info()[1]
+        if isinstance(exc, ConnectionError | TimeoutError):
+            log.get("forged.api").info("client_disconnected", error=type(exc).__name__)
+        else:
+            log.get("forged.api").exception("request_failed")
 
     def close(self) -> None:
         self.shutting_down = True

@@ -12,7 +12,7 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -71,7 +71,7 @@ MIGRATIONS: list[str] = [
         tag TEXT NOT NULL,
         adapter_path TEXT,
         train_commit TEXT,
-        state TEXT NOT NULL,                          -- candidate, published, live, retired, deleted
+        state TEXT NOT NULL,                          -- candidate, published, live, rejected, deleted
         metrics TEXT,
         created_at REAL NOT NULL,
         UNIQUE (repo_id, version)
@@ -185,6 +185,221 @@ class State:
         vals = [json.dumps(v) if isinstance(v, dict | list) else v for v in fields.values()]
         with self.tx() as db:
             db.execute(f"UPDATE repos SET {cols} WHERE name=?", (*vals, name))
+
+    def repo_by_id(self, repo_id: int) -> sqlite3.Row | None:
+        return self.one("SELECT * FROM repos WHERE id=?", (repo_id,))
+
+    # -- cycles ---------------------------------------------------------------
+    def cycle(self, cycle_id: int) -> sqlite3.Row | None:
+        return self.one("SELECT * FROM cycles WHERE id=?", (cycle_id,))
+
+    def open_cycle(self, repo_id: int, include_awaiting: bool = False) -> sqlite3.Row | None:
+        """The repo's unfinished cycle. One awaiting approval does not block a newer one."""
+        sql = "SELECT * FROM cycles WHERE repo_id=? AND finished_at IS NULL"
+        if not include_awaiting:
+            sql += " AND stage != 'awaiting_approval'"
+        return self.one(sql + " ORDER BY id DESC LIMIT 1", (repo_id,))
+
+    def awaiting_cycle(self, repo_id: int) -> sqlite3.Row | None:
+        return self.one("SELECT * FROM cycles WHERE repo_id=? AND stage='awaiting_approval' AND "
+                        "finished_at IS NULL ORDER BY id DESC LIMIT 1", (repo_id,))
+
+    def other_awaiting_cycles(self, repo_id: int, cycle_id: int) -> list[sqlite3.Row]:
+        return self.query("SELECT * FROM cycles WHERE repo_id=? AND stage='awaiting_approval' "
+                          "AND finished_at IS NULL AND id != ?", (repo_id, cycle_id))
+
+    def last_cycle(self, repo_id: int) -> sqlite3.Row | None:
+        return self.one("SELECT * FROM cycles WHERE repo_id=? ORDER BY id DESC LIMIT 1", (repo_id,))
+
+    def recent_cycles(self, repo_id: int, limit: int = 10) -> list[sqlite3.Row]:
+        return self.query("SELECT * FROM cycles WHERE repo_id=? ORDER BY id DESC LIMIT ?", (repo_id, limit))
+
+    def unfinished_cycles(self) -> list[sqlite3.Row]:
+        """Every unfinished cycle with its repo's name and missing flag, oldest first."""
+        return self.query(
+            "SELECT c.*, r.name AS repo_name, r.missing FROM cycles c JOIN repos r ON r.id=c.repo_id "
+            "WHERE c.finished_at IS NULL ORDER BY c.created_at, c.id")
+
+    def cycles_in(self, stages: tuple[str, ...], due_by: float) -> list[sqlite3.Row]:
+        """Unfinished cycles in one of ``stages`` whose retry time (if any) has come."""
+        marks = ",".join("?" * len(stages))
+        return self.query(f"SELECT * FROM cycles WHERE finished_at IS NULL AND stage IN ({marks})"
+                          " AND (retry_at IS NULL OR retry_at <= ?) ORDER BY id", (*stages, due_by))
+
+    def new_cycle(self, repo: sqlite3.Row, stage: str, head: str, forced: bool, reason: str) -> int:
+        now = time.time()
+        with self.tx() as db:
+            cur = db.execute(
+                "INSERT INTO cycles(repo_id, stage, forced, base_commit, head_commit, reason, created_at, updated_at)"
+                " VALUES (?,?,?,?,?,?,?,?)",
+                (repo["id"], stage, int(forced), repo["cursor_commit"], head, reason, now, now),
+            )
+            cid = int(cur.lastrowid or 0)
+            self._event(db, "stage", repo["name"], cid, {"stage": stage, "reason": reason})
+        return cid
+
+    def set_stage(self, cycle_id: int, stage: str, *, reason: str | None = None, finished: bool = False,
+                  **fields: Any) -> None:
+        """Move a cycle to ``stage`` (other columns in ``fields``) and record the event."""
+        now = time.time()
+        sets = {"stage": stage, "updated_at": now, **fields}
+        if reason is not None:
+            sets["reason"] = reason
+        if finished:
+            sets["finished_at"] = now
+        cols = ", ".join(f"{k}=?" for k in sets)
+        with self.tx() as db:
+            db.execute(f"UPDATE cycles SET {cols} WHERE id=?", (*sets.values(), cycle_id))
+            repo = db.execute("SELECT r.name FROM cycles c JOIN repos r ON r.id=c.repo_id WHERE c.id=?",
+                              (cycle_id,)).fetchone()
+            self._event(db, "stage", repo["name"] if repo else None, cycle_id, {"stage": stage, "reason": reason})
+
+    def merge_metrics(self, cycle_id: int, data: dict[str, Any]) -> None:
+        with self.tx() as db:
+            row = db.execute("SELECT metrics FROM cycles WHERE id=?", (cycle_id,)).fetchone()
+            metrics = json.loads(row["metrics"] or "{}") if row else {}
+            metrics.update(data)
+            db.execute("UPDATE cycles SET metrics=? WHERE id=?", (json.dumps(metrics, default=str), cycle_id))
+
+    # -- jobs (one worker run each) ---------------------------------------------
+    def running_jobs(self) -> list[sqlite3.Row]:
+        return self.query("SELECT * FROM jobs WHERE state='running'")
+
+    def interrupt_job(self, job_id: int) -> None:
+        self.query("UPDATE jobs SET state='interrupted', finished_at=? WHERE id=?", (time.time(), job_id))
+
+    def start_job(self, repo: str, cycle_id: int, worker_stage: str, stage: str) -> int:
+        """Record a worker starting: its cycle enters ``stage`` (resumed there after a crash)."""
+        now = time.time()
+        with self.tx() as db:
+            db.execute("UPDATE cycles SET stage=?, resume_stage=?, reason=NULL, updated_at=? WHERE id=?",
+                       (stage, stage, now, cycle_id))
+            cur = db.execute("INSERT INTO jobs(cycle_id, stage, state, started_at) VALUES (?,?,?,?)",
+                             (cycle_id, worker_stage, "running", now))
+            self._event(db, "stage", repo, cycle_id, {"stage": stage})
+            return int(cur.lastrowid or 0)
+
+    def set_job_pid(self, job_id: int, pid: int) -> None:
+        self.query("UPDATE jobs SET pid=? WHERE id=?", (pid, job_id))
+
+    def job_progress(self, job_id: int, repo: str, cycle_id: int, stage: str, msg: dict[str, Any]) -> None:
+        with self.tx() as db:
+            db.execute("UPDATE jobs SET progress=? WHERE id=?", (json.dumps(msg), job_id))
+            self._event(db, "progress", repo, cycle_id, {"stage": stage, **msg})
+
+    def finish_job(self, job_id: int, state: str, exit_code: int, progress: dict[str, Any]) -> None:
+        self.query("UPDATE jobs SET state=?, exit_code=?, finished_at=?, progress=? WHERE id=?",
+                   (state, exit_code, time.time(), json.dumps(progress), job_id))
+
+    # -- model versions and approvals ---------------------------------------------
+    def live_version(self, repo_id: int) -> sqlite3.Row | None:
+        return self.one("SELECT * FROM model_versions WHERE repo_id=? AND state='live'", (repo_id,))
+
+    def model_version(self, repo_id: int, version: int) -> sqlite3.Row | None:
+        return self.one("SELECT * FROM model_versions WHERE repo_id=? AND version=?", (repo_id, version))
+
+    def versions(self, repo_id: int) -> list[dict[str, Any]]:
+        """Every version, newest first, with what was created in Ollama (kind, quantization, size)."""
+        out = []
+        for v in self.query("SELECT version, tag, state, train_commit, created_at, metrics FROM model_versions "
+                            "WHERE repo_id=? ORDER BY version DESC", (repo_id,)):
+            made = (json.loads(v["metrics"] or "{}") or {}).get("published") or {}
+            out.append({**{k: v[k] for k in ("version", "tag", "state", "train_commit", "created_at")},
+                        "kind": made.get("kind"), "quantization": made.get("quantization"),
+                        "size": made.get("size")})
+        return out
+
+    def record_published(self, repo_id: int, version: int, made: dict[str, Any]) -> None:
+        """Keep what was created (kind, quantization, size) with the version's metrics."""
+        with self.tx() as db:
+            row = db.execute("SELECT metrics FROM model_versions WHERE repo_id=? AND version=?",
+                             (repo_id, version)).fetchone()
+            metrics = json.loads(row["metrics"] or "{}") if row else {}
+            metrics["published"] = made
+            db.execute("UPDATE model_versions SET metrics=? WHERE repo_id=? AND version=?",
+                       (json.dumps(metrics, default=str), repo_id, version))
+
+    def published_size(self, repo_id: int, versions: list[int]) -> int:
+        """Bytes the given versions took in Ollama, as recorded when they were created."""
+        return sum(int(v["size"] or 0) for v in self.versions(repo_id) if v["version"] in versions)
+
+    def count_published(self, repo_id: int) -> int:
+        """Versions that reached Ollama and are still there (live or published)."""
+        row = self.one("SELECT COUNT(*) AS n FROM model_versions WHERE repo_id=? AND state IN "
+                       "('live','published')", (repo_id,))
+        return int(row["n"]) if row else 0
+
+    def published_versions(self, repo_id: int) -> list[int]:
+        """Live and published versions, newest first."""
+        rows = self.query("SELECT version FROM model_versions WHERE repo_id=? AND state IN "
+                          "('live','published') ORDER BY version DESC", (repo_id,))
+        return [int(r["version"]) for r in rows]
+
+    def previous_published(self, repo_id: int, below: int) -> int | None:
+        row = self.one("SELECT version FROM model_versions WHERE repo_id=? AND state='published' "
+                       "AND version < ? ORDER BY version DESC LIMIT 1", (repo_id, below))
+        return int(row["version"]) if row else None
+
+    def add_candidate(self, cycle: sqlite3.Row, tag: Callable[[int], str], adapter_path: str) -> int:
+        """Number the cycle's model (one more than the repo's newest) and record it."""
+        with self.tx() as db:
+            row = db.execute("SELECT MAX(version) AS v FROM model_versions WHERE repo_id=?",
+                             (cycle["repo_id"],)).fetchone()
+            version = int(row["v"] or 0) + 1 if row else 1
+            db.execute("UPDATE cycles SET version=? WHERE id=?", (version, cycle["id"]))
+            db.execute(
+                "INSERT INTO model_versions(repo_id, version, cycle_id, tag, adapter_path, train_commit, state,"
+                " metrics, created_at) VALUES (?,?,?,?,?,?,?,?,?)",
+                (cycle["repo_id"], version, cycle["id"], tag(version), adapter_path,
+                 cycle["head_commit"], "candidate", cycle["metrics"], time.time()))
+        return version
+
+    def set_version_state(self, repo_id: int, version: int, state: str) -> None:
+        self.query("UPDATE model_versions SET state=? WHERE repo_id=? AND version=?", (state, repo_id, version))
+
+    def mark_deleted(self, repo_id: int, keep: list[int]) -> None:
+        """Every version but the live one and ``keep`` is gone from Ollama."""
+        self.query(f"UPDATE model_versions SET state='deleted' WHERE repo_id=? AND state!='live' AND version "
+                   f"NOT IN ({','.join('?' * len(keep))})", (repo_id, *keep))
+
+    def _swap_live(self, db: sqlite3.Connection, repo_id: int, version: int, cursor_commit: str | None) -> None:
+        """The one live-version swap: the old live version goes back to published."""
+        db.execute("UPDATE model_versions SET state='published' WHERE repo_id=? AND state='live'", (repo_id,))
+        db.execute("UPDATE model_versions SET state='live' WHERE repo_id=? AND version=?", (repo_id, version))
+        db.execute("UPDATE repos SET live_version=?, cursor_commit=?, cursor_at=? WHERE id=?",
+                   (version, cursor_commit, time.time(), repo_id))
+
+    def promote(self, repo_id: int, version: int, cursor_commit: str | None) -> None:
+        """``version`` is live; the cursor moves to the commit it was trained on."""
+        with self.tx() as db:
+            self._swap_live(db, repo_id, version, cursor_commit)
+
+    def rollback(self, repo: sqlite3.Row, target: sqlite3.Row) -> None:
+        """An earlier published version is live again, and the cursor back at its commit."""
+        version = int(target["version"])
+        with self.tx() as db:
+            self._swap_live(db, int(repo["id"]), version, target["train_commit"])
+            self._event(db, "rollback", repo["name"], None, {"version": version, "from": repo["live_version"]})
+
+    def pending_approval(self, repo_id: int) -> sqlite3.Row | None:
+        return self.one("SELECT * FROM approvals WHERE repo_id=? AND state='pending' ORDER BY id DESC LIMIT 1",
+                        (repo_id,))
+
+    def request_approval(self, repo_id: int, cycle_id: int, version: int) -> None:
+        self.query("INSERT INTO approvals(repo_id, cycle_id, version, state, requested_at) VALUES (?,?,?,?,?)",
+                   (repo_id, cycle_id, version, "pending", time.time()))
+
+    def answer_approval(self, cycle_id: int, state: str, via: str | None = None) -> None:
+        """The cycle's pending approval is answered: approved, rejected or superseded."""
+        self.query("UPDATE approvals SET state=?, via=?, answered_at=? WHERE cycle_id=? AND state='pending'",
+                   (state, via, time.time(), cycle_id))
+
+    def reject(self, cycle: sqlite3.Row, via: str) -> None:
+        with self.tx() as db:
+            db.execute("UPDATE approvals SET state='rejected', via=?, answered_at=? WHERE cycle_id=? "
+                       "AND state='pending'", (via, time.time(), cycle["id"]))
+            db.execute("UPDATE model_versions SET state='rejected' WHERE repo_id=? AND version=?",
+                       (cycle["repo_id"], cycle["version"]))
 
     # -- events ---------------------------------------------------------------
     def _event(

@@ -146,6 +146,7 @@ class RepoWatcher:
         self.deferred: str | None = None  # what git is in the middle of, while a pass waits
         self.missing = False
         self.stats = {"events": 0, "git_events": 0, "checked": 0, "ignored": 0, "check_ignore_runs": 0}
+        self.seen_until = 0.0  # monotonic time of the newest work-tree event classified so far
 
         self._lock = threading.Lock()
         self._pending: dict[str, float] = {}  # work-tree path → last event time
@@ -176,11 +177,6 @@ class RepoWatcher:
             self._thread.join(timeout=10)
         self._stop_observer()
 
-    def request_pass(self) -> None:
-        """Ask for a pass as if something changed now (e.g. after the machine woke)."""
-        self._mark(time.monotonic(), time.monotonic())
-        self._wake.set()
-
     def _start_observer(self) -> None:
         gdirs = self._find_git_dirs()
         self._git_dirs = sorted(((str(d) + os.sep, str(d)) for d in gdirs), key=lambda x: -len(x[0]))
@@ -204,13 +200,16 @@ class RepoWatcher:
                 log.debug("observer stop failed for %s", self.root, exc_info=True)
 
     def _find_git_dirs(self) -> list[Path]:
-        out = subprocess.run(
-            ["git", "rev-parse", "--absolute-git-dir", "--git-common-dir"],
-            cwd=self.root, env=git_env(), capture_output=True, text=True, timeout=30,
-        )
-        if out.returncode != 0:
-            raise RepoError(f"{self.root}: not a git repository")
-        gdir, common = out.stdout.splitlines()[:2]
+        def ask(flag: str) -> str:
+            # One value per call, only its final newline cut: a path may hold a newline
+            # (rev-parse has no -z), so its output is never split by line.
+            out = subprocess.run(["git", "rev-parse", flag], cwd=self.root, env=git_env(),
+                                 capture_output=True, text=True, timeout=30)
+            if out.returncode != 0:
+                raise RepoError(f"{self.root}: not a git repository")
+            return out.stdout.removesuffix("\n")
+
+        gdir, common = ask("--absolute-git-dir"), ask("--git-common-dir")
         dirs = {Path(gdir).resolve(), (self.root / common).resolve() if not os.path.isabs(common) else Path(common).resolve()}
         return sorted(dirs)
 
@@ -289,10 +288,23 @@ class RepoWatcher:
         assert self._first is not None and self._last is not None
         return min(self._last + self.settle, self._first + self.max_wait)
 
+    @property
+    def idle(self) -> bool:
+        """No change seen so far waits for a pass (there was none, or its pass has fired)."""
+        with self._lock:
+            return self._first is None
+
     def _classify(self) -> None:
         with self._lock:
             pending, self._pending = self._pending, {}
             overflow, self._overflow_at = self._overflow_at, None
+        newest = max(pending.values(), default=overflow or 0.0)
+        try:
+            self._classify_batch(pending, overflow)
+        finally:  # only now: a caller seeing seen_until also sees what the batch marked
+            self.seen_until = max(self.seen_until, newest)
+
+    def _classify_batch(self, pending: dict[str, float], overflow: float | None) -> None:
         if overflow is not None:
             # Too many paths to ask about: count it as a change (a pass is cheap and exact).
             self._mark(overflow, overflow)
@@ -365,9 +377,9 @@ class RepoWatcher:
             self._wake.set()
             return
         self.deferred = None
-        with self._lock:
+        with self._lock:  # together: ``idle`` never shows a pass done before it is counted
             self._first = self._last = None
-        self.passes += 1
+            self.passes += 1
         try:
             self.on_settled()
         except Exception:

@@ -2,8 +2,9 @@
 
 The daemon starts it, reads its JSON lines from stdout (``{"event": "progress", …}``,
 one ``{"event": "result", …}`` at the end) and can stop it with SIGTERM, which sets a
-stop event: training checkpoints and exits (exit code 3), mining and judging exit at
-once (exit code 3; they rerun from the start). The worker dies with the daemon
+stop event: training checkpoints and exits (``EXIT_STOPPED``), mining and judging exit
+at once (``EXIT_STOPPED``; they rerun from the start). The events and exit codes are
+:mod:`forged.common.protocol`. The worker dies with the daemon
 (``PR_SET_PDEATHSIG`` on Linux, a parent watch everywhere) so a ``kill -9`` of the
 daemon never leaves two workers behind.
 """
@@ -21,24 +22,32 @@ import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from forged.common import config, paths
+from forged.common.protocol import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_STOPPED,
+    WORKER_STAGES,
+    EventName,
+    WorkerEvent,
+)
 
-EXIT_OK, EXIT_FAILED, EXIT_STOPPED = 0, 1, 3
-STAGES = ("mine", "train", "judge")
-STOP_GRACE = 30.0  # seconds a stopping trainer gets to checkpoint (the issue's SIGTERM bound)
+STOP_GRACE = 30.0  # seconds a stopping trainer gets to checkpoint before the process ends
 
 
-def emit(event: str, data: dict[str, Any] | None = None, **more: Any) -> None:
+def emit(event: EventName, data: dict[str, Any] | None = None, **more: Any) -> WorkerEvent:
+    """Write one event of :mod:`forged.common.protocol` to stdout, the daemon's pipe."""
     # the protocol's "event" wins; a stage's own event name ("step", "resumed",
     # "checkpoint") travels as "kind"
-    msg = {**(data or {}), **more}
-    if "event" in msg:
-        msg["kind"] = msg.pop("event")
-    msg.update(event=event, ts=time.time())
+    body = {**(data or {}), **more}
+    if "event" in body:
+        body["kind"] = body.pop("event")
+    msg = cast(WorkerEvent, {**body, "event": event, "ts": time.time()})
     sys.stdout.write(json.dumps(msg, default=str) + "\n")
     sys.stdout.flush()
+    return msg
 
 
 def _stop_when_asked(stop: threading.Event, stage: str, poll: float = 0.1) -> None:
@@ -106,8 +115,6 @@ def run_stage(stage: str, cycle_dir: Path, job: dict[str, Any], stop: threading.
         return {"train": result.to_dict(), "stopped": bool(result.stopped)}
     if stage == "judge":
         from forged.common.models import resolve_base
-        from forged.worker.judge.export import export_adapter, export_fused
-        from forged.worker.judge.fidelity import check_fidelity
         from forged.worker.judge.judge import judge
 
         adapter = cycle_dir / "train" / "adapter"
@@ -120,21 +127,81 @@ def run_stage(stage: str, cycle_dir: Path, job: dict[str, Any], stop: threading.
         if base.kind != "gguf":
             out.update(passed=False, export_error=f"export needs a GGUF base; {cfg.train.base_model} is {base.kind}")
             return out
-        progress({"stage": "export", "text": "exporting the adapter to GGUF"})
-        if cfg.publish.export == "fused":  # a full GGUF with the adapter merged (published FROM it alone)
-            exported = export_fused(adapter, Path(base.path), cycle_dir / "export" / "model.gguf")
-        else:
-            exported = export_adapter(adapter, Path(base.path), cycle_dir / "export" / "adapter.gguf")
-        progress({"stage": "export", "path": str(exported.path),
-                  "text": "checking the export in llama.cpp against the trainer"})
         texts = _heldout_texts(cycle_dir / "dataset" / "valid.jsonl", limit=8)
-        fid = check_fidelity(adapter, exported.path, Path(base.path), cfg.train, texts,
-                             min_corr=cfg.judge.fidelity_min_corr,
-                             loss_tolerance=cfg.judge.fidelity_loss_tolerance)
-        out.update(export=exported.to_dict(), fidelity=fid.to_dict(), base_gguf=str(base.path),
-                   passed=bool(fid.passed))
+        exports = _export_and_check(cfg, adapter, Path(base.path), cycle_dir / "export", texts,
+                                    job.get("ollama_adapters"), progress)
+        out.update(_primary(exports, job.get("ollama_adapters")), exports=exports, base_gguf=str(base.path))
         return out
-    raise ValueError(f"unknown stage {stage!r} (stages: {', '.join(STAGES)})")
+    raise ValueError(f"unknown stage {stage!r} (stages: {', '.join(WORKER_STAGES)})")
+
+
+def export_plan(export: str, adapters_accepted: bool | None) -> tuple[bool, bool]:
+    """Which exports a judged candidate gets: (GGUF adapter, fused model).
+
+    ``export = "auto"`` makes the fused one always, so that an Ollama refusing adapters
+    at publish time (upgraded since, or never asked) gets the same candidate fused; the
+    adapter is skipped where the server is known to refuse it.
+    """
+    if export == "adapter":
+        return True, False
+    if export == "fused":
+        return False, True
+    return adapters_accepted is not False, True
+
+
+def _export_and_check(cfg: config.Config, adapter: Path, base: Path, out_dir: Path, texts: list[str],
+                      adapters_accepted: bool | None, progress: Any) -> dict[str, Any]:
+    """Export the candidate as planned and check each export in llama.cpp; by kind."""
+    from forged.worker.judge.export import ExportError, export_adapter, export_fused
+    from forged.worker.judge.fidelity import check_fidelity, check_served
+    from forged.worker.judge.quantize import choose_quantization
+
+    want_adapter, want_fused = export_plan(cfg.publish.export, adapters_accepted)
+    j = cfg.judge
+    exports: dict[str, Any] = {}
+    if want_adapter:
+        progress({"stage": "export", "text": "exporting the adapter to GGUF"})
+        try:
+            exported = export_adapter(adapter, base, out_dir / "adapter.gguf")
+        except ExportError as e:
+            if not want_fused:
+                raise
+            exports["adapter"] = {"error": str(e)}  # DoRA, say: the fused version still works
+        else:
+            progress({"stage": "export", "path": str(exported.path),
+                      "text": "checking the adapter in llama.cpp against the trainer"})
+            fid = check_fidelity(adapter, exported.path, base, cfg.train, texts, min_corr=j.fidelity_min_corr,
+                                 loss_tolerance=j.fidelity_loss_tolerance)
+            exports["adapter"] = {**exported.to_dict(), "fidelity": fid.to_dict()}
+    if want_fused:
+        quant = choose_quantization(base, cfg.publish.quantize)
+        progress({"stage": "export", "text": f"merging the adapter into the base; checking it at {quant} in llama.cpp"})
+        merged = export_fused(adapter, base, out_dir / "fused-unquantized.gguf")
+        try:
+            fid, served = check_served(
+                adapter, merged.path, base, cfg.train, texts, start=quant, out_dir=out_dir,
+                min_corr=j.fidelity_min_corr, loss_tolerance=j.fidelity_loss_tolerance, min_gain=j.fidelity_min_gain,
+                warn=lambda text: progress({"event": "warning", "message": text}))
+        finally:
+            merged.path.unlink(missing_ok=True)  # only the quantized file is published
+        entry = {**merged.to_dict(), "fidelity": fid.to_dict(), "quantization": fid.quantization}
+        if served is not None:
+            from forged.worker.judge.export import _sha256
+
+            entry.update(path=str(served), sha256=_sha256(served), size=served.stat().st_size)
+        else:
+            entry.update(path=None)
+        exports["fused"] = entry
+    return exports
+
+
+def _primary(exports: dict[str, Any], adapters_accepted: bool | None) -> dict[str, Any]:
+    """The export the daemon publishes first, its fidelity, and whether any export passed."""
+    ok = {kind: e for kind, e in exports.items() if e.get("path") and (e.get("fidelity") or {}).get("passed")}
+    order = ("adapter", "fused") if adapters_accepted is not False else ("fused",)
+    kind = next((k for k in order if k in ok), None)
+    shown = exports.get(kind or next(iter(exports), ""), {})
+    return {"export": shown or None, "fidelity": shown.get("fidelity"), "passed": kind is not None}
 
 
 def _heldout_texts(path: Path, limit: int) -> list[str]:
@@ -151,7 +218,7 @@ def _heldout_texts(path: Path, limit: int) -> list[str]:
 
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="forged worker")
-    ap.add_argument("stage", choices=STAGES)
+    ap.add_argument("stage", choices=WORKER_STAGES)
     ap.add_argument("--cycle-dir", required=True, type=Path)
     args = ap.parse_args(argv)
     stop = threading.Event()

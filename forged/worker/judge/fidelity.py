@@ -16,6 +16,10 @@ Two conditions, both required:
 * Pearson correlation of the two Δ (all positions × vocabulary) ≥ ``min_corr``;
 * the held-out loss improvement (nats/token, adapter vs. own base) in llama.cpp is
   within ``loss_tolerance`` (relative, with a small absolute floor) of the trainer's.
+
+A fused version is checked as it will be served, quantized by llama.cpp
+(:func:`check_served`): there the gain must also keep at least ``min_gain`` of the
+trainer's, and a quantization that loses more is replaced by the next precision up.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -61,6 +65,9 @@ class FidelityResult:
     delta_norm_ratio: float = 0.0  # |Δ llama| / |Δ trainer|: ~1 when the scale is right
     correlation_qk: float | None = None  # the q/k projections' part alone (PEFT adapters)
     seconds: float = 0.0
+    gain_kept: float | None = None  # llama.cpp's held-out loss gain / the trainer's
+    quantization: str | None = None  # fused versions: the precision checked (what is served)
+    steps: list[dict[str, Any]] | None = None  # fused: each precision tried and why it failed
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -166,6 +173,7 @@ def compare_engines(
     texts: list[str],
     min_corr: float = 0.95,
     loss_tolerance: float = 0.25,
+    min_gain: float | None = None,
 ) -> FidelityResult:
     """Fidelity check given a trainer back end that already has the adapter loaded.
 
@@ -226,6 +234,11 @@ def compare_engines(
     gain_llama = loss["bl"] - loss["al"]
     gain_train = loss["bt"] - loss["at"]
     allowed = max(loss_tolerance * abs(gain_train), ABS_LOSS_FLOOR)
+    kept = gain_llama / gain_train if gain_train > 0 else None
+    # The share kept is only meaningful for a gain above the noise floor; where it is
+    # checked it replaces the lower side of the tolerance.
+    by_share = min_gain is not None and gain_train > ABS_LOSS_FLOOR
+    short = by_share and kept is not None and kept < (min_gain or 0.0)
 
     if norm_t == 0:
         passed, reason = False, "the adapter changes nothing in the trainer (all-zero delta): nothing to verify"
@@ -235,7 +248,13 @@ def compare_engines(
             f"adapter effect differs between llama.cpp and the trainer: correlation {corr:.3f} < {min_corr} "
             f"(delta size ratio {ratio:.2f}) — wrong tensor layout or scale in the export"
         )
-    elif abs(gain_llama - gain_train) > allowed:
+    elif short:
+        passed = False
+        reason = (
+            f"llama.cpp keeps {kept:.0%} of the trainer's held-out loss gain ({gain_llama:+.4f} vs "
+            f"{gain_train:+.4f} nats/token), below fidelity_min_gain {min_gain:.0%}"
+        )
+    elif gain_llama - gain_train > allowed or (not by_share and gain_train - gain_llama > allowed):
         passed = False
         reason = (
             f"held-out loss gain in llama.cpp {gain_llama:+.4f} nats/token vs trainer {gain_train:+.4f} "
@@ -260,6 +279,7 @@ def compare_engines(
         top1_agree_adapter=agree / max(n_tok + len(ids_list), 1),
         delta_norm_ratio=ratio,
         seconds=time.monotonic() - t0,
+        gain_kept=kept,
     )
 
 
@@ -321,7 +341,7 @@ def _qk_only_export(exported: Path, base_gguf: Path, qk_adapter: Path, dst: Path
 
 def _load_and_compare(
     cfg_train: TrainConfig, adapter_dir: Path, exported: Path, base_gguf: Path, texts: list[str],
-    min_corr: float, loss_tolerance: float,
+    min_corr: float, loss_tolerance: float, min_gain: float | None = None,
 ) -> FidelityResult:
     """Load ``adapter_dir`` in the trainer's back end, compare it with ``exported``, free it."""
     import gc
@@ -330,7 +350,7 @@ def _load_and_compare(
 
     backend = load_model(cfg_train, adapter_dir)
     try:
-        return compare_engines(backend, exported, base_gguf, texts, min_corr, loss_tolerance)
+        return compare_engines(backend, exported, base_gguf, texts, min_corr, loss_tolerance, min_gain)
     finally:
         del backend
         gc.collect()
@@ -345,6 +365,7 @@ def check_fidelity(
     min_corr: float = 0.95,
     loss_tolerance: float = 0.25,
     min_corr_qk: float = QK_MIN_CORR,
+    min_gain: float | None = None,
 ) -> FidelityResult:
     """Load the trained adapter in the trainer's back end and compare it with llama.cpp.
 
@@ -367,7 +388,8 @@ def check_fidelity(
     for p, what in ((exported, "export"), (base_gguf, "base GGUF")):
         if not p.is_file():
             raise FidelityError(f"{what} not found: {p}")
-    result = _load_and_compare(cfg_train, adapter_dir, exported, base_gguf, texts, min_corr, loss_tolerance)
+    result = _load_and_compare(cfg_train, adapter_dir, exported, base_gguf, texts, min_corr, loss_tolerance,
+                               min_gain)
     if not result.passed:
         return result
     with tempfile.TemporaryDirectory(prefix="forged-fid-") as tmp:
@@ -386,3 +408,40 @@ def check_fidelity(
     else:
         result.reason += f"; q/k alone {qk.correlation:.3f}"
     return result
+
+
+def check_served(
+    adapter_dir: Path, fused: Path, base_gguf: Path, cfg_train: TrainConfig, texts: list[str], *,
+    start: str, out_dir: Path, min_corr: float = 0.95, loss_tolerance: float = 0.25, min_gain: float = 0.9,
+    warn: Callable[[str], None] | None = None,
+) -> tuple[FidelityResult, Path | None]:
+    """Check a fused model as Ollama will serve it: quantized by llama.cpp to ``start``.
+
+    Below ``min_gain`` of the trainer's loss gain (or the correlation bar), the next
+    precision up is tried (q4_K_M → q8_0 → f16), and ``warn`` says so. Returns the result
+    of the last precision tried and the file that passed (``out_dir/model-<q>.gguf``), or
+    None when even f16 fails: such a version must not be published.
+    """
+    from forged.worker.judge.quantize import quantize_gguf, steps_from
+
+    steps: list[dict[str, Any]] = []
+    result: FidelityResult | None = None
+    ladder = steps_from(start)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    for i, quant in enumerate(ladder):
+        served = Path(out_dir) / f"model-{quant}.gguf"
+        quantize_gguf(fused, served, quant)
+        result = check_fidelity(adapter_dir, served, base_gguf, cfg_train, texts, min_corr, loss_tolerance,
+                                min_gain=min_gain)
+        result.quantization = quant
+        steps.append({"quantization": quant, "passed": result.passed, "gain_kept": result.gain_kept,
+                      "correlation": result.correlation, "reason": result.reason})
+        result.steps = steps
+        if result.passed:
+            return result, served
+        served.unlink(missing_ok=True)
+        if warn is not None and i + 1 < len(ladder):
+            warn(f"fused model at {quant} fails the fidelity check ({result.reason}); trying {ladder[i + 1]}")
+    assert result is not None
+    result.reason = f"not published: the fused model fails the fidelity check even at f16: {result.reason}"
+    return result, None

@@ -27,8 +27,9 @@ from dataclasses import dataclass, field
 from itertools import accumulate
 from typing import Any
 
-# Bump when chunk boundaries, symbol facts or redaction change: the cache is keyed by it.
-CHUNKER_VERSION = "forged-cast-6"
+# Bump when chunk boundaries, symbol facts, redaction or content skips change: the cache is
+# keyed by it.
+CHUNKER_VERSION = "forged-cast-7"
 
 # chunk_tokens × this = budget in non-whitespace bytes. Measured with the SmolLM2
 # tokenizer on Python (click, httpx): ~3.1 non-whitespace bytes per token.
@@ -808,10 +809,13 @@ def _doc_sections(data: bytes, lang: str) -> list[tuple[int, str]]:
     return out
 
 
-def chunk_doc(path: str, lang: str, data: bytes, budget: int) -> list[Chunk]:
-    """Markdown/reST: sections by heading, merged up to the budget; big ones by paragraph."""
+def chunk_doc(path: str, lang: str, data: bytes, budget: int, headings: bool = True) -> list[Chunk]:
+    """Markdown/reST: sections by heading, merged up to the budget; big ones by paragraph.
+
+    ``headings=False`` is plain text (paragraphs, then lines): the fallback for a code file
+    the syntax-aware chunker fails on."""
     t = _Text(data)
-    heads = _doc_sections(data, lang)
+    heads = _doc_sections(data, lang) if headings else []
     starts = [0] + [o for o, _ in heads if o > 0]
     titles = {o: h for o, h in heads}
     bounds = list(zip(starts, [*starts[1:], len(data)], strict=False))
@@ -848,9 +852,10 @@ def _docstring(node: Any, lang: str, data: bytes) -> tuple[str, tuple[int, int] 
     """(doc text, byte span of the docstring statement inside the node) — or ("", None)."""
     if lang == "python":
         body = node.child_by_field_name("body")
-        first = body.named_child(0) if body is not None else None
-        if first is not None and first.type == "expression_statement":
-            inner = first.named_child(0)
+        # A body tree-sitter could not parse (`def f(:`) is an ERROR node with no children.
+        first = body.named_children[0] if body is not None and body.named_child_count else None
+        if first is not None and first.type == "expression_statement" and first.named_child_count:
+            inner = first.named_children[0]
             if inner is not None and inner.type == "string":
                 raw = data[first.start_byte:first.end_byte].decode("utf-8", "replace")
                 m = _PY_DOC.match(raw)
@@ -1024,6 +1029,9 @@ def analyze(path: str, lang: str, data: bytes, budget: int) -> FileAnalysis:
     """Chunks, symbols and calls of one (already redacted) UTF-8 file."""
     if lang in ("markdown", "rst"):
         return FileAnalysis(chunk_doc(path, lang, data, budget), [], [])
-    chunks, tree = chunk_code(path, lang, data, budget)
-    symbols, calls = symbols_of(tree, lang, data, budget)
+    try:
+        chunks, tree = chunk_code(path, lang, data, budget)
+        symbols, calls = symbols_of(tree, lang, data, budget)
+    except Exception:  # noqa: BLE001 - one file the syntax code cannot handle must not stop a mine
+        return FileAnalysis(chunk_doc(path, lang, data, budget, headings=False), [], [])
     return FileAnalysis(chunks, symbols, calls)

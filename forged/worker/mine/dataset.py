@@ -7,21 +7,20 @@ import json
 import math
 import os
 import re
+import shutil
 import sqlite3
 import time
 from array import array
-from bisect import bisect_left
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
-from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
 from forged.common import filters
 from forged.common.config import DEFAULT_OLLAMA_HOST, DEFAULT_SEQ_LEN, MineConfig
-from forged.worker.mine import KINDS, MineReport, examples, gitio
+from forged.worker.mine import KINDS, MineReport, examples, gitio, remine
 from forged.worker.mine import linked as linked_layout
 from forged.worker.mine.cache import MineCache
 from forged.worker.mine.chunker import CHUNKER_VERSION, FileAnalysis, budget_bytes, nws_bytes
@@ -35,7 +34,17 @@ _GENERATED = re.compile(
 _INLINE_BYTES = 256_000
 
 
+_LFS_POINTER = (b"version https://git-lfs.github.com/spec/", b"version https://hawser.github.com/spec/")
+
+
+# A diff line of a pointer file's first line: LFS pointers are left out of commit diffs too.
+_LFS_DIFF = re.compile(r"^[-+ ]version https://(git-lfs\.github\.com|hawser\.github\.com)/spec/", re.M)
+_COMMITS_VERSION = 2  # bump when what a cached commit keeps changes (2: no LFS pointer diffs)
+
+
 def _content_skip(lang: str, data: bytes) -> str | None:
+    if data.startswith(_LFS_POINTER):
+        return "lfs_pointer"  # the real file lives on an LFS server; the pointer is no code
     if b"\0" in data[:8192]:
         return "binary"
     if not data.strip():
@@ -164,16 +173,9 @@ def _seg_of(exs: Iterable[examples.Example]) -> tuple[Seg, tuple[bytes, bytes]]:
                chars, nws), (meta, mlx)
 
 
-class _Fallback(Exception):
-    """The re-mine shortcut (:func:`_remine`) does not apply here: mine in full."""
-
-
 # The four split files as (split, mlx form); this order is linked.json's.
 _FORMS = {"train.jsonl": ("train", False), "mlx/train.jsonl": ("train", True),
           "valid.jsonl": ("valid", False), "mlx/valid.jsonl": ("valid", True)}
-# A re-mine patches its previous mine for at most this many changed paths (a piece of the
-# write plan is found by a scan of its ranges): more, and the full mine is cheaper.
-_PATCH_MAX = 256
 
 
 def _tree_key(path: str) -> bytes:
@@ -197,6 +199,7 @@ class _Ctx:
     results: dict[str, Any] = field(default_factory=dict)  # analysis key → analysis
     parsed: int = 0
     total: int = 0  # files to mine (for progress)
+    specials: Counter[str] = field(default_factory=Counter)  # symlinks/submodules gained (re-mine)
 
     def akey(self, lang: str, blob: str) -> str:
         return f"{self.rep.chunker_version}:{self.budget}:{lang}:{blob}"
@@ -335,10 +338,34 @@ class _Tally:
         rep.tokens_est = {s: int(by[s][4] / NWS_PER_TOKEN) for s in ("train", "valid")}
 
 
-def run(repo: Path, out_dir: Path, cfg: MineConfig, cache_dir: Path, *, commit: str = "HEAD",
-        changed_since: str | None = None, progress: Callable[[dict], None] | None = None,
-        linked: bool = True, ollama_host: str = DEFAULT_OLLAMA_HOST,
-        context_tokens: int = DEFAULT_SEQ_LEN) -> MineReport:
+def run(repo: Path, out_dir: Path, cfg: MineConfig, cache_dir: Path, **kw: Any) -> MineReport:
+    """Mine into a staging directory beside ``out_dir``, then rename it into place: a dataset
+    directory is whole or absent, never a failed mine's half (a full disk late in a mine)."""
+    staging = out_dir.with_name(f".{out_dir.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)  # a mine killed mid-way left it
+    try:
+        rep = _run(repo, staging, cfg, cache_dir, report_dir=out_dir, **kw)
+        _swap_in(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return rep
+
+
+def _swap_in(staging: Path, out_dir: Path) -> None:
+    """``staging`` becomes ``out_dir``; an older dataset there is moved aside, then removed."""
+    old = out_dir.with_name(f".{out_dir.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if out_dir.exists():
+        os.replace(out_dir, old)
+    os.replace(staging, out_dir)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _run(repo: Path, out_dir: Path, cfg: MineConfig, cache_dir: Path, *, commit: str = "HEAD",
+         changed_since: str | None = None, progress: Callable[[dict], None] | None = None,
+         linked: bool = True, ollama_host: str = DEFAULT_OLLAMA_HOST,
+         context_tokens: int = DEFAULT_SEQ_LEN, report_dir: Path | None = None) -> MineReport:
     t0 = time.perf_counter()
     tick = t0
     durations: dict[str, float] = {}
@@ -358,12 +385,13 @@ def run(repo: Path, out_dir: Path, cfg: MineConfig, cache_dir: Path, *, commit: 
     budget = budget_bytes(cfg.chunk_tokens)
     rep = MineReport(repo=str(repo.resolve()), commit=sha, changed_since=since_sha,
                      chunker_version=f"{CHUNKER_VERSION}+redact{REDACT_VERSION}",
-                     budget_tokens=cfg.chunk_tokens, budget_nws_bytes=budget, out_dir=str(out_dir))
+                     budget_tokens=cfg.chunk_tokens, budget_nws_bytes=budget, out_dir=str(report_dir or out_dir))
     # The history and the changed paths are independent of the tree listing: their git
     # processes run while this one reads the tree (a re-mine is mostly git start-ups).
     gitpool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="mine-git")
     history_f = gitpool.submit(_history, repo, sha, since_sha, cfg)
-    changes_f = gitpool.submit(gitio.changes, repo, since_sha, sha) if since_sha else None
+    specials: Counter[str] = Counter()  # symlinks and submodules gained since since_sha
+    changes_f = gitpool.submit(gitio.changes, repo, since_sha, sha, specials) if since_sha else None
     store: LineStore | None = None
     cache: MineCache | None = None
     ok = False
@@ -379,9 +407,10 @@ def run(repo: Path, out_dir: Path, cfg: MineConfig, cache_dir: Path, *, commit: 
         if (last is not None and changes_f is not None and last.get("commit") == since_sha
                 and last.get("fp") == ctx.fp and not (cfg.teacher and cfg.kinds.teacher > 0)):
             try:
-                _remine(ctx, out_dir, last, changes_f.result(), history_f, stage, linked)
+                ctx.specials = specials
+                remine.remine(ctx, out_dir, last, changes_f.result(), history_f, stage, linked)
                 done = True
-            except _Fallback:
+            except remine.Fallback:
                 pass
         if not done:
             _mine(ctx, out_dir, sha, changes_f.result() if changes_f is not None else None,
@@ -405,11 +434,12 @@ def _mine(ctx: _Ctx, out_dir: Path, sha: str, changes: dict[str, str | None] | N
           history_f: Future, stage: Callable[[str], None], linked: bool, ollama_host: str) -> None:
     """The full mine: list the tree, then every file's lines from the store or derived."""
     cfg, rep, store, cache = ctx.cfg, ctx.rep, ctx.store, ctx.cache
-    entries = gitio.ls_tree(ctx.repo, sha)
+    specials: Counter[str] = Counter()
+    entries = gitio.ls_tree(ctx.repo, sha, specials)
     changed = set(changes) if changes is not None else None
-    rep.files_total = len(entries)
+    rep.files_total = len(entries) + sum(specials.values())
     idx = store.index
-    tot = _Totals()
+    tot = _Totals(skipped=Counter(specials))
     todo: list[tuple[gitio.Entry, str, str, tuple]] = []  # entry, lang, analysis key, path facts
     for e in entries:
         pi = ctx.facts(e.path)
@@ -483,236 +513,7 @@ def _mine(ctx: _Ctx, out_dir: Path, sha: str, changes: dict[str, str | None] | N
     # The next re-mine can patch this one unless its own output needed more than the
     # saved state holds (duplicates removed, teacher lines) or the store moved its lines.
     store.last = (None if dups or teacher or compacted else
-                  _last(ctx, entries, files, units[:nfile], ftally, tot, heldout))
-
-
-def _last(ctx: _Ctx, entries: list[gitio.Entry], files: list[_File], file_units: list[_Unit],
-          tally: _Tally, tot: _Totals, heldout: set[str]) -> dict[str, Any] | None:
-    """What :func:`_remine` patches: the tree listing with each mined file's split and
-    stored lines, the file lines' write plan (without "changed" flags), hashes and totals."""
-    keys = [_tree_key(e.path) for e in entries]
-    if any(a >= b for a, b in pairwise(keys)):
-        return None  # not in the order insertions assume: never patch this listing
-    rows = array("q")  # per entry: split (-1: not mined, 0: train, 1: valid), meta/mlx range
-    fi = 0
-    for e in entries:
-        if fi < len(files) and files[fi].path == e.path:
-            s = file_units[fi].seg
-            rows.extend((int(files[fi].split == "valid"), s.meta_off, s.meta_len, s.mlx_off,
-                         s.mlx_len))
-            fi += 1
-        else:
-            rows.extend((-1, 0, 0, 0, 0))
-    return {
-        "commit": ctx.rep.commit, "fp": ctx.fp, "heldout": sorted(heldout),
-        "paths": [e.path for e in entries], "blobs": [e.blob for e in entries],
-        "sizes": [e.size for e in entries], "rows": rows.tobytes(),
-        "plans": _plans(file_units, {}, ctx.store, bytearray(), flips=False),
-        "hashes": array("Q", sorted(array("Q", b"".join([u.seg.hashes for u in file_units])))
-                        ).tobytes(),
-        "skipped": dict(tot.skipped), "redactions": dict(tot.redactions),
-        "totals": [tot.chunks, tot.symbols, tot.todo, tot.mined, tot.held],
-        "tally": tally.by, "live": tally.live,
-    }
-
-
-def _remine(ctx: _Ctx, out_dir: Path, last: dict[str, Any], changes: dict[str, str | None],
-            history_f: Future, stage: Callable[[str], None], linked: bool) -> None:
-    """A re-mine from the last mined commit, in O(changed files): the last mine's listing,
-    totals and write plan (:func:`_last`) are patched with the paths ``changes`` names
-    instead of listing and walking the whole tree. The output is the full mine's, byte for
-    byte; where that cannot be assured (duplicates, compaction due, no held-out file, an
-    unexpected saved state) this raises :class:`_Fallback` before writing anything.
-    """
-    cfg, rep, store, cache = ctx.cfg, ctx.rep, ctx.store, ctx.cache
-    idx = store.index
-    info, segs = idx.info, idx.segs
-    frac = cfg.heldout_fraction
-    heldout = cache.heldout(rep.repo)
-    if len(changes) > _PATCH_MAX or sorted(heldout) != last["heldout"]:
-        raise _Fallback
-    paths, blobs, sizes = last["paths"], last["blobs"], last["sizes"]
-    rows, hashes = array("q", last["rows"]), array("Q", last["hashes"])
-    plans: dict[str, list[tuple[int, int, int, int]]] = last["plans"]
-    tot = _Totals(Counter(last["skipped"]), Counter(last["redactions"]), *last["totals"])
-    tally = _Tally(last["tally"], last["live"])
-    if cfg.kinds.raft > 0 and len(idx.files) != tot.mined:
-        raise _Fallback  # the symbol table's file list is not the last mine's
-    order = sorted(changes, key=_tree_key)
-    sizes_of = gitio.blob_sizes(ctx.repo, [b for b in changes.values() if b is not None])
-
-    def find(path: str) -> int:
-        return bisect_left(paths, _tree_key(path), key=_tree_key)
-
-    # 1. Take the changed paths' old entries out: totals, stored lines, plan, listing.
-    old_akeys: dict[str, str] = {}  # mined path → its analysis key at the last mine
-    for p in order:
-        i = find(p)
-        if i == len(paths) or paths[i] != p:
-            continue
-        pi = ctx.facts(p)
-        reason = ctx.reason(gitio.Entry(p, blobs[i], sizes[i]), pi)
-        akey = "" if reason else ctx.akey(pi[1], blobs[i])
-        if akey and akey not in info:
-            raise _Fallback
-        if tot.entry(reason, info[akey] if akey else None, -1):
-            split = rows[5 * i]
-            tot.held -= split == 1
-            seg = store.seg(akey + "\0" + p)
-            if seg is None or tuple(seg[:4]) != tuple(rows[5 * i + 1:5 * i + 5]):
-                raise _Fallback  # not the lines the last mine wrote
-            tally.add(_Unit("valid" if split else "train", False, pi[1], seg, akey), -1)
-            for h in array("Q", seg.hashes):
-                _take(hashes, h)
-            for rel, (s, mlx) in _FORMS.items():
-                if s == ("valid" if split else "train") and seg.n:
-                    _cut(plans[rel], *((1, seg.mlx_off, seg.mlx_len) if mlx
-                                       else (0, seg.meta_off, seg.meta_len)))
-            old_akeys[p] = akey
-        del paths[i], blobs[i], sizes[i], rows[5 * i:5 * i + 5]
-
-    # 2. Their new entries: name and size checks, then the analyses not known yet.
-    add: list[tuple[gitio.Entry, tuple, str, str | None]] = []
-    need: dict[str, tuple[gitio.Entry, str]] = {}
-    for p in order:
-        blob = changes[p]
-        if blob is None:
-            continue
-        e = gitio.Entry(p, blob, sizes_of[blob])
-        pi = ctx.facts(p)
-        reason = ctx.reason(e, pi)
-        akey = "" if reason else ctx.akey(pi[1], blob)
-        inf = info.get(akey) if akey else None
-        if akey and (inf is None or (inf[0] == "ok" and akey + "\0" + p not in segs)):
-            need[akey] = (e, pi[1])
-        add.append((e, pi, akey, reason))
-    ctx.total = tot.todo + sum(bool(a[2]) for a in add)
-    stage("enumerate")
-    ctx.analyses(need)
-    stage("parse")
-
-    # 3. Into the listing and totals; the mined ones become files (offsets filled below).
-    files: list[tuple[int, _File]] = []
-    for e, pi, akey, reason in add:
-        i = find(e.path)
-        paths.insert(i, e.path)
-        blobs.insert(i, e.blob)
-        sizes.insert(i, e.size)
-        if not tot.entry(reason, info[akey] if akey else None):
-            rows[5 * i:5 * i] = array("q", (-1, 0, 0, 0, 0))
-            continue
-        valid = frac > 0 and (pi[2] < frac or e.path in heldout)
-        tot.held += valid
-        rows[5 * i:5 * i] = array("q", (int(valid), 0, 0, 0, 0))
-        files.append((i, _File(e, pi[1], akey, "valid" if valid else "train", True, pi[3])))
-    if frac > 0 and tot.mined >= 2 and not tot.held:
-        raise _Fallback  # the full mine picks a file to hold out
-    rep.files_total = len(paths)
-    tot.report(rep, ctx.parsed, len(files))
-    stage("load")
-
-    def split_of(path: str) -> str | None:
-        i = find(path)
-        if i < len(paths) and paths[i] == path and rows[5 * i] >= 0:
-            return "valid" if rows[5 * i] else "train"
-        return None
-
-    redactions = Counter(tot.redactions)
-    commit_units = _commit_units(ctx, history_f.result(), split_of, redactions)
-    stage("commits")
-
-    # 4. The changed files' lines, each put in the plan after the nearest file before it
-    # in its split (the plans without "changed" flags are next time's; flags in `flagged`).
-    units = _file_units([f for _, f in files], ctx.results, store, cfg, ctx.context_tokens)
-    flagged = {rel: list(r) for rel, r in plans.items() if not _FORMS[rel][1]}
-    for (i, f), u in zip(files, units, strict=True):
-        s = u.seg
-        rows[5 * i + 1:5 * i + 5] = array("q", (s.meta_off, s.meta_len, s.mlx_off, s.mlx_len))
-        tally.add(u)
-        for h in array("Q", s.hashes):
-            _put(hashes, h)
-        if not s.n:
-            continue
-        j = i - 1
-        while j >= 0 and (rows[5 * j] != rows[5 * i] or not rows[5 * j + 2]):
-            j -= 1
-        for rel, (split, mlx) in _FORMS.items():
-            if split != f.split:
-                continue
-            src, off, n = (1, s.mlx_off, s.mlx_len) if mlx else (0, s.meta_off, s.meta_len)
-            end = -1 if j < 0 else sum(rows[5 * j + 3:5 * j + 5] if mlx else rows[5 * j + 1:5 * j + 3])
-            _put_after(plans[rel], src, end, (src, off, n, 0))
-            if not mlx:
-                _put_after(flagged[rel], src, end, (src, off, n, 1))
-    plans = {rel: _refold(r) for rel, r in plans.items()}
-
-    # 5. RAFT: the symbol table takes the changed files; lines only where there are questions.
-    raft: list[_Unit] = []
-    if cfg.kinds.raft <= 0:
-        ctx.store.note_files(list(idx.files), {})
-    else:
-        now = {f.path: f.akey for _, f in files}
-        _symbols(ctx, [p for p in old_akeys if now.get(p) != old_akeys[p]],
-                 [f for _, f in files if idx.files.get(f.path) != f.akey])
-        if store.sym.execute("SELECT 1 FROM spec LIMIT 1").fetchone():
-            every = []
-            for i, p in enumerate(paths):
-                if rows[5 * i] >= 0:
-                    pi = ctx.facts(p)
-                    every.append(_File(gitio.Entry(p, blobs[i], sizes[i]), pi[1],
-                                       ctx.akey(pi[1], blobs[i]), "valid" if rows[5 * i] else "train",
-                                       p in changes, pi[3]))
-            raft = _raft_lines(ctx, every)
-    stage("examples")
-    rep.teacher = {"status": "off"}
-
-    # 6. Duplicates: the last mine had none; none may come with the new lines either.
-    seen: set[int] = set()
-    for u in raft + commit_units:
-        for h in array("Q", u.seg.hashes):
-            k = bisect_left(hashes, h)
-            if h in seen or (k < len(hashes) and hashes[k] == h):
-                raise _Fallback
-            seen.add(h)
-    total = tally.copy()
-    for u in raft + commit_units:
-        total.add(u)
-    if _compaction_due(store, total.live, len(paths)):
-        raise _Fallback  # the full mine compacts the store
-
-    ctx.progress({"stage": "write", "examples": total.by["train"][2] + total.by["valid"][2]})
-    rep.duplicates_removed = 0
-    total.report(rep)
-    extra = bytearray()
-    out = _plans(raft + commit_units, {}, store, extra,
-                 into={rel: _refold(flagged.get(rel, r)) for rel, r in plans.items()})
-    _emit(out_dir, out, extra, store, linked)
-    rep.skipped = dict(sorted((+tot.skipped).items()))
-    rep.redactions = dict(sorted((+redactions).items()))
-    store.last = {
-        "commit": rep.commit, "fp": ctx.fp, "heldout": last["heldout"], "paths": paths,
-        "blobs": blobs, "sizes": sizes, "rows": rows.tobytes(), "plans": plans,
-        "hashes": hashes.tobytes(), "skipped": dict(+tot.skipped),
-        "redactions": dict(+tot.redactions),
-        "totals": [tot.chunks, tot.symbols, tot.todo, tot.mined, tot.held],
-        "tally": tally.by, "live": tally.live,
-    }
-
-
-def _take(hashes: array, h: int) -> None:
-    """Remove one line hash from the sorted hashes."""
-    k = bisect_left(hashes, h)
-    if k == len(hashes) or hashes[k] != h:
-        raise _Fallback
-    del hashes[k]
-
-
-def _put(hashes: array, h: int) -> None:
-    """Add a line hash to the sorted hashes; a duplicate line needs the full mine's removal."""
-    k = bisect_left(hashes, h)
-    if k < len(hashes) and hashes[k] == h:
-        raise _Fallback
-    hashes.insert(k, h)
+                  remine.save(ctx, entries, files, units[:nfile], ftally, tot, heldout))
 
 
 def _merge(ranges: list[tuple[int, int, int, int]], src: int, off: int, n: int, flip: int) -> None:
@@ -731,32 +532,6 @@ def _refold(ranges: list[tuple[int, int, int, int]]) -> list[tuple[int, int, int
     for r in ranges:
         _merge(out, *r)
     return out
-
-
-def _cut(ranges: list[tuple[int, int, int, int]], src: int, off: int, n: int) -> None:
-    """Take the piece ``off``..``off + n`` of ``src`` out of a plan."""
-    for k, (s, o, m, fl) in enumerate(ranges):
-        if s == src and o <= off < o + m:
-            if off + n > o + m:
-                break
-            ranges[k:k + 1] = [r for r in ((s, o, off - o, fl), (s, off + n, o + m - off - n, fl))
-                               if r[2]]
-            return
-    raise _Fallback
-
-
-def _put_after(ranges: list[tuple[int, int, int, int]], src: int, end: int,
-               piece: tuple[int, int, int, int]) -> None:
-    """Insert ``piece`` after the piece of ``src`` ending at ``end`` (-1: first)."""
-    if end < 0:
-        ranges.insert(0, piece)
-        return
-    for k, (s, o, m, fl) in enumerate(ranges):
-        if s == src and o < end <= o + m:
-            ranges[k:k + 1] = [r for r in ((s, o, end - o, fl), piece, (s, end, o + m - end, fl))
-                               if r[2]]
-            return
-    raise _Fallback
 
 
 def _commit_units(ctx: _Ctx, history: tuple[list[str], set[str] | None],
@@ -1146,7 +921,7 @@ def _commits(repo: Path, history: tuple[list[str], set[str] | None], cfg: MineCo
     if not shas:
         return []
     max_diff = budget * 8
-    keys = {s: f"{REDACT_VERSION}:{max_diff}:{s}" for s in shas}
+    keys = {s: f"{REDACT_VERSION}:{_COMMITS_VERSION}:{max_diff}:{s}" for s in shas}
     got = cache.get_commits(keys.values())
     todo = [s for s in shas if keys[s] not in got]
     fresh: dict[str, Any] = {}
@@ -1155,7 +930,8 @@ def _commits(repo: Path, history: tuple[list[str], set[str] | None], cfg: MineCo
             keep = []
             counts: Counter[str] = Counter()
             for path, diff in parts:
-                if filters.skip_reason(path) or len(diff) > max_diff or "\nBinary files " in diff:
+                if (filters.skip_reason(path) or len(diff) > max_diff or "\nBinary files " in diff
+                        or _LFS_DIFF.search(diff)):
                     continue
                 clean, c = redact(diff, path)
                 counts.update(c)

@@ -32,8 +32,7 @@ RAFT_SYSTEM = (
 )
 CODE_LANGS = frozenset({"python", "javascript", "typescript", "tsx", "go", "rust", "java"})
 # Bumped when example lines change for the same inputs (part of the line store's key).
-EXAMPLES_FORMAT = 5  # 2: RAFT documents cut to fit the context; 3: FIM and code→doc too;
-# 4: no RAFT example where not even the oracle line fits; 5: code→doc where its code fits
+EXAMPLES_FORMAT = 5
 
 # Examples must fit the trainer's context ([train] seq_len): it keeps the head of a longer
 # one, which for chat examples is the prompt without the answer. What a chat example costs
@@ -49,9 +48,7 @@ _MIN_DOC_TOKENS = 32
 
 # Tokens estimated as one piece per run of ASCII letters, digit, underscore, punctuation
 # mark, non-ASCII character, line break and indentation run, counted with bytes.translate
-# (7x faster than a regex): SmolLM2's token count is 0.83-0.98x of it for 80% of the code
-# chunks of click+httpx+requests, 0.92-1.11x for java.util, at most 1.3x (the chunker's
-# non-whitespace estimate: 0.86-1.15x, and up to 2.1x on punctuation-dense code).
+# rather than a regex (faster). How close it comes to SmolLM2's count: docs/benchmarks.md.
 _LETTERS = bytes(range(65, 91)) + bytes(range(97, 123))
 _LETTERS_ONLY = bytes(b if b in _LETTERS else 32 for b in range(256))
 _NOT_A_PIECE = _LETTERS + b" \t\r\x0b\x0c" + bytes(range(0x80, 0xC0))  # + UTF-8 continuations

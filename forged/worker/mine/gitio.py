@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 import threading
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import NamedTuple
@@ -45,15 +46,23 @@ class Entry(NamedTuple):
     size: int
 
 
-# One `ls-tree -r -l -z` record of a blob: mode, object, padded size, path.
-_LS_BLOB = re.compile(rb"(\d+) blob ([0-9a-f]+) +(\d+)\t([^\0]*)\0")
+# One `ls-tree -r -l -z` record: mode, type, object, padded size ("-" for a submodule), path.
+_LS_ENTRY = re.compile(rb"(\d+) (\w+) ([0-9a-f]+) +(\d+|-)\t([^\0]*)\0")
+# Tracked entries that are not regular files, by mode: never read, counted under these names.
+SPECIAL_MODES = {b"120000": "symlink", b"160000": "submodule"}
 
 
-def ls_tree(repo: Path, sha: str) -> list[Entry]:
-    """Tracked regular files at a commit (symlinks and submodules left out)."""
+def ls_tree(repo: Path, sha: str, specials: Counter[str] | None = None) -> list[Entry]:
+    """Tracked regular files at a commit; symlinks and submodules are left out, and counted
+    into ``specials`` by kind when it is given."""
     out = git(repo, "ls-tree", "-r", "-l", "-z", "--full-tree", sha)
-    return [Entry(path.decode("utf-8", "surrogateescape"), obj.decode(), int(size))
-            for mode, obj, size, path in _LS_BLOB.findall(out) if mode != b"120000"]
+    entries = []
+    for mode, kind, obj, size, path in _LS_ENTRY.findall(out):
+        if kind == b"blob" and mode not in SPECIAL_MODES:
+            entries.append(Entry(path.decode("utf-8", "surrogateescape"), obj.decode(), int(size)))
+        elif specials is not None and mode in SPECIAL_MODES:
+            specials[SPECIAL_MODES[mode]] += 1
+    return entries
 
 
 def cat_blobs(repo: Path, shas: Iterable[str]) -> Iterator[tuple[str, bytes]]:
@@ -95,9 +104,12 @@ def cat_blobs(repo: Path, shas: Iterable[str]) -> Iterator[tuple[str, bytes]]:
         t.join(timeout=1)
 
 
-def changes(repo: Path, since: str, sha: str) -> dict[str, str | None]:
+def changes(repo: Path, since: str, sha: str, specials: Counter[str] | None = None
+            ) -> dict[str, str | None]:
     """Paths changed since..sha → the new blob, or None where the path holds no regular
-    file any more (deleted, or now a symlink or submodule: :func:`ls_tree` lists neither)."""
+    file any more (deleted, or now a symlink or submodule: :func:`ls_tree` lists neither).
+
+    ``specials``, when given, gets the change in the count of symlinks and submodules."""
     out = git(repo, "diff-tree", "-r", "-z", "--raw", "--no-renames", "--no-abbrev", since, sha)
     # -z records: ":<old mode> <new mode> <old sha> <new sha> <status>\0<path>\0"
     fields = out.split(b"\0")
@@ -105,7 +117,11 @@ def changes(repo: Path, since: str, sha: str) -> dict[str, str | None]:
     for head, path in zip(fields[0::2], fields[1::2], strict=False):
         if not head.startswith(b":"):
             continue
-        _old_mode, mode, _old, new, _status = head[1:].split(b" ")
+        old_mode, mode, _old, new, _status = head[1:].split(b" ")
+        if specials is not None:
+            for m, sign in ((old_mode, -1), (mode, 1)):
+                if m in SPECIAL_MODES:
+                    specials[SPECIAL_MODES[m]] += sign
         got[path.decode("utf-8", "surrogateescape")] = (
             new.decode() if mode.startswith(b"10") and mode != b"120000" else None)
     return got

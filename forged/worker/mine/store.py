@@ -16,7 +16,7 @@ Layout of ``cache_dir/lines/<repo+config hash>/``:
   (offsets, per-line hashes and stats), the per-path name checks, per-blob facts, and
   the previous mine's file list.
 * ``last.bin`` — the previous mine's outcome (tree listing, file-part write plan, totals;
-  see ``forged.worker.mine.dataset._remine``), valid only with the index state it names
+  see ``forged.worker.mine.remine``), valid only with the index state it names
   (``Index.stamp``): a re-mine from that commit patches it instead of walking the tree.
 * ``symbols.sqlite`` — the repo's symbol table (RAFT's uniqueness checks), kept
   incrementally.

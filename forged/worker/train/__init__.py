@@ -23,7 +23,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BackendError", "BaseModel", "ModelError", "choose_backend", "estimate_for", "estimate_peak_memory",
-    "load_model", "resolve_base", "should_full_retrain", "train",
+    "load_model", "resolve_base", "train",
 ]
 
 
@@ -55,7 +55,3 @@ def load_model(cfg: TrainConfig, adapter_dir: Path | None = None) -> Backend:
         be.load_adapter(Path(adapter_dir))
     return be
 
-
-def should_full_retrain(cycles_since_full: int, cfg: TrainConfig) -> bool:
-    """True when this cycle should start fresh instead of warm-starting from the live adapter."""
-    return cycles_since_full + 1 >= cfg.full_retrain_every

@@ -23,7 +23,9 @@ class Backend(Protocol):
 
     name: str  # "torch" | "mlx"
     base: BaseModel
+    tok: Any  # the base's Hugging Face tokenizer
     start_id: int  # token prepended to every sequence (see data.start_id)
+    notes: list[str]  # what loading changed that the user should know (e.g. no 4-bit without CUDA)
 
     def encode(self, text: str) -> list[int]: ...
 
@@ -47,6 +49,10 @@ class Backend(Protocol):
         at ``max_new_tokens[i]``, at EOS, or as soon as ``until[i](text so far)`` is true."""
         ...
 
+    def load_adapter(self, adapter_dir: Path) -> None:
+        """Apply a saved adapter (a ``save_adapter`` directory) to the base."""
+        ...
+
     def set_adapter_enabled(self, enabled: bool) -> None: ...
 
     def chat_prompt(self, messages: list[dict]) -> str: ...
@@ -54,6 +60,8 @@ class Backend(Protocol):
 
 class TrainableBackend(Backend, Protocol):
     """The extra methods ``forged.worker.train.run`` drives."""
+
+    batching: str  # how rows are batched: "pack" (several examples per row) or "bucket" (by length)
 
     def attach_adapter(self, cfg: TrainConfig, *, warm_start: Path | None, init_dir: Path) -> dict[str, Any]:
         """Add a trainable adapter (fresh, PiSSA or warm-started); returns its description."""

@@ -32,6 +32,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from forged.common.backends import BackendError, openblas_preload  # noqa: F401 (re-exported)
+from forged.common.config import TrainConfig
 from forged.common.models import BaseModel, ModelError
 from forged.worker.train.data import cut_at_stop, encode, score_windows, start_id, stop_hit
 from forged.worker.train.models import load_tokenizer
@@ -123,7 +124,7 @@ class MLXBackend:
     name = "mlx"
     batching = "bucket"
 
-    def __init__(self, base: BaseModel, cfg: Any) -> None:
+    def __init__(self, base: BaseModel, cfg: TrainConfig) -> None:
         self.base, self.cfg = base, cfg
         self.tok = load_tokenizer(base)
         self.start_id = start_id(self.tok)
@@ -175,7 +176,7 @@ class MLXBackend:
                     parent = getattr(parent, part)
                 self.lora.append((parent, attr, parent[attr]))
 
-    def attach_adapter(self, cfg: Any, *, warm_start: Path | None, init_dir: Path) -> dict[str, Any]:
+    def attach_adapter(self, cfg: TrainConfig, *, warm_start: Path | None, init_dir: Path) -> dict[str, Any]:
         mx.random.seed(cfg.seed)
         if warm_start is not None:
             conf = json.loads((Path(warm_start) / "adapter_config.json").read_text())
@@ -204,7 +205,7 @@ class MLXBackend:
         self.model.train()
         return info
 
-    def _pissa(self, cfg: Any, scale: float, keys: list[str], init_dir: Path) -> None:
+    def _pissa(self, cfg: TrainConfig, scale: float, keys: list[str], init_dir: Path) -> None:
         """Principal part → adapter, residual → base (re-quantized on a 4-bit base: QPiSSA).
 
         A0/B0 are stored in ``init_dir``; a resumed run reuses them, so its residual

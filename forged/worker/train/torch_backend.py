@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from forged.common.backends import BackendError
+from forged.common.config import TrainConfig
 from forged.common.models import BaseModel, ModelError
 from forged.worker.train.data import cut_at_stop, encode, score_windows, start_id, stop_hit
 from forged.worker.train.models import cached_dequantized, dequantized_dir, load_tokenizer
@@ -39,13 +40,14 @@ def _device() -> torch.device:
 
 class TorchBackend:
     name = "torch"
+    batching = "pack"
     layout = "hf"  # transformers un-permutes GGUF q/k rows on load
 
-    def __init__(self, base: BaseModel, cfg: Any) -> None:
+    def __init__(self, base: BaseModel, cfg: TrainConfig) -> None:
         from transformers import AutoModelForCausalLM
 
         self.base, self.cfg = base, cfg
-        if getattr(cfg, "threads", 0):
+        if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.device = _device()
         self.tok = load_tokenizer(base)
@@ -88,7 +90,7 @@ class TorchBackend:
 
     # ------------------------------------------------------------------ adapter
 
-    def _lora_config(self, cfg: Any, r: int, alpha: float, init: Any, rslora: bool, dora: bool) -> Any:
+    def _lora_config(self, cfg: TrainConfig, r: int, alpha: float, init: Any, rslora: bool, dora: bool) -> Any:
         from peft import LoraConfig
 
         return LoraConfig(
@@ -96,7 +98,7 @@ class TorchBackend:
             use_rslora=rslora, use_dora=dora, init_lora_weights=init, bias="none", task_type="CAUSAL_LM",
         )
 
-    def attach_adapter(self, cfg: Any, *, warm_start: Path | None, init_dir: Path) -> dict[str, Any]:
+    def attach_adapter(self, cfg: TrainConfig, *, warm_start: Path | None, init_dir: Path) -> dict[str, Any]:
         """Fresh LoRA/PiSSA, or the live adapter (a plain LoRA) as the starting point."""
         from peft import PeftModel, get_peft_model
 
