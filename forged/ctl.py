@@ -194,6 +194,9 @@ def render_repo(r: dict[str, Any]) -> str:
         j = (m.get("judge") or {})
         cand, ref = j.get("candidate") or {}, j.get("live") or j.get("base") or {}
         bpb = f" bpb {ref.get('bpb', float('nan')):.4f}→{cand.get('bpb', float('nan')):.4f}" if cand else ""
+        d = (j.get("deltas") or {}).get("bpb")
+        if bpb and d:  # the paired difference's 95% interval: is the change more than noise?
+            bpb += f" (Δ 95% CI [{d['lo']:+.4f}, {d['hi']:+.4f}], n={d['n']})"
         out.append(f"  cycle {c['id']}: {c['stage']}{bpb} {c.get('reason') or ''}".rstrip())
     versions = [v for v in r.get("versions") or [] if v.get("state") not in ("deleted", "rejected", "candidate")]
     if versions:

@@ -192,3 +192,111 @@ def test_judge_end_to_end(tiny_setup) -> None:
     assert bad.live is not None and bad.live.bpb == pytest.approx(res.candidate.bpb, rel=1e-5)
     assert bad.candidate.bpb > bad.live.bpb
     assert "bits/byte" in bad.reasons[0] and "vs live" in bad.reasons[0]
+
+
+# ---------------------------------------------------------------- intervals (stats + gate)
+
+
+def test_paired_interval_separates_a_shift_from_noise() -> None:
+    import random
+
+    from forged.worker.judge import stats
+
+    rng = random.Random(1)
+    ref = [rng.gauss(1.0, 0.3) for _ in range(60)]
+    noise = [r + rng.gauss(0.0, 0.05) for r in ref]
+    shifted = [r - 0.05 + rng.gauss(0.0, 0.05) for r in ref]
+    n = stats.paired(noise, ref, seed=0)
+    s = stats.paired(shifted, ref, seed=0)
+    assert n.n == 60 and n.diff.lo < 0 < n.diff.hi
+    assert s.diff.hi < 0 and s.diff.lo < s.diff.value < s.diff.hi
+    assert stats.paired(shifted, ref, seed=0) == s  # seeded: the same interval every run
+    # weights make a ratio of sums: bits/byte over texts of different lengths
+    est = stats.mean_ci([1.0, 2.0], [3.0, 1.0])
+    assert est.value == pytest.approx((1 * 3 + 2 * 1) / 4)
+    with pytest.raises(ValueError, match="differ in length"):
+        stats.paired([1.0], [1.0, 2.0])
+
+
+def delta(diff: float, lo: float, hi: float, n: int = 40) -> dict:
+    return {"diff": diff, "lo": lo, "hi": hi, "n": n}
+
+
+def test_gate_needs_the_bpb_gains_interval_to_exclude_zero() -> None:
+    cand = scores(bpb=0.75)
+    ok, reasons = gate_decision(scores(), None, cand, CFG, deltas={"bpb": delta(-0.05, -0.11, 0.01)})
+    assert not ok and "within noise" in reasons[0] and "n=40" in reasons[0] and "[-0.1100, +0.0100]" in reasons[0]
+    ok, reasons = gate_decision(scores(), None, cand, CFG, deltas={"bpb": delta(-0.05, -0.08, -0.02)})
+    assert ok, reasons
+
+
+def test_gate_counts_a_regression_only_when_its_interval_says_so() -> None:
+    cand = scores(bpb=0.7, fim_exact=0.25)
+    gain = delta(-0.1, -0.12, -0.08)
+    ok, _ = gate_decision(scores(), None, cand, CFG, deltas={"bpb": gain, "fim_exact": delta(-0.05, -0.2, 0.1)})
+    assert ok  # 0.30 → 0.25 on noisy examples: not a regression
+    ok, reasons = gate_decision(scores(), None, cand, CFG,
+                                deltas={"bpb": gain, "fim_exact": delta(-0.05, -0.08, -0.02)})
+    assert not ok and reasons[0].startswith("fim_exact") and "95% CI" in reasons[0]
+
+
+def test_summary_line_shows_intervals() -> None:
+    line = summary_line({"base": scores(), "live": None, "candidate": scores(bpb=0.7), "passed": True,
+                         "deltas": {"bpb": delta(-0.1, -0.12, -0.08, 17)}})
+    assert "bpb 0.800→0.700 (Δ [-0.120, -0.080] n=17)" in line
+
+
+# ---------------------------------------------------------------- noise vs gain (tiny real model)
+
+HELDOUT = [f"def {a}_{b}(x, y):\n    return x {op} y\n\n\ndef {b}_{a}(x):\n    return -x\n"
+           for a, b, op in [("add", "one", "+"), ("sub", "two", "-"), ("mul", "three", "*"), ("div", "four", "/"),
+                            ("mod", "five", "%"), ("pow", "six", "**"), ("and", "seven", "&"), ("or", "eight", "|"),
+                            ("xor", "nine", "^"), ("shl", "ten", "<<"), ("shr", "eleven", ">>"), ("lt", "twelve", "<")]]
+
+
+@pytest.fixture(scope="module")
+def noise_setup(tmp_path_factory: pytest.TempPathFactory):
+    pytest.importorskip("peft")
+    from lora_fixtures import make_peft_adapter, tiny_hf, train_lora
+
+    root = tmp_path_factory.mktemp("judge-noise")
+    base = tiny_hf()
+    ds = root / "ds"
+    ds.mkdir()
+    (ds / "valid.jsonl").write_text("".join(json.dumps({"text": t, "meta": {"kind": "continuation"}}) + "\n"
+                                            for t in HELDOUT))
+    noise = make_peft_adapter(base, root / "noise", rank=4, alpha=4.0, std=0.01, seed=3)
+    gain = train_lora(base, root / "gain", TEXTS, steps=30)
+    return base, ds, noise, gain
+
+
+def test_judge_rejects_noise_and_publishes_a_clear_gain(noise_setup) -> None:
+    from forged.worker.judge.judge import judge
+
+    base, ds, noise, gain = noise_setup
+    cfg_t = TrainConfig(backend="torch", base_model=str(base))
+    cfg = JudgeConfig()  # the shipped thresholds
+    res = judge(ds, cfg_t, cfg, noise)
+    d = res.deltas["bpb"]
+    assert not res.passed and "bits/byte" in res.reasons[0] and "n=12" in res.reasons[0]
+    assert d["n"] == 12 and d["lo"] <= d["diff"] <= d["hi"]
+    assert abs(d["diff"]) < cfg.min_bpb_gain  # the noise adapter really is tiny
+
+    # The same noise with no margin at all: only the interval keeps it out.
+    res0 = judge(ds, cfg_t, JudgeConfig(min_bpb_gain=-1.0), noise)
+    assert not res0.passed and "includes zero" in res0.reasons[0]
+
+    good = judge(ds, cfg_t, cfg, gain)
+    g = good.deltas["bpb"]
+    assert good.passed, good.reasons
+    assert g["hi"] < 0 and g["n"] == 12
+    assert json.loads(json.dumps(good.to_dict()))["deltas"]["bpb"]["n"] == 12
+
+
+def test_forgectl_status_shows_the_bpb_interval() -> None:
+    from forged.ctl import render_repo
+
+    judge = {"base": scores(), "candidate": scores(bpb=0.79), "deltas": {"bpb": delta(-0.01, -0.02, 0.001, 40)}}
+    text = render_repo({"name": "x", "path": "/p", "stage": "watching", "progress": {},
+                        "cycles": [{"id": 1, "stage": "rejected", "metrics": {"judge": judge}}]})
+    assert "bpb 0.8000→0.7900 (Δ 95% CI [-0.0200, +0.0010], n=40)" in text

@@ -120,6 +120,12 @@ def test_masks_for_each_record_kind(tok):
     ex = tokenize_record(tok, Record("prompt", {"prompt": "<fim_prefix>a<fim_suffix>c<fim_middle>", "completion": "b"}), s)
     targets = [i for i, m in zip(ex.ids, ex.mask, strict=True) if m]
     assert tok.decode(targets) == "b" + tok.eos_token
+    fim = Record("prompt", {"prompt": "<fim_prefix>a<fim_suffix>c<fim_middle>", "completion": "b"}, {"kind": "fim"})
+    ex = tokenize_record(tok, fim, s, fim_loss="all")  # StarCoder-style: the whole sequence is learned
+    assert ex.ids[0] == s and not ex.mask[0] and all(ex.mask[1:])
+    doc = Record("prompt", {"prompt": "Write docs for f", "completion": "b"}, {"kind": "code_to_doc"})
+    ex = tokenize_record(tok, doc, s, fim_loss="all")  # only FIM prompts are code to learn
+    assert tok.decode([i for i, m in zip(ex.ids, ex.mask, strict=True) if m]) == "b" + tok.eos_token
     msgs = [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"},
             {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2"}]
     ex = tokenize_record(tok, Record("messages", {"messages": msgs}), s)

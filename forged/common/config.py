@@ -182,6 +182,8 @@ class TrainConfig:
     full_retrain_every: int = field(default=5, metadata=_range(1, 10**4))
     eval_every: int = field(default=0, metadata=_range(0, 10**8))  # held-out loss every N steps; 0 = start/end only
     threads: int = field(default=0, metadata=_range(0, 1024))  # CPU threads for training; 0 = all cores
+    # FIM examples: loss on the middle only, or on the whole sequence (prefix and suffix are code too)
+    fim_loss: str = field(default="middle", metadata=_check(_one_of("middle", "all")))
 
 
 @dataclass

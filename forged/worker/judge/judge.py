@@ -20,6 +20,10 @@ Metrics (all on ``valid.jsonl``, which training never sees):
   record's ``meta.answer``; split by whether the oracle document was in context.
   Generation stops at the end of the first answer line, so the first answer counts.
 
+Every model is scored on the same examples, so each metric is also compared per example
+(candidate − reference, :mod:`forged.worker.judge.stats`): ``JudgeResult.deltas`` holds
+the difference with its 95% bootstrap interval and n, and the gate reads those intervals.
+
 Generation is batched (``Backend.generate_many``): prompts of similar length decode
 together and each row stops as soon as its answer is complete (FIM: the reference's
 number of lines; RAFT: the ``<ANSWER>`` line), or at its token budget.
@@ -124,9 +128,13 @@ class ModelScores:
     n_raft_oracle: int = 0
     n_raft_distractors: int = 0
     seconds: float = 0.0
+    # Per-example values behind each metric (same order for every model), for paired intervals.
+    samples: dict[str, list[float]] = field(default_factory=dict, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        del d["samples"]
+        return d
 
 
 @dataclass
@@ -137,9 +145,13 @@ class JudgeResult:
     passed: bool
     reasons: list[str]
     seconds: float = 0.0
+    deltas: dict[str, dict[str, Any]] = field(default_factory=dict)  # metric → paired candidate − reference
+    reference: str = "base"
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            "reference": self.reference,
+            "deltas": self.deltas,
             "base": self.base.to_dict(),
             "live": self.live.to_dict() if self.live else None,
             "candidate": self.candidate.to_dict(),
@@ -308,16 +320,14 @@ def bootstrap_ci(values: list[float], weights: list[float] | None = None, n: int
                  seed: int = 0) -> list[float] | None:
     """95% percentile-bootstrap interval of mean(values), or of sum(values) / sum(weights)
     (a ratio such as bits per byte) when ``weights`` are given; None for no values."""
-    import numpy as np
+    from forged.worker.judge import stats
 
     if not values:
         return None
-    v = np.asarray(values, dtype=np.float64)
-    w = np.ones_like(v) if weights is None else np.asarray(weights, dtype=np.float64)
-    idx = np.random.default_rng(seed).integers(0, len(v), size=(n, len(v)))
-    stats = v[idx].sum(axis=1) / np.maximum(w[idx].sum(axis=1), 1e-12)
-    lo, hi = np.percentile(stats, [2.5, 97.5])
-    return [round(float(lo), 6), round(float(hi), 6)]
+    if weights is not None:  # sum(v) / sum(w) is the w-weighted mean of v / w
+        values = [v / max(w, 1e-12) for v, w in zip(values, weights, strict=True)]
+    e = stats.mean_ci(values, weights, n_boot=n, seed=seed)
+    return [round(e.lo, 6), round(e.hi, 6)]
 
 
 def answer_matches(generated: str, answer: str) -> bool:
@@ -337,15 +347,17 @@ def score_model(
     report = progress or (lambda d: None)
 
     if data.texts:
-        nats = 0.0
+        per_text: list[float] = []
         for i in range(0, len(data.texts), NLL_BATCH):
-            batch = data.texts[i : i + NLL_BATCH]
-            nats += sum(backend.nll(batch))
+            per_text += backend.nll(data.texts[i : i + NLL_BATCH])
             report({"stage": "judge", "model": name, "metric": "bpb",
                     "done": min(i + NLL_BATCH, len(data.texts)), "total": len(data.texts)})
         s.n_texts = len(data.texts)
-        s.n_bytes = sum(len(t.encode("utf-8")) for t in data.texts)
-        s.bpb = nats / math.log(2) / max(s.n_bytes, 1)
+        nbytes = [max(len(t.encode("utf-8")), 1) for t in data.texts]
+        s.n_bytes = sum(nbytes)
+        s.bpb = sum(per_text) / math.log(2) / s.n_bytes
+        s.samples["bpb"] = [n / math.log(2) / b for n, b in zip(per_text, nbytes, strict=True)]
+        s.samples["bpb_weight"] = [float(b) for b in nbytes]
 
     t_fim = time.monotonic()
     if data.fim_all:
@@ -355,8 +367,7 @@ def score_model(
         s.fim_seconds_per_example = round((time.monotonic() - t_fim) / len(data.fim), 4)
 
     if data.raft:
-        hits = {True: 0, False: 0}
-        counts = {True: 0, False: 0}
+        hits: dict[bool, list[float]] = {True: [], False: []}
         for i in range(0, len(data.raft), GEN_CHUNK):
             part = data.raft[i : i + GEN_CHUNK]
             gens = backend.generate_many(
@@ -366,15 +377,16 @@ def score_model(
                 [_answered] * len(part),
             )
             for ex, gen in zip(part, gens, strict=True):
-                counts[ex.oracle] += 1
-                hits[ex.oracle] += int(answer_matches(gen, ex.answer))
+                hits[ex.oracle].append(float(answer_matches(gen, ex.answer)))
             report({"stage": "judge", "model": name, "metric": "raft",
                     "done": min(i + GEN_CHUNK, len(data.raft)), "total": len(data.raft)})
-        s.n_raft_oracle, s.n_raft_distractors = counts[True], counts[False]
-        if counts[True]:
-            s.raft_acc_oracle = hits[True] / counts[True]
-        if counts[False]:
-            s.raft_acc_distractors = hits[False] / counts[False]
+        s.n_raft_oracle, s.n_raft_distractors = len(hits[True]), len(hits[False])
+        if hits[True]:
+            s.raft_acc_oracle = sum(hits[True]) / len(hits[True])
+            s.samples["raft_acc_oracle"] = hits[True]
+        if hits[False]:
+            s.raft_acc_distractors = sum(hits[False]) / len(hits[False])
+            s.samples["raft_acc_distractors"] = hits[False]
     s.seconds = time.monotonic() - t0
     return s
 
@@ -393,6 +405,8 @@ def _score_fim_bpb(backend: Any, data: Heldout, s: ModelScores, name: str,
     nbytes = [float(len(ex.completion.encode("utf-8"))) for ex in xs]
     s.n_fim_bpb = len(xs)
     s.fim_bpb = sum(bits) / max(sum(nbytes), 1.0)
+    s.samples["fim_bpb"] = [b / max(n, 1.0) for b, n in zip(bits, nbytes, strict=True)]
+    s.samples["fim_bpb_weight"] = [max(n, 1.0) for n in nbytes]
     s.fim_bpb_ci = bootstrap_ci(bits, nbytes)
 
 
@@ -422,6 +436,7 @@ def _score_fim_generated(backend: Any, data: Heldout, s: ModelScores, name: str,
                 "done": min(i + GEN_CHUNK, len(data.fim)), "total": len(data.fim)})
     s.n_fim, s.n_fim_line = len(exact), len(line)
     s.fim_exact, s.fim_edit_sim = sum(exact) / len(exact), sum(sims) / len(sims)
+    s.samples["fim_exact"], s.samples["fim_edit_sim"] = exact, sims
     s.fim_exact_ci, s.fim_edit_sim_ci = bootstrap_ci(exact), bootstrap_ci(sims)
     if line:
         s.fim_exact_line, s.fim_exact_line_ci = sum(line) / len(line), bootstrap_ci(line)
@@ -433,6 +448,21 @@ def cut_at_stop(text: str, stops: list[str]) -> str:
         if st and st in text:
             text = text[: text.index(st)]
     return text
+
+
+def compare(candidate: ModelScores, reference: ModelScores, seed: int = 0) -> dict[str, dict[str, Any]]:
+    """Every metric both models have per-example values for: candidate − reference, paired,
+    with a seeded 95% bootstrap interval (``stats.Paired.to_dict()`` per metric)."""
+    from forged.worker.judge import stats
+
+    out: dict[str, dict[str, Any]] = {}
+    for key, c in candidate.samples.items():
+        r = reference.samples.get(key)
+        if key.endswith("_weight") or r is None or len(r) != len(c) or not c:
+            continue
+        w = candidate.samples.get(f"{key}_weight")
+        out[key] = stats.paired(c, r, w, seed=seed).to_dict()
+    return out
 
 
 def judge(
@@ -478,8 +508,12 @@ def judge(
         del lb
         gc.collect()
 
-    passed, reasons = gate_decision(base.to_dict(), live.to_dict() if live else None, cand.to_dict(), cfg)
-    return JudgeResult(base, live, cand, passed, reasons, seconds=time.monotonic() - t0)
+    ref_name, ref = ("live", live) if live is not None else ("base", base)
+    deltas = compare(cand, ref, seed=cfg_train.seed)
+    passed, reasons = gate_decision(base.to_dict(), live.to_dict() if live else None, cand.to_dict(), cfg,
+                                    deltas=deltas)
+    return JudgeResult(base, live, cand, passed, reasons, seconds=time.monotonic() - t0, deltas=deltas,
+                       reference=ref_name)
 
 
 def _checked_format(dataset_dir: Path, base_spec: str) -> FimFormat | None:

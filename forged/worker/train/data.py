@@ -9,7 +9,9 @@ A dataset directory holds ``train.jsonl``, ``valid.jsonl`` (optional) and
 Every sequence starts with one *start token* (see :func:`start_id`) so that the first
 real token is predicted from context, as in the judge's NLL. Loss is taken on all
 tokens of a ``text`` record, on the completion (+ EOS) of a prompt/completion record and
-on the assistant turns of a chat record.
+on the assistant turns of a chat record. With ``fim_loss="all"`` a FIM record (meta kind
+``fim``) carries loss on its whole sequence, StarCoder-style: its prefix and suffix are
+code the model should learn as well.
 """
 
 from __future__ import annotations
@@ -190,13 +192,16 @@ def completion_ids(tok: Any, prompt: str, completion: str, specials: set[int] | 
     return p, c
 
 
-def tokenize_record(tok: Any, rec: Record, start: int, specials: set[int] | None = None) -> Example:
+def tokenize_record(tok: Any, rec: Record, start: int, specials: set[int] | None = None,
+                    fim_loss: str = "middle") -> Example:
     if rec.kind == "text":
         ids = encode(tok, rec.data["text"])
         return Example([start, *ids], [False] + [True] * len(ids))
     if rec.kind == "prompt":
         p, c = completion_ids(tok, rec.data["prompt"], rec.data["completion"], specials)
-        return Example([start, *p, *c], [False] * (1 + len(p)) + [True] * len(c))
+        # fim_loss = "all": a FIM prompt's prefix and suffix are code too (StarCoder-style)
+        on_prompt = fim_loss == "all" and rec.meta.get("kind") == "fim"
+        return Example([start, *p, *c], [False] + [on_prompt] * len(p) + [True] * len(c))
     msgs = rec.data["messages"]
     full = tok.apply_chat_template(msgs, tokenize=False)
     spans: list[tuple[int, int]] = []
@@ -213,7 +218,7 @@ def tokenize_record(tok: Any, rec: Record, start: int, specials: set[int] | None
 
 
 def tokenize(tok: Any, records: list[Record], seq_len: int,
-             dropped: Counter[str] | None = None) -> list[Example]:
+             dropped: Counter[str] | None = None, fim_loss: str = "middle") -> list[Example]:
     """Records → examples of at most ``seq_len`` tokens.
 
     Long ``text`` records are split into ``seq_len`` windows (each with a start token);
@@ -224,7 +229,7 @@ def tokenize(tok: Any, records: list[Record], seq_len: int,
     specials = special_ids(tok)
     out: list[Example] = []
     for rec in records:
-        ex = tokenize_record(tok, rec, start, specials)
+        ex = tokenize_record(tok, rec, start, specials, fim_loss)
         if len(ex) <= seq_len:
             pieces = [ex]
         elif rec.kind == "text":
