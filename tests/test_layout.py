@@ -69,3 +69,10 @@ def test_the_rule_sees_a_lazy_import(tmp_path: Path, monkeypatch: pytest.MonkeyP
         "forged/daemon/x.py:3 imports forged.worker",
         "forged/daemon/x.py:3 imports forged.worker.main",
     ]
+
+
+def test_checkout_root_is_the_repository() -> None:
+    """`make run` forges this checkout and keeps its state beside it: both come from here."""
+    from forged.common import paths
+
+    assert paths.checkout_root() == ROOT.parent

@@ -67,7 +67,7 @@ class Paths:
 
 def checkout_root() -> Path | None:
     """The source checkout this package runs from, if it runs from one."""
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]  # forged/common/paths.py → the checkout
     return root if (root / ".git").exists() and (root / "pyproject.toml").exists() else None
 
 
