@@ -490,7 +490,7 @@ def test_served_check_steps_up_until_the_gain_is_kept(
 def test_export_plan_and_primary_export() -> None:
     """auto: the fused model always (a refusal at publish time has something to fall back
     on), the adapter unless the server is known to refuse it."""
-    from forged.worker.main import _primary, export_plan
+    from forged.worker.judge.stage import _primary, export_plan
 
     assert export_plan("auto", None) == (True, True) and export_plan("auto", True) == (True, True)
     assert export_plan("auto", False) == (False, True)

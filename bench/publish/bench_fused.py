@@ -74,7 +74,7 @@ def synthetic_adapter(tmp: Path) -> Path:
 
 
 def heldout(ds: Path) -> list[str]:
-    from forged.worker.main import _heldout_texts
+    from forged.worker.judge.stage import _heldout_texts
 
     return _heldout_texts(ds / "valid.jsonl", limit=8)
 

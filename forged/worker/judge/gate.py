@@ -17,7 +17,10 @@ neither publish a candidate nor block one.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from forged.common.config import JudgeConfig
 
 # Higher is better for all of these; bits per byte (lower is better) is gated apart.
 OTHER_METRICS = ("fim_exact", "fim_edit_sim", "fim_exact_line", "raft_acc_oracle", "raft_acc_distractors")
@@ -39,7 +42,7 @@ def _ci(d: dict[str, Any] | None) -> str:
 
 
 def gate_decision(
-    base: dict[str, Any], live: dict[str, Any] | None, candidate: dict[str, Any], cfg: Any,
+    base: dict[str, Any], live: dict[str, Any] | None, candidate: dict[str, Any], cfg: JudgeConfig,
     deltas: dict[str, dict[str, Any]] | None = None,
 ) -> tuple[bool, list[str]]:
     """(passed, reasons). ``reasons`` lists every failed condition, one line each.
