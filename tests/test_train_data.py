@@ -246,3 +246,14 @@ def test_mined_raft_examples_fit_the_training_context(tok, tmp_path):
         user, answer = rec.data["messages"][1]["content"], rec.data["messages"][2]["content"]
         quote = answer.split("##begin_quote##")[1].split("##end_quote##")[0]
         assert (quote in user) == rec.meta["oracle"]
+
+
+def test_trainer_heldout_loss_uses_a_bounded_spread_of_the_valid_set() -> None:
+    from forged.worker.train.run import EVAL_MAX_EXAMPLES, spread
+
+    small = list(range(10))
+    assert spread(small, EVAL_MAX_EXAMPLES) == small
+    big = list(range(443))  # the demo's held-out set: FIM cursors first, then other kinds
+    got = spread(big, EVAL_MAX_EXAMPLES)
+    assert len(got) == EVAL_MAX_EXAMPLES == len(set(got))
+    assert got[0] == 0 and got[-1] > 0.95 * len(big)  # the tail's kinds are in it, not just the head

@@ -133,12 +133,24 @@ def _prepare(dataset_dir: Path, cfg: TrainConfig, warm_start: Path | None, backe
     return _Prepared(ds, base, name, why, warm_start)
 
 
+# The trainer's held-out loss (start, eval_every, end) is a progress signal, not the judge:
+# a few batches' worth is enough, and held-out files now carry many FIM cursors each.
+EVAL_MAX_EXAMPLES = 96
+
+
+def spread(items: list[Any], n: int) -> list[Any]:
+    """At most ``n`` of ``items``, evenly spaced over the whole list (not its head)."""
+    if len(items) <= n:
+        return items
+    return [items[i * len(items) // n] for i in range(n)]
+
+
 def _examples(be: TrainableBackend, p: _Prepared, cfg: TrainConfig, emit: Progress) -> tuple[list, list]:
     """Tokenized train (with replay when warm-starting) and held-out examples."""
     records = select_replay(p.ds.train, cfg.replay_ratio, cfg.seed) if p.warm_start is not None else p.ds.train
     dropped: Counter[str] = Counter()
     train_ex = tokenize(be.tok, records, cfg.seq_len, dropped, fim_loss=getattr(cfg, "fim_loss", "middle"))
-    valid_ex = tokenize(be.tok, p.ds.valid, cfg.seq_len, dropped)
+    valid_ex = spread(tokenize(be.tok, p.ds.valid, cfg.seq_len, dropped), EVAL_MAX_EXAMPLES)
     if dropped:  # said out loud: a whole kind of example can vanish this way
         kinds = ", ".join(f"{k} {n}" for k, n in dropped.most_common())
         emit({"event": "warning", "message": f"{sum(dropped.values())} examples left nothing to learn "
