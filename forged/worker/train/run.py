@@ -149,7 +149,7 @@ def _examples(be: TrainableBackend, p: _Prepared, cfg: TrainConfig, emit: Progre
     """Tokenized train (with replay when warm-starting) and held-out examples."""
     records = select_replay(p.ds.train, cfg.replay_ratio, cfg.seed) if p.warm_start is not None else p.ds.train
     dropped: Counter[str] = Counter()
-    train_ex = tokenize(be.tok, records, cfg.seq_len, dropped, fim_loss=getattr(cfg, "fim_loss", "middle"))
+    train_ex = tokenize(be.tok, records, cfg.seq_len, dropped, fim_loss=cfg.fim_loss)
     valid_ex = spread(tokenize(be.tok, p.ds.valid, cfg.seq_len, dropped), EVAL_MAX_EXAMPLES)
     if dropped:  # said out loud: a whole kind of example can vanish this way
         kinds = ", ".join(f"{k} {n}" for k, n in dropped.most_common())
