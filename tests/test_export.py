@@ -489,15 +489,16 @@ def test_served_check_steps_up_until_the_gain_is_kept(
 
 def test_export_plan_and_primary_export() -> None:
     """auto: the fused model always (a refusal at publish time has something to fall back
-    on), the adapter unless the server is known to refuse it."""
+    on), the adapter only where the server is known to take it."""
     from forged.worker.judge.stage import _primary, export_plan
 
-    assert export_plan("auto", None) == (True, True) and export_plan("auto", True) == (True, True)
+    assert export_plan("auto", None) == (False, True) and export_plan("auto", True) == (True, True)
     assert export_plan("auto", False) == (False, True)
     assert export_plan("adapter", False) == (True, False) and export_plan("fused", True) == (False, True)
     ok, bad = {"passed": True, "reason": "ok"}, {"passed": False, "reason": "fails even at f16"}
     both = {"adapter": {"path": "a.gguf", "fidelity": ok}, "fused": {"path": "m.gguf", "fidelity": ok}}
-    assert _primary(both, None)["export"]["path"] == "a.gguf"
+    assert _primary(both, True)["export"]["path"] == "a.gguf"
+    assert _primary(both, None)["export"]["path"] == "m.gguf"
     assert _primary(both, False)["export"]["path"] == "m.gguf"
     failed = {"fused": {"path": None, "fidelity": bad}}
     assert _primary(failed, False) == {"export": failed["fused"], "fidelity": bad, "passed": False}

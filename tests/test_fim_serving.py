@@ -297,3 +297,27 @@ def test_twinny_fim_request_is_wrapped_in_the_chat_template(live: str, double: O
     finally:
         double.chat_reply = None
     assert double.prompts[-1] == f"<|im_start|>system\nsys<|im_end|>\n<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_a_base_without_a_chat_format_is_trained_and_served_in_chatml(tmp_path: Path) -> None:
+    """StarCoder2-like bases ship no chat template: the trainer's chats and the published
+    template's rendering of the same messages are the same bytes."""
+    from tiny import make_tiny_family_gguf
+
+    from forged.common.gguf import read_gguf_metadata
+    from forged.worker.train.models import load_tokenizer
+
+    gguf = make_tiny_family_gguf(tmp_path, "starcoder2")
+    assert not read_gguf_metadata(gguf).get("tokenizer.chat_template")
+    msgs = [{"role": "system", "content": "Answer from the code."}, {"role": "user", "content": "What is add?"}]
+    trained = load_tokenizer(resolve_base(str(gguf))).apply_chat_template(msgs, tokenize=False,
+                                                                          add_generation_prompt=True)
+
+    class M:
+        def __init__(self, m: dict[str, str]) -> None:
+            self.Role, self.Content = m["role"], m["content"]
+
+    s = publish.serving_for_gguf(gguf)
+    served = GoTemplate(s.template).execute({"Messages": [M(m) for m in msgs], "Suffix": "", "Prompt": "",
+                                             "System": ""})
+    assert served == trained and "<|im_end|>" in s.stop

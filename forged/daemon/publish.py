@@ -298,15 +298,17 @@ def recorded_fim(adapter_dir: Path) -> FimFormat | None:
 
 
 def serving_for_gguf(base_gguf: Path, fim: FimFormat | None = None) -> Serving:
-    """Template and stop words for a base GGUF: its known chat format (else Ollama's plain
-    prompt) behind a Suffix branch in the base's FIM format (``fim``: as recorded with the
+    """Template and stop words for a base GGUF: its known chat format (ChatML where it has
+    none, as it was trained; Ollama's plain prompt where it is unknown) behind a Suffix branch in the base's FIM format (``fim``: as recorded with the
     adapter; found from the base when not given)."""
     base_gguf = Path(base_gguf)
     fim = fim or base_fim_format(base_gguf)
     try:
-        chat = detect_chat_format(read_gguf_metadata(base_gguf).get("tokenizer.chat_template"))
+        jinja = read_gguf_metadata(base_gguf).get("tokenizer.chat_template")
     except ValueError:
         chat = None
+    else:  # a base without a chat format is trained in ChatML as text (common/chat.py)
+        chat = detect_chat_format(jinja) if jinja else CHATML
     return Serving(with_fim(chat.template if chat else None, fim), _unique(chat.stop if chat else (), fim.stop))
 
 

@@ -417,23 +417,24 @@ def _score_fim_generated(backend: Any, data: Heldout, s: ModelScores, name: str,
     exact: list[float] = []
     sims: list[float] = []
     line: list[float] = []
-    for i in range(0, len(data.fim), GEN_CHUNK):
-        part = data.fim[i : i + GEN_CHUNK]
-        gens = backend.generate_many(
-            [ex.prompt for ex in part],
-            [min(len(backend.encode(ex.completion)) + 8, FIM_MAX_NEW) for ex in part],
-            [_fim_done(ex.completion) for ex in part],
-            stop_tokens=stops,
-        )
-        for ex, gen in zip(part, gens, strict=True):
-            pred = fim_prediction(cut_at_stop(gen, stops), ex.completion)
-            ok = float(pred.rstrip() == ex.completion.rstrip())
-            exact.append(ok)
-            sims.append(edit_similarity(pred.rstrip(), ex.completion.rstrip()))
-            if ex.single_line:
-                line.append(ok)
+    budgets = [min(len(backend.encode(ex.completion)) + 8, FIM_MAX_NEW) for ex in data.fim]
+    # Chunks of like budgets: a batch decodes as long as its longest budget.
+    order = sorted(range(len(data.fim)), key=budgets.__getitem__)
+    gens: dict[int, str] = {}
+    for i in range(0, len(order), GEN_CHUNK):
+        part = order[i : i + GEN_CHUNK]
+        out = backend.generate_many([data.fim[k].prompt for k in part], [budgets[k] for k in part],
+                                    [_fim_done(data.fim[k].completion) for k in part], stop_tokens=stops)
+        gens.update(zip(part, out, strict=True))
         report({"stage": "judge", "model": name, "metric": "fim",
                 "done": min(i + GEN_CHUNK, len(data.fim)), "total": len(data.fim)})
+    for k, ex in enumerate(data.fim):
+        pred = fim_prediction(cut_at_stop(gens[k], stops), ex.completion)
+        ok = float(pred.rstrip() == ex.completion.rstrip())
+        exact.append(ok)
+        sims.append(edit_similarity(pred.rstrip(), ex.completion.rstrip()))
+        if ex.single_line:
+            line.append(ok)
     s.n_fim, s.n_fim_line = len(exact), len(line)
     s.fim_exact, s.fim_edit_sim = sum(exact) / len(exact), sum(sims) / len(sims)
     s.samples["fim_exact"], s.samples["fim_edit_sim"] = exact, sims

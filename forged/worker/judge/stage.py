@@ -40,14 +40,15 @@ def export_plan(export: str, adapters_accepted: bool | None) -> tuple[bool, bool
     """Which exports a judged candidate gets: (GGUF adapter, fused model).
 
     ``export = "auto"`` makes the fused one always, so that an Ollama refusing adapters
-    at publish time (upgraded since, or never asked) gets the same candidate fused; the
-    adapter is skipped where the server is known to refuse it.
+    at publish time (upgraded since it was asked) gets the same candidate fused. The
+    adapter is made only where the server is known to take it: Ollama 0.34.1 and later
+    refuse adapters, and each export costs a llama.cpp check of its own.
     """
     if export == "adapter":
         return True, False
     if export == "fused":
         return False, True
-    return adapters_accepted is not False, True
+    return adapters_accepted is True, True
 
 
 def _export_and_check(cfg: config.Config, adapter: Path, base: Path, out_dir: Path, texts: list[str],
@@ -99,7 +100,7 @@ def _export_and_check(cfg: config.Config, adapter: Path, base: Path, out_dir: Pa
 def _primary(exports: dict[str, Any], adapters_accepted: bool | None) -> dict[str, Any]:
     """The export the daemon publishes first, its fidelity, and whether any export passed."""
     ok = {kind: e for kind, e in exports.items() if e.get("path") and (e.get("fidelity") or {}).get("passed")}
-    order = ("adapter", "fused") if adapters_accepted is not False else ("fused",)
+    order = ("adapter", "fused") if adapters_accepted is True else ("fused",)
     kind = next((k for k in order if k in ok), None)
     shown = exports.get(kind or next(iter(exports), ""), {})
     return {"export": shown or None, "fidelity": shown.get("fidelity"), "passed": kind is not None}

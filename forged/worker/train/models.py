@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from forged.common.chat import CHATML_JINJA
 from forged.common.models import BaseModel
 
 # ---------------------------------------------------------------- conversions (cached)
@@ -103,4 +104,6 @@ def load_tokenizer(base: BaseModel) -> Any:
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir(base)))
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
+    if not tok.chat_template:
+        tok.chat_template = CHATML_JINJA  # a base without a chat format: published alike (common/chat.py)
     return tok

@@ -409,13 +409,17 @@ class TorchBackend:
         m = self._core()
         m.config.use_cache = True
         try:
-            order = sorted(range(len(prompts)), key=lambda i: len(ids[i]))
+            # A batch decodes until its longest budget is spent (or every row has stopped):
+            # rows with like budgets go together, so one-line middles do not wait on
+            # multi-line ones; then by length, to pad little.
+            order = sorted(range(len(prompts)), key=lambda i: (max_new_tokens[i], len(ids[i])))
             while order:
-                # Ascending lengths: the batch is padded to its last (longest) prompt.
                 rows = [order.pop(0)]
-                while order and len(rows) < GEN_MAX_BATCH and (len(rows) + 1) * len(ids[order[0]]) <= GEN_BATCH_TOKENS:
+                width = len(ids[rows[0]])
+                while (order and len(rows) < GEN_MAX_BATCH
+                       and (len(rows) + 1) * max(width, len(ids[order[0]])) <= GEN_BATCH_TOKENS):
                     rows.append(order.pop(0))
-                width = len(ids[rows[-1]])
+                    width = max(width, len(ids[rows[-1]]))
                 x = torch.tensor([[pad] * (width - len(ids[i])) + ids[i] for i in rows], device=self.device)
                 mask = torch.tensor([[0] * (width - len(ids[i])) + [1] * len(ids[i]) for i in rows], device=self.device)
                 stop = RowStop(rows, width)
