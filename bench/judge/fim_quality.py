@@ -30,6 +30,9 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--fim", type=float, default=1.0, help="[mine.kinds] fim weight")
     ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--fim-loss", default="middle", choices=["middle", "all"], help="[train] fim_loss")
+    ap.add_argument("--kinds", default="", help="[mine.kinds] weights, e.g. raft=0.25,continuation=2")
+    ap.add_argument("--max-fim", type=int, default=64, help="[judge] max_fim: generated middles per model")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--fim-only", type=Path, default=None)
     ap.add_argument("--n-tf", type=int, default=64)
@@ -47,11 +50,14 @@ def main(argv: list[str]) -> int:
 
     out = a.out or Path(tempfile.mkdtemp(prefix="fimq-"))
     tcfg = TrainConfig(backend="torch", max_steps=a.steps, max_minutes=60.0, seq_len=256, batch_size=4,
-                       learning_rate=a.lr, warmup_steps=4, checkpoint_every=1000)
+                       learning_rate=a.lr, warmup_steps=4, checkpoint_every=1000, fim_loss=a.fim_loss)
     base = resolve_base(tcfg.base_model)
     fmt = fim.for_base(base.kind, base.path)
     mcfg = MineConfig(heldout_fraction=0.1, max_commits=100)
     mcfg.kinds.fim = a.fim
+    for item in filter(None, a.kinds.split(",")):
+        kind, _, weight = item.partition("=")
+        setattr(mcfg.kinds, kind, float(weight))
     t = time.monotonic()
     rep = mine_repo(a.repo, out / "dataset", mcfg, out / "cache", context_tokens=tcfg.seq_len, fim_format=fmt)
     times = {"mine": time.monotonic() - t}
@@ -59,7 +65,7 @@ def main(argv: list[str]) -> int:
     res = train(out / "dataset", out / "train", tcfg)
     times["train"] = time.monotonic() - t
     t = time.monotonic()
-    v = judge(out / "dataset", tcfg, JudgeConfig(max_examples=24, max_generate=8, max_raft=4), res.adapter_dir)
+    v = judge(out / "dataset", tcfg, JudgeConfig(max_examples=24, max_generate=8, max_raft=4, max_fim=a.max_fim), res.adapter_dir)
     times["judge"] = time.monotonic() - t
     rows = {}
     for name, s in (("base", v.base), ("candidate", v.candidate)):
