@@ -28,7 +28,8 @@ class HeavyStep:
 
 
 MINE = HeavyStep("mine", Stage.MINING, Stage.TRAINING, lambda r: {"dataset": r.get("manifest", {})})
-TRAIN = HeavyStep("train", Stage.TRAINING, Stage.JUDGING, lambda r: {"train": r.get("train", {})})
+TRAIN = HeavyStep("train", Stage.TRAINING, Stage.JUDGING,
+                  lambda r: {"train": r.get("train", {}), **({"forward": r["forward"]} if r.get("forward") else {})})
 JUDGE = HeavyStep("judge", Stage.JUDGING, Stage.PUBLISHING,
                   lambda r: {k: r.get(k) for k in ("judge", "export", "fidelity")})
 
