@@ -147,3 +147,25 @@ def test_report_plots_the_forward_trend(tmp_path: Path) -> None:
     # nothing measured yet (or unreadable numbers): no section
     assert "Forward gain" not in write_report(tmp_path, "x", {"id": 1}).read_text()
     assert "Forward gain" not in write_report(tmp_path, "x", {"id": 1}, forward=[{"gain": "?"}]).read_text()
+
+
+def test_a_versions_forward_gain_is_its_own_not_its_cycles_copy(tmp_path: Path) -> None:
+    """A version's metrics start as a copy of its cycle's, whose "forward" is the gain of the
+    version live before it: only what record_forward kept for it is that version's."""
+    from forged.daemon.status import forward_trend
+    from forged.daemon.store import State
+
+    st = State(tmp_path / "s.db")
+    st.add_repo("x", str(tmp_path))
+    repo = st.repo("x")
+    assert repo is not None
+    c1 = st.new_cycle(repo, "training", head="a" * 40, forced=False, reason="t")
+    st.add_candidate(st.cycle(c1), lambda v: f"forged/x:v{v}", "/a1")
+    c2 = st.new_cycle(repo, "training", head="b" * 40, forced=False, reason="t")
+    st.merge_metrics(c2, {"forward": TREND[0]})  # cycle 2 measured v1
+    st.record_forward(c2, 1, TREND[0])
+    st.add_candidate(st.cycle(c2), lambda v: f"forged/x:v{v}", "/a2")
+    by_version = {v["version"]: v["forward"] for v in st.versions(int(repo["id"]))}
+    assert by_version[2] is None and by_version[1]["gain"] == TREND[0]["gain"]
+    assert forward_trend(st.versions(int(repo["id"]))) == [{**TREND[0], "cycle_id": c2}]
+    st.close()
