@@ -205,7 +205,20 @@ def render_repo(r: dict[str, Any]) -> str:
         quant = v.get("quantization") or ("base's own" if v.get("kind") == "adapter" else "?")
         size = f"{v['size'] / 1e6:,.1f} MB" if v.get("size") else "?"
         out.append(f"  v{v['version']}  {v['state']:<9}  {v.get('kind') or '?':<7}  {quant:<10}  {size}")
-    return "\n".join(out)
+    return "\n".join(out + _forward_lines(r.get("forward") or []))
+
+
+def _forward_lines(trend: list[dict[str, Any]]) -> list[str]:
+    """Each version's forward gain over the base on the code committed after it, oldest first."""
+    out = ["forward gain (each version vs the base on the code committed after it, 95% CI):"] if trend else []
+    for t in trend:
+        try:
+            out.append(f"  v{t['version']}  {100 * t['gain']:+.2f}% [{100 * t['lo']:+.2f}%, {100 * t['hi']:+.2f}%]"
+                       f"  n={t['n_files']} files, {t['n_bytes']:,} bytes"
+                       f"  bpb {t['base_bpb']:.4f}→{t['live_bpb']:.4f}  (cycle {t.get('cycle_id')})")
+        except (KeyError, TypeError, ValueError):
+            out.append(f"  v{t.get('version')}  not measured")
+    return out
 
 
 # -- commands ---------------------------------------------------------------------------

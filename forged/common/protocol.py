@@ -64,6 +64,7 @@ class ResultEvent(TypedDict, total=False):
     manifest: dict[str, Any]  # mine
     train: dict[str, Any]  # train
     stopped: bool  # train: checkpointed on request
+    forward: dict[str, Any] | None  # train: the live version's forward gain (judge/forward.py)
     judge: dict[str, Any]  # judge, and the export it checked
     passed: bool
     export: dict[str, Any]

@@ -28,7 +28,12 @@ class HeavyStep:
 
 
 MINE = HeavyStep("mine", Stage.MINING, Stage.TRAINING, lambda r: {"dataset": r.get("manifest", {})})
-TRAIN = HeavyStep("train", Stage.TRAINING, Stage.JUDGING, lambda r: {"train": r.get("train", {})})
+def _keep_train(r: dict[str, Any]) -> dict[str, Any]:
+    """The training result, and the live version's forward gain when one was measured."""
+    return {"train": r.get("train", {}), **({"forward": r["forward"]} if r.get("forward") else {})}
+
+
+TRAIN = HeavyStep("train", Stage.TRAINING, Stage.JUDGING, _keep_train)
 JUDGE = HeavyStep("judge", Stage.JUDGING, Stage.PUBLISHING,
                   lambda r: {k: r.get(k) for k in ("judge", "export", "fidelity")})
 

@@ -364,6 +364,9 @@ class Engine:
             "head_commit": cyc["head_commit"], "base_commit": cyc["base_commit"],
             "cache_dir": str(self.paths.cache_dir),
             "warm_start": None if full else live_adapter, "live_adapter": live_adapter,
+            # the training stage first scores the live version on the code committed since it
+            "live_version": live["version"] if live is not None else None,
+            "live_commit": live["train_commit"] if live is not None else None,
             # the judge exports what this Ollama can take (None: unknown, export both)
             "ollama_adapters": self.releases.adapters_hint() if step.worker == "judge" else None,
         }
@@ -405,6 +408,9 @@ class Engine:
 
     def _succeeded(self, cycle_id: int, step: HeavyStep, result: dict[str, Any]) -> None:
         self.state.merge_metrics(cycle_id, step.keep(result))
+        forward = result.get("forward")
+        if forward and forward.get("version") is not None:  # the trend across versions reads it there
+            self.state.record_forward(cycle_id, int(forward["version"]), forward)
         if step.then != Stage.PUBLISHING:
             self._set_stage(cycle_id, step.then, attempts=0, resume_stage=step.then)
         elif result.get("passed"):

@@ -81,8 +81,54 @@ def _metrics(cycle: dict[str, Any]) -> dict[str, Any]:
     return _dict(m)
 
 
-def write_report(cycle_dir: Path, repo: str, cycle: dict[str, Any]) -> Path:
-    """Write ``report.html``; never raises on what the stored JSON holds (all text escaped)."""
+def _num(v: Any) -> float | None:
+    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+def _svg_forward(points: list[tuple[str, float, float, float]], width: int = 640, height: int = 200) -> str:
+    """Forward gain per version (%), a dot with its interval bar each, and the zero line."""
+    ys = [y for _, v, lo, hi in points for y in (v, lo, hi)] + [0.0]
+    y0, y1 = min(ys), max(ys)
+    sy = (height - 40) / ((y1 - y0) or 1)
+    step = (width - 80) / max(len(points), 1)
+
+    def py(y: float) -> float:
+        return height - 25 - (y - y0) * sy
+
+    marks = [f'<line x1="50" x2="{width - 10}" y1="{py(0):.1f}" y2="{py(0):.1f}" stroke="#9ca3af"/>']
+    for i, (label, v, lo, hi) in enumerate(points):
+        x = 50 + step * (i + 0.5)
+        marks += [f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{py(lo):.1f}" y2="{py(hi):.1f}" stroke="#2563eb"/>',
+                  f'<circle cx="{x:.1f}" cy="{py(v):.1f}" r="4" fill="#2563eb"/>',
+                  f'<text x="{x - 8:.1f}" y="{height - 6}" font-size="11">{_text(label)}</text>']
+    return (f'<svg width="{width}" height="{height}" role="img" aria-label="forward gain per version">'
+            + "".join(marks) + f'<text x="4" y="14" font-size="11">{y1:+.1f}%</text>'
+            f'<text x="4" y="{height - 25}" font-size="11">{y0:+.1f}%</text></svg>')
+
+
+def _forward_section(trend: list[dict[str, Any]]) -> list[str]:
+    """Each version's forward gain: the live model vs the base on the code committed after it."""
+    rows = [t for t in (_dict(x) for x in trend)
+            if None not in (_num(t.get("gain")), _num(t.get("lo")), _num(t.get("hi")))]
+    if not rows:
+        return []
+    points = [(f"v{t.get('version')}", 100 * t["gain"], 100 * t["lo"], 100 * t["hi"]) for t in rows]
+    table = [[f"v{t.get('version')}", f"{100 * t['gain']:+.2f}%", f"[{100 * t['lo']:+.2f}%, {100 * t['hi']:+.2f}%]",
+              t.get("n_files"), t.get("n_bytes"), _num(t.get("base_bpb")), _num(t.get("live_bpb")),
+              t.get("cycle_id")] for t in rows]
+    return ["<h2>Forward gain</h2>",
+            "<p>Each version against the base on the code committed after it went live (new to both, "
+            "scored at the next cycle): 1 − its bits/byte over the base's, with a 95% bootstrap interval "
+            "over files.</p>", _svg_forward(points),
+            _table(table, ["version", "gain", "95% interval", "files", "bytes", "base bpb", "version bpb",
+                           "measured by cycle"])]
+
+
+def write_report(cycle_dir: Path, repo: str, cycle: dict[str, Any],
+                 forward: list[dict[str, Any]] | None = None) -> Path:
+    """Write ``report.html``; never raises on what the stored JSON holds (all text escaped).
+
+    ``forward``: the repo's forward gain per version, oldest first (``status.forward_trend``)."""
     metrics = _metrics(cycle)
     train = _load(cycle_dir / "train.result.json").get("train") or metrics.get("train")
     train = _dict(train)
@@ -120,6 +166,7 @@ def write_report(cycle_dir: Path, repo: str, cycle: dict[str, Any]) -> Path:
     if fidelity:
         parts += ["<h2>Export fidelity (llama.cpp vs trainer)</h2>",
                   _table([[k, v] for k, v in fidelity.items()], ["check", "value"])]
+    parts += _forward_section(forward or [])
     if manifest:
         flat = [[k, json.dumps(v) if isinstance(v, dict | list) else v] for k, v in manifest.items()]
         parts += ["<h2>Dataset</h2>", _table(flat, ["field", "value"])]

@@ -86,7 +86,18 @@ def repo_detail(store: State, cfg: config.Config, repo: Row, worker: Any = None,
     out["cycles"] = [{**dict(c), "metrics": json.loads(c["metrics"]) if c["metrics"] else None}
                      for c in store.recent_cycles(int(repo["id"]), 10)]
     out["versions"] = store.versions(int(repo["id"]))
+    out["forward"] = forward_trend(out["versions"])
     return out
+
+
+FORWARD_KEYS = ("version", "cycle_id", "gain", "lo", "hi", "n_files", "n_bytes", "base_bpb", "live_bpb",
+                "since", "head")
+
+
+def forward_trend(versions: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each version's forward gain (measured at the cycle after it went live), oldest first."""
+    return [{k: v["forward"].get(k) for k in FORWARD_KEYS}
+            for v in reversed(versions) if isinstance(v.get("forward"), dict)]
 
 
 def report(store: State, repo: Row, cycle_dir: Callable[[str, int], Path]) -> dict[str, Any]:
@@ -98,5 +109,5 @@ def report(store: State, repo: Row, cycle_dir: Callable[[str, int], Path]) -> di
         raise NotFound(f"{repo['name']!r} has no cycle yet")
     cdir = cycle_dir(repo["name"], int(cyc["id"]))
     cdir.mkdir(parents=True, exist_ok=True)
-    path = write_report(cdir, repo["name"], dict(cyc))
+    path = write_report(cdir, repo["name"], dict(cyc), forward=forward_trend(store.versions(int(repo["id"]))))
     return {"path": str(path), "cycle_id": cyc["id"]}

@@ -299,25 +299,42 @@ class State:
         return self.one("SELECT * FROM model_versions WHERE repo_id=? AND version=?", (repo_id, version))
 
     def versions(self, repo_id: int) -> list[dict[str, Any]]:
-        """Every version, newest first, with what was created in Ollama (kind, quantization, size)."""
+        """Every version, newest first, with what was created in Ollama (kind, quantization, size)
+        and its forward gain, once a later cycle measured it."""
         out = []
         for v in self.query("SELECT version, tag, state, train_commit, created_at, metrics FROM model_versions "
                             "WHERE repo_id=? ORDER BY version DESC", (repo_id,)):
-            made = (json.loads(v["metrics"] or "{}") or {}).get("published") or {}
+            metrics = json.loads(v["metrics"] or "{}") or {}
+            made = metrics.get("published") or {}
             out.append({**{k: v[k] for k in ("version", "tag", "state", "train_commit", "created_at")},
                         "kind": made.get("kind"), "quantization": made.get("quantization"),
-                        "size": made.get("size")})
+                        "size": made.get("size"), "forward": metrics.get("forward_gain")})
         return out
 
     def record_published(self, repo_id: int, version: int, made: dict[str, Any]) -> None:
         """Keep what was created (kind, quantization, size) with the version's metrics."""
         with self.tx() as db:
-            row = db.execute("SELECT metrics FROM model_versions WHERE repo_id=? AND version=?",
-                             (repo_id, version)).fetchone()
-            metrics = json.loads(row["metrics"] or "{}") if row else {}
-            metrics["published"] = made
-            db.execute("UPDATE model_versions SET metrics=? WHERE repo_id=? AND version=?",
-                       (json.dumps(metrics, default=str), repo_id, version))
+            self._merge_version_metrics(db, repo_id, version, "published", made)
+
+    def record_forward(self, cycle_id: int, version: int, forward: dict[str, Any]) -> None:
+        """Keep a version's forward gain, measured by a later cycle of its repo, with its metrics."""
+        with self.tx() as db:
+            row = db.execute("SELECT repo_id FROM cycles WHERE id=?", (cycle_id,)).fetchone()
+            if row is not None:
+                # not "forward": a version's metrics start as a copy of its cycle's, whose
+                # "forward" is the gain of the version live before it
+                self._merge_version_metrics(db, int(row["repo_id"]), version, "forward_gain",
+                                            {**forward, "cycle_id": cycle_id})
+
+    @staticmethod
+    def _merge_version_metrics(db: sqlite3.Connection, repo_id: int, version: int, key: str,
+                               value: dict[str, Any]) -> None:
+        row = db.execute("SELECT metrics FROM model_versions WHERE repo_id=? AND version=?",
+                         (repo_id, version)).fetchone()
+        metrics = json.loads(row["metrics"] or "{}") if row else {}
+        metrics[key] = value
+        db.execute("UPDATE model_versions SET metrics=? WHERE repo_id=? AND version=?",
+                   (json.dumps(metrics, default=str), repo_id, version))
 
     def published_size(self, repo_id: int, versions: list[int]) -> int:
         """Bytes the given versions took in Ollama, as recorded when they were created."""

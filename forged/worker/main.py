@@ -112,12 +112,15 @@ def run_stage(stage: str, cycle_dir: Path, job: dict[str, Any], stop: threading.
         )
         return {"manifest": report.to_dict()}
     if stage == "train":
+        from forged.worker.judge.forward import run_forward
         from forged.worker.train import train
 
+        # before training: the live version on the code written since it (new to both models)
+        forward = run_forward(cycle_dir, job, cfg, progress, stop)
         warm = Path(job["warm_start"]) if job.get("warm_start") else None
         result = train(cycle_dir / "dataset", cycle_dir / "train", cfg.train, warm_start=warm,
                        resume=True, progress=progress, stop=stop)
-        return {"train": result.to_dict(), "stopped": bool(result.stopped)}
+        return {"train": result.to_dict(), "stopped": bool(result.stopped), "forward": forward}
     if stage == "judge":
         from forged.worker.judge.stage import run_judge
 
