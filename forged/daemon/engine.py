@@ -367,7 +367,7 @@ class Engine:
             # the training stage first scores the live version on the code committed since it
             "live_version": live["version"] if live is not None else None,
             "live_commit": live["train_commit"] if live is not None else None,
-            # the judge exports what this Ollama can take (None: unknown, export both)
+            # the judge exports what this Ollama can take (None: unknown, fused only)
             "ollama_adapters": self.releases.adapters_hint() if step.worker == "judge" else None,
         }
 
