@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from forged.common.config import JudgeConfig, TrainConfig
+from forged.common.judged import judge_text
 from forged.worker.judge.gate import summary_line
 from forged.worker.judge.judge import (
     JudgeError,
@@ -299,4 +300,21 @@ def test_forgectl_status_shows_the_bpb_interval() -> None:
     judge = {"base": scores(), "candidate": scores(bpb=0.79), "deltas": {"bpb": delta(-0.01, -0.02, 0.001, 40)}}
     text = render_repo({"name": "x", "path": "/p", "stage": "watching", "progress": {},
                         "cycles": [{"id": 1, "stage": "rejected", "metrics": {"judge": judge}}]})
-    assert "bpb 0.8000→0.7900 (Δ 95% CI [-0.0200, +0.0010], n=40)" in text
+    # relative to the reference: −0.01 / 0.80 = −1.25%; the interval −0.02…+0.001 likewise
+    assert "bpb 0.80→0.79 (−1.2%, 95% CI −2.5…+0.1%, n=40)" in text
+
+
+def test_forgectl_status_shows_every_metric_with_n_and_interval() -> None:
+    from forged.ctl import render_status
+
+    judge = {"base": scores(), "candidate": scores(bpb=0.79, fim_exact=0.36, fim_bpb=1.5), "reference": "base",
+             "deltas": {"bpb": delta(-0.01, -0.02, 0.001, 40), "fim_exact": delta(0.06, 0.01, 0.11, 64)}}
+    judge["base"]["fim_bpb"] = 1.8
+    judge["candidate"]["n_fim_bpb"] = 276
+    repo = {"name": "x", "stage": "awaiting_approval", "progress": {}, "live_version": None,
+            "pending_approval": {"version": 2, "judge": judge_text(judge)},
+            "last_cycle": {"id": 7, "judge": ["ignored: the pending one is shown"]}}
+    text = render_status({"daemon": {"version": "t", "pid": 1, "uptime": 0}, "repos": [repo]})
+    assert "x: v2 awaiting approval:" in text and "ignored" not in text
+    assert "FIM exact 30.0%→36.0% (+6.0 pts, 95% CI +1.0…+11.0 pts, n=64)" in text
+    assert "FIM-middle bpb 1.80→1.50 (n=276, no interval stored)" in text
