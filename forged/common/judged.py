@@ -46,23 +46,57 @@ class MetricLine:
     n: int | None = None
     paired_reference: float | None = None  # the reference's mean over the paired examples
 
+    @property
+    def lower_is_better(self) -> bool:
+        return self.unit == "ratio"
+
+    def change(self) -> tuple[float, float, float, str] | None:
+        """(diff, lo, hi, unit) for display: a rate's change in percentage points, a ratio's
+        relative to the reference's mean (the difference's interval over a fixed denominator:
+        the reference's own noise is in the paired difference already); None without an interval."""
+        if self.diff is None or self.lo is None or self.hi is None:
+            return None
+        if self.unit == "share":
+            scale, suffix = 100.0, " pts"
+        else:
+            denominator = self.paired_reference or self.reference
+            scale, suffix = (100.0 / denominator if denominator else math.nan), "%"
+        return self.diff * scale, self.lo * scale, self.hi * scale, suffix
+
+    def verdict(self) -> int:
+        """+1 better, −1 worse (the whole interval on one side of zero), 0 within noise or unknown."""
+        c = self.change()
+        if c is None or not (c[1] > 0 or c[2] < 0):
+            return 0
+        up = c[1] > 0
+        return 1 if up != self.lower_is_better else -1
 
     def text(self) -> str:
         """E.g. ``FIM-middle bpb 1.80→1.54 (−14.5%, 95% CI −15.7…−13.4%, n=276)``."""
         if self.unit == "share":
             head = f"{self.label} {self.reference:.1%}→{self.candidate:.1%}"
-            scale, suffix = 100.0, " pts"  # an absolute change of a rate, in percentage points
         else:
             head = f"{self.label} {self.reference:.2f}→{self.candidate:.2f}"
-            # Relative to the reference's mean: the interval of the difference over a fixed
-            # denominator (the reference's own noise is in the paired difference already).
-            denominator = self.paired_reference or self.reference
-            scale, suffix = (100.0 / denominator if denominator else math.nan), "%"
         n = f"n={self.n}" if self.n is not None else "n=?"
-        if self.diff is None or self.lo is None or self.hi is None:
+        c = self.change()
+        if c is None:
             return f"{head} ({n}, no interval stored)"
-        return (f"{head} ({_signed(self.diff * scale)}{suffix}, 95% CI "
-                f"{_signed(self.lo * scale)}…{_signed(self.hi * scale)}{suffix}, {n})")
+        diff, lo, hi, suffix = c
+        return f"{head} ({_signed(diff)}{suffix}, 95% CI {_signed(lo)}…{_signed(hi)}{suffix}, {n})"
+
+
+def paired_line(key: str, label: str, unit: str, d: Any, reference: Any = None, candidate: Any = None,
+                n: Any = None) -> MetricLine | None:
+    """A MetricLine from a stored paired delta (``{candidate, reference, diff, lo, hi, n}``),
+    the point values taken from the delta unless given; None without both values."""
+    d = _dict(d)
+    r = _num(reference) if reference is not None else _num(d.get("reference"))
+    c = _num(candidate) if candidate is not None else _num(d.get("candidate"))
+    if r is None or c is None:
+        return None
+    count = next((v for v in (d.get("n"), n) if isinstance(v, int) and not isinstance(v, bool) and v >= 0), None)
+    return MetricLine(key, label, unit, r, c, _num(d.get("diff")), _num(d.get("lo")), _num(d.get("hi")), count,
+                      _num(d.get("reference")))
 
 
 def _signed(x: float) -> str:
@@ -94,13 +128,10 @@ def metric_lines(judge: Any) -> list[MetricLine]:
     deltas = _dict(judge.get("deltas"))
     out: list[MetricLine] = []
     for key, (label, unit) in METRICS.items():
-        c, r = _num(cand.get(key)), _num(ref.get(key))
-        if c is None or r is None:
-            continue
-        d = _dict(deltas.get(key))
-        n = next((v for v in (d.get("n"), cand.get(N_FIELDS[key])) if isinstance(v, int) and v >= 0), None)
-        out.append(MetricLine(key, label, unit, r, c, _num(d.get("diff")), _num(d.get("lo")), _num(d.get("hi")), n,
-                              _num(d.get("reference"))))
+        line = paired_line(key, label, unit, deltas.get(key), reference=ref.get(key), candidate=cand.get(key),
+                           n=cand.get(N_FIELDS[key]))
+        if line is not None:
+            out.append(line)
     return out
 
 

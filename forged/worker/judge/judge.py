@@ -51,6 +51,7 @@ from typing import TYPE_CHECKING, Any
 
 from forged.common.fim import FimFormat
 from forged.worker.judge.gate import gate_decision, summary_line
+from forged.worker.judge.shown import shown_examples, shown_indices
 
 if TYPE_CHECKING:
     from forged.common.config import JudgeConfig, TrainConfig
@@ -79,6 +80,11 @@ class FimExample:
     completion: str  # the middle, without its stop token
     stop: str = ""  # the stop token the mined completion ends with
     mode: str = ""  # inline | line | lines | empty (examples.FIM_MODES); "" for old datasets
+    # The cursor's surroundings and file, when the dataset names its FIM format: what the
+    # report shows and what retrieval queries with ("" otherwise).
+    prefix: str = ""
+    suffix: str = ""
+    path: str = ""
 
     @property
     def single_line(self) -> bool:
@@ -130,10 +136,12 @@ class ModelScores:
     seconds: float = 0.0
     # Per-example values behind each metric (same order for every model), for paired intervals.
     samples: dict[str, list[float]] = field(default_factory=dict, repr=False)
+    # Generated middles of the examples the report shows (shown.SHOWN of them), by index in Heldout.fim.
+    shown: dict[int, str] = field(default_factory=dict, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        del d["samples"]
+        del d["samples"], d["shown"]
         return d
 
 
@@ -147,11 +155,15 @@ class JudgeResult:
     seconds: float = 0.0
     deltas: dict[str, dict[str, Any]] = field(default_factory=dict)  # metric → paired candidate − reference
     reference: str = "base"
+    examples: list[dict[str, str]] = field(default_factory=list)  # shown.shown_examples: side by side
+    retrieval: dict[str, Any] | None = None  # retrieval.RetrievalResult.to_dict(): FIM with BM25 context
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "reference": self.reference,
             "deltas": self.deltas,
+            "examples": self.examples,
+            "retrieval": self.retrieval,
             "base": self.base.to_dict(),
             "live": self.live.to_dict() if self.live else None,
             "candidate": self.candidate.to_dict(),
@@ -191,10 +203,11 @@ def _fim_example(rec: dict[str, Any], meta: dict[str, Any], fmt: FimFormat | Non
         rest = body[n:]
         if not (prompt.startswith(fmt.prefix) and rest.startswith(fmt.suffix) and rest.endswith(fmt.middle)):
             raise JudgeError(f"{where}: FIM prompt is not in the {fmt.name} format the manifest names; re-mine")
-        prompt_again = fmt.render(body[:n], rest[len(fmt.suffix): len(rest) - len(fmt.middle)])
-        if prompt_again != prompt:
+        prefix, suffix = body[:n], rest[len(fmt.suffix): len(rest) - len(fmt.middle)]
+        if fmt.render(prefix, suffix) != prompt:
             raise JudgeError(f"{where}: FIM prompt differs from its {fmt.name} rendering; re-mine")
-    return FimExample(prompt, completion, stop, str(info.get("mode") or ""))
+        return FimExample(prompt, completion, stop, str(info.get("mode") or ""), prefix, suffix, str(meta.get("path") or ""))
+    return FimExample(prompt, completion, stop, str(info.get("mode") or ""), path=str(meta.get("path") or ""))
 
 
 def load_heldout(dataset_dir: Path, max_examples: int = 200, max_generate: int = 64, seed: int = 0,
@@ -417,6 +430,7 @@ def _score_fim_generated(backend: Any, data: Heldout, s: ModelScores, name: str,
     exact: list[float] = []
     sims: list[float] = []
     line: list[float] = []
+    show = set(shown_indices(len(data.fim)))
     for i in range(0, len(data.fim), GEN_CHUNK):
         part = data.fim[i : i + GEN_CHUNK]
         gens = backend.generate_many(
@@ -425,8 +439,10 @@ def _score_fim_generated(backend: Any, data: Heldout, s: ModelScores, name: str,
             [_fim_done(ex.completion) for ex in part],
             stop_tokens=stops,
         )
-        for ex, gen in zip(part, gens, strict=True):
+        for j, (ex, gen) in enumerate(zip(part, gens, strict=True), i):
             pred = fim_prediction(cut_at_stop(gen, stops), ex.completion)
+            if j in show:
+                s.shown[j] = pred
             ok = float(pred.rstrip() == ex.completion.rstrip())
             exact.append(ok)
             sims.append(edit_similarity(pred.rstrip(), ex.completion.rstrip()))
@@ -440,6 +456,7 @@ def _score_fim_generated(backend: Any, data: Heldout, s: ModelScores, name: str,
     s.fim_exact_ci, s.fim_edit_sim_ci = bootstrap_ci(exact), bootstrap_ci(sims)
     if line:
         s.fim_exact_line, s.fim_exact_line_ci = sum(line) / len(line), bootstrap_ci(line)
+        s.samples["fim_exact_line"] = line  # the same single-line examples for every model: paired
 
 
 def cut_at_stop(text: str, stops: list[str]) -> str:
@@ -513,7 +530,7 @@ def judge(
     passed, reasons = gate_decision(base.to_dict(), live.to_dict() if live else None, cand.to_dict(), cfg,
                                     deltas=deltas)
     return JudgeResult(base, live, cand, passed, reasons, seconds=time.monotonic() - t0, deltas=deltas,
-                       reference=ref_name)
+                       reference=ref_name, examples=shown_examples(data.fim, base, cand))
 
 
 def _checked_format(dataset_dir: Path, base_spec: str) -> FimFormat | None:
