@@ -69,7 +69,7 @@ DELTAS = {  # the demo's first cycle (docs/benchmarks.md): paired candidate − 
 }
 EXAMPLES = [{"path": "forged/x.py", "prefix": "def add(a, b):\n", "suffix": "\n\ndef sub(a, b):",
              "reference": "    return a + b", "base": "    pass", "candidate": "    return a + b"}] * 3
-RETRIEVAL = {"n": 64, "k": 2, "max_tokens": 512, "bpb": {"base": 1.8, "base_rag": 1.7, "candidate": 1.54,
+RETRIEVAL = {"n": 64, "k": 2, "max_chars": 1200, "bpb": {"base": 1.8, "base_rag": 1.7, "candidate": 1.54,
                                                         "candidate_rag": 1.5},
              "gains": {"retrieval": {"candidate": 1.7, "reference": 1.8, "diff": -0.1, "lo": -0.15, "hi": -0.05,
                                      "n": 64},

@@ -289,7 +289,7 @@ def _retrieval(d: ReportData) -> list[str]:
     return ["<h2>Fine-tuning vs retrieval vs both</h2>",
             f"<p>FIM-middle bits per byte on {_text(r.get('n'))} held-out middles, without and with the "
             f"top {_text(r.get('k'))} BM25 chunks of the training-side code put before the prefix as an "
-            f"editor's context provider would (at most {_text(r.get('max_tokens'))} tokens). Lower is better; "
+            f"editor's context provider would (at most {_text(r.get('max_chars'))} characters). Lower is better; "
             "a negative change is a gain.</p>", svg_deltas(lines), table,
             *([f"<p>{_text(r.get('note'))}</p>"] if r.get("note") else [])]
 

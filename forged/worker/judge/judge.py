@@ -50,11 +50,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from forged.common.fim import FimFormat
+from forged.worker.judge import retrieval
 from forged.worker.judge.gate import gate_decision, summary_line
 from forged.worker.judge.shown import shown_examples, shown_indices
 
 if TYPE_CHECKING:
     from forged.common.config import JudgeConfig, TrainConfig
+    from forged.worker.judge.retrieval import RagSet
 
 __all__ = [
     "FimExample", "Heldout", "JudgeError", "JudgeResult", "ModelScores", "RaftExample",
@@ -107,6 +109,7 @@ class Heldout:
     fim_format: FimFormat | None = None
     raft: list[RaftExample] = field(default_factory=list)
     skipped: int = 0  # records of other kinds (doc↔code, commit→diff) not scored
+    rag: RagSet | None = None  # FIM examples with retrieved training-side context (retrieval.build)
 
 
 @dataclass
@@ -130,6 +133,11 @@ class ModelScores:
     fim_exact_ci: list[float] | None = None
     fim_edit_sim_ci: list[float] | None = None
     fim_exact_line_ci: list[float] | None = None
+    # FIM-middle bits/byte with BM25-retrieved training-side context (retrieval.py; not gated)
+    fim_bpb_rag: float | None = None
+    fim_bpb_rag_ci: list[float] | None = None
+    n_fim_rag: int = 0
+    fim_rag_seconds: float | None = None
     fim_seconds_per_example: float | None = None  # generation + teacher forcing, per generated one
     n_raft_oracle: int = 0
     n_raft_distractors: int = 0
@@ -375,6 +383,7 @@ def score_model(
     t_fim = time.monotonic()
     if data.fim_all:
         _score_fim_bpb(backend, data, s, name, report)
+        retrieval.score(backend, data, s, name, report)
     if data.fim:
         _score_fim_generated(backend, data, s, name, report)
         s.fim_seconds_per_example = round((time.monotonic() - t_fim) / len(data.fim), 4)
@@ -504,6 +513,7 @@ def judge(
         Path(dataset_dir), cfg.max_examples, cfg.max_generate, seed=cfg_train.seed, max_raft=cfg.max_raft,
         max_fim=cfg.max_fim, fim_format=fmt,
     )
+    data.rag = retrieval.build(Path(dataset_dir), data, cfg.max_rag, seed=cfg_train.seed)
     if not Path(candidate_adapter).is_dir():
         raise JudgeError(f"candidate adapter not found: {candidate_adapter}")
     if live_adapter is not None and not Path(live_adapter).is_dir():
@@ -530,7 +540,8 @@ def judge(
     passed, reasons = gate_decision(base.to_dict(), live.to_dict() if live else None, cand.to_dict(), cfg,
                                     deltas=deltas)
     return JudgeResult(base, live, cand, passed, reasons, seconds=time.monotonic() - t0, deltas=deltas,
-                       reference=ref_name, examples=shown_examples(data.fim, base, cand))
+                       reference=ref_name, examples=shown_examples(data.fim, base, cand),
+                       retrieval=retrieval.summarize(data.rag, base, cand, seed=cfg_train.seed))
 
 
 def _checked_format(dataset_dir: Path, base_spec: str) -> FimFormat | None:
