@@ -22,6 +22,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("cycle_dir", type=Path)
     ap.add_argument("--base", default="bundled:smollm2-135m")
     ap.add_argument("--max-rag", type=int, default=64)
+    ap.add_argument("--plain-all", action="store_true", help="time FIM bits/byte over every held-out example")
     a = ap.parse_args(argv)
     from forged.common.config import TrainConfig
     from forged.worker.judge import judge as J
@@ -35,6 +36,11 @@ def main(argv: list[str]) -> int:
     print(f"retrieval built in {time.monotonic() - t:.1f}s: {len(data.rag.examples)} examples, "
           f"{data.rag.corpus} chunks ({data.rag.excluded} held-out-file chunks left out)")
     data.texts, data.fim, data.raft = [], [], []  # FIM bits/byte only
+    if not a.plain_all:  # the no-context pass on the same subset only: its per-example cost is what matters
+        keep = [r.index for r in data.rag.examples]
+        data.fim_all = [data.fim_all[i] for i in keep]
+        for j, r in enumerate(data.rag.examples):
+            r.index = j
     be = load_model(TrainConfig(backend="torch", base_model=a.base), a.cycle_dir / "train" / "adapter")
     scores = {}
     for name, on in (("base", False), ("candidate", True)):
@@ -45,7 +51,7 @@ def main(argv: list[str]) -> int:
         plain = time.monotonic() - t
         retrieval.score(be, data, s, name, lambda d: None)
         print(f"{name}: fim_bpb {s.fim_bpb:.4f} over {s.n_fim_bpb} in {plain:.1f}s; fim_bpb_rag {s.fim_bpb_rag:.4f} "
-              f"over {s.n_fim_rag} in {s.fim_rag_seconds:.1f}s")
+              f"over {s.n_fim_rag} in {s.fim_rag_seconds:.1f}s", flush=True)
         scores[name] = s
     summary = retrieval.summarize(data.rag, scores["base"], scores["candidate"])
     print(json.dumps({k: v for k, v in summary.items() if k != "note"}, indent=1))

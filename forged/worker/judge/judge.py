@@ -164,7 +164,7 @@ class JudgeResult:
     deltas: dict[str, dict[str, Any]] = field(default_factory=dict)  # metric → paired candidate − reference
     reference: str = "base"
     examples: list[dict[str, str]] = field(default_factory=list)  # shown.shown_examples: side by side
-    retrieval: dict[str, Any] | None = None  # retrieval.RetrievalResult.to_dict(): FIM with BM25 context
+    retrieval: dict[str, Any] | None = None  # retrieval.summarize(): FIM with BM25 context
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -383,10 +383,10 @@ def score_model(
     t_fim = time.monotonic()
     if data.fim_all:
         _score_fim_bpb(backend, data, s, name, report)
-        retrieval.score(backend, data, s, name, report)
     if data.fim:
         _score_fim_generated(backend, data, s, name, report)
         s.fim_seconds_per_example = round((time.monotonic() - t_fim) / len(data.fim), 4)
+    retrieval.score(backend, data, s, name, report)  # after the FIM timing: it is timed apart
 
     if data.raft:
         hits: dict[bool, list[float]] = {True: [], False: []}
