@@ -22,6 +22,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("cycle_dir", type=Path)
     ap.add_argument("--base", default="bundled:smollm2-135m")
     ap.add_argument("--max-rag", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (1 on a busy box: 2 threads on 1 free core stall)")
     ap.add_argument("--plain-all", action="store_true", help="time FIM bits/byte over every held-out example")
     a = ap.parse_args(argv)
     from forged.common.config import TrainConfig
@@ -41,7 +42,10 @@ def main(argv: list[str]) -> int:
         data.fim_all = [data.fim_all[i] for i in keep]
         for j, r in enumerate(data.rag.examples):
             r.index = j
-    be = load_model(TrainConfig(backend="torch", base_model=a.base), a.cycle_dir / "train" / "adapter")
+    t = time.monotonic()
+    cfg = TrainConfig(backend="torch", base_model=a.base, threads=a.threads)
+    be = load_model(cfg, a.cycle_dir / "train" / "adapter")
+    print(f"model loaded in {time.monotonic() - t:.1f}s", flush=True)
     scores = {}
     for name, on in (("base", False), ("candidate", True)):
         be.set_adapter_enabled(on)
