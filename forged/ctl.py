@@ -18,6 +18,7 @@ from typing import Any
 
 from forged import __version__
 from forged.common import config, paths
+from forged.common.judged import judge_text
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_NO_DAEMON = 0, 1, 2, 3
 
@@ -180,7 +181,18 @@ def render_status(st: dict[str, Any]) -> str:
             lines.append(f"{r['name']}: warning ({w.get('stage')}): {w.get('message')}")
         if cyc.get("manual_command"):
             lines.append(f"{r['name']}: Ollama is not answering; publish by hand with:\n{cyc['manual_command']}")
+        lines += _judged_lines(r)
     return "\n".join(lines)
+
+
+def _judged_lines(r: dict[str, Any]) -> list[str]:
+    """The pending candidate's metrics, else the last cycle's: each with n and a 95% interval."""
+    pending, last = r.get("pending_approval") or {}, r.get("last_cycle") or {}
+    which, judged = (f"v{pending.get('version')} awaiting approval", pending.get("judge")) if pending.get("judge") \
+        else (f"last cycle {last.get('id')}", last.get("judge"))
+    if not judged:
+        return []
+    return [f"{r['name']}: {which}:"] + [f"  {line}" for line in judged]
 
 
 def render_repo(r: dict[str, Any]) -> str:
@@ -190,14 +202,10 @@ def render_repo(r: dict[str, Any]) -> str:
     if r.get("live_tag"):
         out.append(f"live: v{r['live_version']} — use model {r['live_tag']}")
     for c in r.get("cycles", [])[:5]:
-        m = c.get("metrics") or {}
-        j = (m.get("judge") or {})
-        cand, ref = j.get("candidate") or {}, j.get("live") or j.get("base") or {}
-        bpb = f" bpb {ref.get('bpb', float('nan')):.4f}→{cand.get('bpb', float('nan')):.4f}" if cand else ""
-        d = (j.get("deltas") or {}).get("bpb")
-        if bpb and d:  # the paired difference's 95% interval: is the change more than noise?
-            bpb += f" (Δ 95% CI [{d['lo']:+.4f}, {d['hi']:+.4f}], n={d['n']})"
-        out.append(f"  cycle {c['id']}: {c['stage']}{bpb} {c.get('reason') or ''}".rstrip())
+        m = c.get("metrics") if isinstance(c.get("metrics"), dict) else {}
+        out.append(f"  cycle {c['id']}: {c['stage']} {c.get('reason') or ''}".rstrip())
+        # each metric with the paired difference's 95% interval and n: is the change more than noise?
+        out += [f"    {line}" for line in judge_text(m.get("judge"))]
     versions = [v for v in r.get("versions") or [] if v.get("state") not in ("deleted", "rejected", "candidate")]
     if versions:
         out.append("versions:")

@@ -106,3 +106,27 @@ def test_describe_singular_and_no_metrics() -> None:
     text = approval.describe(ApprovalRequest(repo="r", version=2, commits=1))
     assert "1 commit since the live model" in text and "vs live" not in text
     assert "forgectl approve|reject r" in text
+
+
+def test_the_question_shows_each_metric_with_n_and_interval() -> None:
+    """What the user approves on: every metric with its paired 95% interval and n, vs the base
+    before anything is live (built from the cycle's stored judge result)."""
+    import json
+    import sqlite3
+
+    from forged.daemon.releases import approval_request
+
+    judge = {"reference": "base", "base": {"bpb": 1.2544, "fim_bpb": 1.8008}, "live": None,
+             "candidate": {"bpb": 1.1004, "fim_bpb": 1.5406, "n_texts": 24, "seconds": 3.0},
+             "deltas": {"fim_bpb": {"candidate": 1.54, "reference": 1.8002, "diff": -0.2602,
+                                    "lo": -0.2826, "hi": -0.2419, "n": 276}}}
+    db = sqlite3.connect(":memory:")
+    db.row_factory = sqlite3.Row
+    repo = db.execute("SELECT 'click' AS name, ? AS accounting", (json.dumps({"commits": 4}),)).fetchone()
+    cyc = db.execute("SELECT ? AS metrics", (json.dumps({"judge": judge}),)).fetchone()
+    req = approval_request(repo, cyc, 3)
+    text = approval.describe(req)
+    assert "vs base:" in text
+    assert "FIM-middle bpb 1.80→1.54 (−14.5%, 95% CI −15.7…−13.4%, n=276)" in text
+    assert "bpb 1.25→1.10 (n=24, no interval stored)" in text
+    assert set(req.metric_deltas) == {"bpb", "fim_bpb"}  # counts and timings are no metrics

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from forged.common.config import JudgeConfig, TrainConfig
+from forged.common.judged import judge_text
 from forged.worker.judge.gate import summary_line
 from forged.worker.judge.judge import (
     JudgeError,
@@ -299,4 +300,99 @@ def test_forgectl_status_shows_the_bpb_interval() -> None:
     judge = {"base": scores(), "candidate": scores(bpb=0.79), "deltas": {"bpb": delta(-0.01, -0.02, 0.001, 40)}}
     text = render_repo({"name": "x", "path": "/p", "stage": "watching", "progress": {},
                         "cycles": [{"id": 1, "stage": "rejected", "metrics": {"judge": judge}}]})
-    assert "bpb 0.8000→0.7900 (Δ 95% CI [-0.0200, +0.0010], n=40)" in text
+    # relative to the reference: −0.01 / 0.80 = −1.25%; the interval −0.02…+0.001 likewise
+    assert "bpb 0.80→0.79 (−1.2%, 95% CI −2.5…+0.1%, n=40)" in text
+
+
+def test_forgectl_status_shows_every_metric_with_n_and_interval() -> None:
+    from forged.ctl import render_status
+
+    judge = {"base": scores(), "candidate": scores(bpb=0.79, fim_exact=0.36, fim_bpb=1.5), "reference": "base",
+             "deltas": {"bpb": delta(-0.01, -0.02, 0.001, 40), "fim_exact": delta(0.06, 0.01, 0.11, 64)}}
+    judge["base"]["fim_bpb"] = 1.8
+    judge["candidate"]["n_fim_bpb"] = 276
+    repo = {"name": "x", "stage": "awaiting_approval", "progress": {}, "live_version": None,
+            "pending_approval": {"version": 2, "judge": judge_text(judge)},
+            "last_cycle": {"id": 7, "judge": ["ignored: the pending one is shown"]}}
+    text = render_status({"daemon": {"version": "t", "pid": 1, "uptime": 0}, "repos": [repo]})
+    assert "x: v2 awaiting approval:" in text and "ignored" not in text
+    assert "FIM exact 30.0%→36.0% (+6.0 pts, 95% CI +1.0…+11.0 pts, n=64)" in text
+    assert "FIM-middle bpb 1.80→1.50 (n=276, no interval stored)" in text
+
+
+# ---------------------------------------------------------------- against retrieval
+
+HELD = "held.py"  # the held-out file: its code must never be retrieved as context
+SHARED = "def scale_vector(vector, factor):\n    return [x * factor for x in vector]\n"
+
+
+def write_rag_dataset(d: Path, fmt) -> Path:
+    """A dataset with a training side to retrieve from and FIM examples in the base's format."""
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "manifest.json").write_text(json.dumps({"fim_format": fmt.to_dict()}))
+    stop = fmt.stop[0] if fmt.stop else ""
+    train = [{"text": f"# path: m{i}.py\n{t}", "meta": {"kind": "continuation", "path": f"m{i}.py"}}
+             for i, t in enumerate(TEXTS)]
+    train.append({"text": f"# path: vec.py\n{SHARED}", "meta": {"kind": "continuation", "path": "vec.py"}})
+    # A training record naming a held-out file (it cannot happen with forged's miner; the judge
+    # must refuse it anyway): the best BM25 match for every query below.
+    train.append({"text": f"# path: {HELD}\n{SHARED * 3}", "meta": {"kind": "continuation", "path": HELD}})
+    valid = [{"text": TEXTS[0], "meta": {"kind": "continuation", "path": HELD}}]
+    for i in range(6):
+        prefix = f"# path: {HELD}\ndef scale_vector_{i}(vector, factor):\n"
+        suffix = "\n\ndef norm(vector):\n    return sum(x * x for x in vector)\n"
+        valid.append({"prompt": fmt.render(prefix, suffix), "completion": "    return [x * factor for x in vector]" + stop,
+                      "meta": {"kind": "fim", "path": HELD, "fim": {"prefix_chars": len(prefix), "stop": stop,
+                                                                     "mode": "line"}}})
+    for name, recs in (("train.jsonl", train), ("valid.jsonl", valid)):
+        (d / name).write_text("".join(json.dumps(r) + "\n" for r in recs))
+    return d
+
+
+def test_retrieval_context_comes_from_training_files_only(tmp_path: Path) -> None:
+    from forged.common.fim import FORGED_TEXT
+    from forged.worker.judge import retrieval
+
+    ds = write_rag_dataset(tmp_path / "ds", FORGED_TEXT)
+    data = load_heldout(ds, fim_format=FORGED_TEXT)
+    rag = retrieval.build(ds, data, max_examples=4)
+    assert rag is not None and len(rag.examples) == 4 and rag.excluded == 1 and rag.corpus == 4
+    for r in rag.examples:
+        ex = data.fim_all[r.index]
+        assert HELD in ex.path and HELD not in r.paths and r.paths[0] == "vec.py"  # best match outside held-out files
+        assert len(r.paths) == retrieval.RAG_K
+        # the context sits inside the FIM prefix, before the example's own prefix
+        assert r.prompt.startswith(FORGED_TEXT.prefix + "# path: vec.py\n")
+        assert r.prompt.endswith(ex.prompt[len(FORGED_TEXT.prefix):])
+        assert f"# path: vec.py\n{SHARED}" in r.prompt and len(r.prompt) - len(ex.prompt) <= retrieval.RAG_MAX_CHARS + 4
+    assert retrieval.build(ds, data, max_examples=0) is None
+
+
+def test_judge_scores_fim_with_retrieved_context(tmp_path: Path, tiny_setup) -> None:
+    from forged.common import fim
+    from forged.worker.judge.judge import judge
+
+    base, _, trained, _ = tiny_setup
+    fmt = fim.for_base("hf", base)
+    ds = write_rag_dataset(tmp_path / "ds", fmt)
+    cfg = JudgeConfig(min_bpb_gain=0.0, tolerance=1.0, max_rag=4)
+    events: list[dict] = []
+    res = judge(ds, TrainConfig(backend="torch", base_model=str(base)), cfg, trained, progress=events.append)
+    for s in (res.base, res.candidate):
+        assert s.n_fim_rag == 4 and s.fim_bpb_rag is not None and s.fim_bpb_rag > 0
+        lo, hi = s.fim_bpb_rag_ci
+        assert lo <= s.fim_bpb_rag <= hi
+    assert res.deltas["fim_bpb_rag"]["n"] == 4  # fine-tuning on top of retrieval, paired
+    r = json.loads(json.dumps(res.to_dict()))["retrieval"]
+    assert r["n"] == 4 and r["excluded_chunks"] == 1 and "RAFT" in r["note"]
+    for key in ("retrieval", "fine_tuning", "both", "fine_tuning_over_retrieval"):
+        g = r["gains"][key]
+        assert g["n"] == 4 and g["lo"] <= g["diff"] <= g["hi"]
+    assert r["gains"]["retrieval"]["reference"] == pytest.approx(r["bpb"]["base"])
+    assert {e["metric"] for e in events} >= {"fim_bpb", "fim_bpb_rag"}
+    # informational: the gate decides as it would without it
+    no_rag = judge(ds, TrainConfig(backend="torch", base_model=str(base)), JudgeConfig(
+        min_bpb_gain=0.0, tolerance=1.0, max_rag=0), trained)
+    assert (no_rag.passed, no_rag.reasons) == (res.passed, res.reasons)
+    assert no_rag.candidate.fim_bpb_rag is None and "fim_bpb_rag" not in no_rag.deltas
+    assert len(res.examples) == 3 and res.examples[0]["path"] == HELD  # shown side by side in the report

@@ -48,6 +48,7 @@ def test_odd_stored_json_renders_without_raising(tmp_path: Path, metrics: object
         m = metrics
     out = write_report(tmp_path, "r", {"id": 1, "stage": "judged", "metrics": m})
     assert out.read_text().startswith("<!doctype html>")
+    assert "could not be drawn" not in out.read_text()  # handled, not caught by the section guard
 
 
 def test_odd_result_files_render_without_raising(tmp_path: Path) -> None:
@@ -57,3 +58,69 @@ def test_odd_result_files_render_without_raising(tmp_path: Path) -> None:
     (tmp_path / "dataset" / "manifest.json").write_text('"just a string"')
     text = write_report(tmp_path, "r", {"id": 1, "metrics": "{}"}).read_text()
     assert "Passed: <b>&lt;b&gt;</b>" in text
+
+
+# ---------------------------------------------------------------- a realistic cycle, drawn
+
+DELTAS = {  # the demo's first cycle (docs/benchmarks.md): paired candidate − base
+    "bpb": {"candidate": 1.1004, "reference": 1.2544, "diff": -0.1540, "lo": -0.1760, "hi": -0.1332, "n": 24},
+    "fim_bpb": {"candidate": 1.5400, "reference": 1.8002, "diff": -0.2602, "lo": -0.2826, "hi": -0.2419, "n": 276},
+    "fim_exact": {"candidate": 0.0, "reference": 0.015625, "diff": -0.015625, "lo": -0.046875, "hi": 0.0, "n": 64},
+}
+EXAMPLES = [{"path": "forged/x.py", "prefix": "def add(a, b):\n", "suffix": "\n\ndef sub(a, b):",
+             "reference": "    return a + b", "base": "    pass", "candidate": "    return a + b"}] * 3
+RETRIEVAL = {"n": 64, "k": 2, "max_chars": 1200, "bpb": {"base": 1.8, "base_rag": 1.7, "candidate": 1.54,
+                                                        "candidate_rag": 1.5},
+             "gains": {"retrieval": {"candidate": 1.7, "reference": 1.8, "diff": -0.1, "lo": -0.15, "hi": -0.05,
+                                     "n": 64},
+                       "fine_tuning": {"candidate": 1.54, "reference": 1.8, "diff": -0.26, "lo": -0.3, "hi": -0.2,
+                                       "n": 64}},
+             "note": "QA: RAFT questions carry their retrieved documents already."}
+
+
+def realistic() -> dict:
+    base = {"bpb": 1.2544, "fim_bpb": 1.8008, "fim_exact": 0.015625, "n_texts": 24, "n_fim_bpb": 276, "n_fim": 64}
+    cand = {"bpb": 1.1004, "fim_bpb": 1.5406, "fim_exact": 0.0, "n_texts": 24, "n_fim_bpb": 276, "n_fim": 64}
+    judge = {"reference": "base", "deltas": DELTAS, "base": base, "live": None, "candidate": cand,
+             "passed": True, "reasons": [], "examples": EXAMPLES, "retrieval": RETRIEVAL}
+    train = {"steps": 40, "loss_curve": [3.0 - i * 0.02 for i in range(40)], "evals": [[0, 2.954], [40, 2.257]]}
+    dataset = {"by_kind": {"train": {"fim": 951, "raft": 2917, "continuation": 1155}, "valid": {"fim": 276}},
+               "by_lang": {"train": {"python": 5300, "markdown": 196}, "valid": {"python": 441}}}
+    return {"judge": judge, "train": train, "dataset": dataset}
+
+
+def test_a_realistic_cycle_is_drawn_with_intervals_and_n(tmp_path: Path) -> None:
+    text = write_report(tmp_path, "forged", {"id": 1, "stage": "judged", "metrics": json.dumps(realistic())}).read_text()
+    assert "could not be drawn" not in text
+    assert text.count("<svg") == 5  # changes, loss, retrieval, kinds, languages
+    # the metric-delta chart: each metric's label with n, its interval in % (bpb) or points (rates)
+    assert "FIM-middle bpb (n=276)" in text
+    assert "-14.5% [-15.7, -13.4]" in text and "-1.6 pts [-4.7, +0.0]" in text
+    assert "FIM-middle bpb 1.80→1.54 (−14.5%, 95% CI −15.7…−13.4%, n=276)" in text
+    # the loss chart: the training line and both held-out evaluations as points
+    assert "held-out loss (2 evaluations)" in text and "<title>step 40: 2.2570</title>" in text
+    # dataset composition by kind and by language, training side and held-out side
+    assert 'aria-label="examples by kind"' in text and 'aria-label="examples by language"' in text
+    assert ">2,917<" in text and ">441<" in text
+    # three completions side by side, retrieval against fine-tuning
+    assert text.count("<td><pre>    return a + b</pre></td>") == 6 and "<pre>    pass</pre>" in text
+    assert "retrieval alone (base+ctx − base) (n=64)" in text and "RAFT questions carry" in text
+    assert "<script" not in text and "http" not in text.replace("http://www.w3.org", "")  # nothing fetched
+
+
+@pytest.mark.parametrize("breakage", [
+    lambda m: m["judge"].update(deltas={"bpb": {"lo": "x", "hi": None, "n": "many"}, "fim_bpb": [1]}),
+    lambda m: m["judge"].update(examples=[None, "text", {"prefix": 3}], retrieval={"gains": {"both": 7}}),
+    lambda m: m["judge"].update(retrieval=[1], examples={"a": 1}),
+    lambda m: m["train"].update(evals=[["a", 1], [None], 5, {"step": 1, "loss": "nan"}], loss_curve=[1.0]),
+    lambda m: m["train"].update(evals="nope"),
+    lambda m: m["dataset"].update(by_kind={"train": {"fim": "many", "raft": None}, "valid": []}, by_lang=3),
+    lambda m: m["dataset"].update(by_kind={"train": {}, "valid": {"fim": 0}}),
+    lambda m: m["judge"]["deltas"].update(bpb={"candidate": 1.0, "reference": 0.0, "diff": 1.0, "lo": 0.5,
+                                               "hi": 1.5, "n": 3}),
+])
+def test_bad_stored_values_still_render(tmp_path: Path, breakage) -> None:
+    m = realistic()
+    breakage(m)
+    text = write_report(tmp_path, "r", {"id": 1, "metrics": json.dumps(m)}).read_text()
+    assert "could not be drawn" not in text and text.startswith("<!doctype html>")

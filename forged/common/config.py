@@ -199,6 +199,9 @@ class JudgeConfig:
     max_raft: int = field(default=0, metadata=_range(0, 10**5))
     # Generated FIM middles (exact match, edit similarity); FIM bits/byte uses all of them.
     max_fim: int = field(default=64, metadata=_range(1, 10**5))
+    # FIM examples also scored with BM25-retrieved training-side context (fim_bpb_rag, not
+    # gated: does fine-tuning add to retrieval?); teacher-forced, so cheap; 0 = off.
+    max_rag: int = field(default=48, metadata=_range(0, 10**5))
     # Fidelity: llama.cpp's held-out loss gain may differ from the trainer's by this share.
     fidelity_loss_tolerance: float = field(default=0.25, metadata=_range(0, 1))
     # A fused version is checked as Ollama will serve it (quantized): it must keep this

@@ -44,6 +44,10 @@ class ApprovalRequest:
     commits: int  # commits since the live model was trained
     metric_deltas: dict[str, float] = field(default_factory=dict)  # candidate − live
     tag: str = ""  # forged/<repo>:v<N>; filled in when empty
+    # Each metric with its n and 95% interval (forged.common.judged.judge_text); shown
+    # instead of the bare deltas when present, so a noisy change reads as one.
+    metric_lines: list[str] = field(default_factory=list)
+    reference: str = "live"  # what the candidate was compared with: live, or base before any
 
     def __post_init__(self) -> None:
         if not self.tag:
@@ -64,8 +68,12 @@ def describe(req: ApprovalRequest) -> str:
     """The body of the question: version, commits since the live model, metric deltas."""
     commits = f"{req.commits} commit{'s' if req.commits != 1 else ''} since the live model"
     lines = [f"{req.tag} is ready ({commits})."]
-    if req.metric_deltas:
-        lines.append("vs live: " + ", ".join(_fmt_delta(k, v) for k, v in sorted(req.metric_deltas.items())))
+    if req.metric_lines:
+        lines.append(f"vs {req.reference}:")
+        lines += [f"  {m}" for m in req.metric_lines]
+    elif req.metric_deltas:
+        lines.append(f"vs {req.reference}: "
+                     + ", ".join(_fmt_delta(k, v) for k, v in sorted(req.metric_deltas.items())))
     lines.append(f"Approve to make it {tag_for(req.repo, 'latest')} "
                  f"(or later: forgectl approve|reject {req.repo}).")
     return "\n".join(lines)

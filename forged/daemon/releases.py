@@ -272,13 +272,13 @@ class Releases:
 def approval_request(repo: Row, cyc: Row, version: int) -> Any:
     """What the approval prompt shows: the candidate's metric deltas against the live model
     (or the base when nothing is live yet)."""
+    from forged.common.judged import judge_text, metric_lines, reference_name
     from forged.daemon.approval import ApprovalRequest
     from forged.daemon.publish import tag_for
 
     judge = json.loads(cyc["metrics"] or "{}").get("judge") or {}
-    ref = judge.get("live") or judge.get("base") or {}
-    deltas = {k: round(v - ref[k], 4) for k, v in (judge.get("candidate") or {}).items()
-              if isinstance(v, int | float) and isinstance(ref.get(k), int | float)}
+    deltas = {m.key: round(m.candidate - m.reference, 4) for m in metric_lines(judge)}
     acc = json.loads(repo["accounting"] or "{}")
     return ApprovalRequest(repo=repo["name"], version=version, commits=int(acc.get("commits") or 0),
-                           metric_deltas=deltas, tag=tag_for(repo["name"], version))
+                           metric_deltas=deltas, tag=tag_for(repo["name"], version),
+                           metric_lines=judge_text(judge), reference=reference_name(judge))

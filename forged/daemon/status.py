@@ -13,6 +13,7 @@ from sqlite3 import Row
 from typing import Any
 
 from forged.common import config
+from forged.common.judged import judge_text
 from forged.common.protocol import Stage
 from forged.daemon.errors import NotFound
 from forged.daemon.store import State
@@ -37,6 +38,17 @@ def _cycle_info(cyc: Row, worker: Any) -> dict[str, Any]:
         "manual_command": metrics.get("manual_command") if cyc["stage"] == Stage.READY_TO_PUBLISH else None,
         "warnings": metrics.get("warnings") or [],
     }
+
+
+def _judge_lines(cyc: Row | None) -> list[str]:
+    """The cycle's judged metrics, each with n and its 95% interval ([] before the judge ran)."""
+    if cyc is None:
+        return []
+    try:
+        metrics = json.loads(cyc["metrics"] or "{}")
+    except ValueError:
+        return []
+    return judge_text(metrics.get("judge")) if isinstance(metrics, dict) else []
 
 
 def _progress(acc: dict[str, Any], thresholds: config.ThresholdConfig) -> dict[str, Any]:
@@ -72,10 +84,11 @@ def repo_status(store: State, cfg: config.Config, repo: Row, worker: Any = None,
         "live_version": live,
         "live_tag": tag_for(name, "latest") if live else None,
         "pending_approval": {"version": awaiting["version"], "cycle_id": awaiting["cycle_id"],
-                             "tag": tag_for(name, int(awaiting["version"]))} if awaiting else None,
+                             "tag": tag_for(name, int(awaiting["version"])),
+                             "judge": _judge_lines(store.awaiting_cycle(rid))} if awaiting else None,
         "cycle": _cycle_info(cyc, worker) if cyc is not None else None,
         "last_cycle": {"id": last["id"], "stage": last["stage"], "reason": last["reason"],
-                       "finished_at": last["finished_at"]} if last is not None else None,
+                       "finished_at": last["finished_at"], "judge": _judge_lines(last)} if last is not None else None,
     }
 
 

@@ -50,10 +50,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from forged.common.fim import FimFormat
+from forged.worker.judge import retrieval
 from forged.worker.judge.gate import gate_decision, summary_line
+from forged.worker.judge.shown import shown_examples, shown_indices
 
 if TYPE_CHECKING:
     from forged.common.config import JudgeConfig, TrainConfig
+    from forged.worker.judge.retrieval import RagSet
 
 __all__ = [
     "FimExample", "Heldout", "JudgeError", "JudgeResult", "ModelScores", "RaftExample",
@@ -79,6 +82,11 @@ class FimExample:
     completion: str  # the middle, without its stop token
     stop: str = ""  # the stop token the mined completion ends with
     mode: str = ""  # inline | line | lines | empty (examples.FIM_MODES); "" for old datasets
+    # The cursor's surroundings and file, when the dataset names its FIM format: what the
+    # report shows and what retrieval queries with ("" otherwise).
+    prefix: str = ""
+    suffix: str = ""
+    path: str = ""
 
     @property
     def single_line(self) -> bool:
@@ -101,6 +109,7 @@ class Heldout:
     fim_format: FimFormat | None = None
     raft: list[RaftExample] = field(default_factory=list)
     skipped: int = 0  # records of other kinds (doc↔code, commit→diff) not scored
+    rag: RagSet | None = None  # FIM examples with retrieved training-side context (retrieval.build)
 
 
 @dataclass
@@ -124,16 +133,23 @@ class ModelScores:
     fim_exact_ci: list[float] | None = None
     fim_edit_sim_ci: list[float] | None = None
     fim_exact_line_ci: list[float] | None = None
+    # FIM-middle bits/byte with BM25-retrieved training-side context (retrieval.py; not gated)
+    fim_bpb_rag: float | None = None
+    fim_bpb_rag_ci: list[float] | None = None
+    n_fim_rag: int = 0
+    fim_rag_seconds: float | None = None
     fim_seconds_per_example: float | None = None  # generation + teacher forcing, per generated one
     n_raft_oracle: int = 0
     n_raft_distractors: int = 0
     seconds: float = 0.0
     # Per-example values behind each metric (same order for every model), for paired intervals.
     samples: dict[str, list[float]] = field(default_factory=dict, repr=False)
+    # Generated middles of the examples the report shows (shown.SHOWN of them), by index in Heldout.fim.
+    shown: dict[int, str] = field(default_factory=dict, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        del d["samples"]
+        del d["samples"], d["shown"]
         return d
 
 
@@ -147,11 +163,15 @@ class JudgeResult:
     seconds: float = 0.0
     deltas: dict[str, dict[str, Any]] = field(default_factory=dict)  # metric → paired candidate − reference
     reference: str = "base"
+    examples: list[dict[str, str]] = field(default_factory=list)  # shown.shown_examples: side by side
+    retrieval: dict[str, Any] | None = None  # retrieval.summarize(): FIM with BM25 context
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "reference": self.reference,
             "deltas": self.deltas,
+            "examples": self.examples,
+            "retrieval": self.retrieval,
             "base": self.base.to_dict(),
             "live": self.live.to_dict() if self.live else None,
             "candidate": self.candidate.to_dict(),
@@ -191,10 +211,11 @@ def _fim_example(rec: dict[str, Any], meta: dict[str, Any], fmt: FimFormat | Non
         rest = body[n:]
         if not (prompt.startswith(fmt.prefix) and rest.startswith(fmt.suffix) and rest.endswith(fmt.middle)):
             raise JudgeError(f"{where}: FIM prompt is not in the {fmt.name} format the manifest names; re-mine")
-        prompt_again = fmt.render(body[:n], rest[len(fmt.suffix): len(rest) - len(fmt.middle)])
-        if prompt_again != prompt:
+        prefix, suffix = body[:n], rest[len(fmt.suffix): len(rest) - len(fmt.middle)]
+        if fmt.render(prefix, suffix) != prompt:
             raise JudgeError(f"{where}: FIM prompt differs from its {fmt.name} rendering; re-mine")
-    return FimExample(prompt, completion, stop, str(info.get("mode") or ""))
+        return FimExample(prompt, completion, stop, str(info.get("mode") or ""), prefix, suffix, str(meta.get("path") or ""))
+    return FimExample(prompt, completion, stop, str(info.get("mode") or ""), path=str(meta.get("path") or ""))
 
 
 def load_heldout(dataset_dir: Path, max_examples: int = 200, max_generate: int = 64, seed: int = 0,
@@ -365,6 +386,7 @@ def score_model(
     if data.fim:
         _score_fim_generated(backend, data, s, name, report)
         s.fim_seconds_per_example = round((time.monotonic() - t_fim) / len(data.fim), 4)
+    retrieval.score(backend, data, s, name, report)  # after the FIM timing: it is timed apart
 
     if data.raft:
         hits: dict[bool, list[float]] = {True: [], False: []}
@@ -428,8 +450,11 @@ def _score_fim_generated(backend: Any, data: Heldout, s: ModelScores, name: str,
         gens.update(zip(part, out, strict=True))
         report({"stage": "judge", "model": name, "metric": "fim",
                 "done": min(i + GEN_CHUNK, len(data.fim)), "total": len(data.fim)})
+    show = set(shown_indices(len(data.fim)))
     for k, ex in enumerate(data.fim):
         pred = fim_prediction(cut_at_stop(gens[k], stops), ex.completion)
+        if k in show:
+            s.shown[k] = pred
         ok = float(pred.rstrip() == ex.completion.rstrip())
         exact.append(ok)
         sims.append(edit_similarity(pred.rstrip(), ex.completion.rstrip()))
@@ -441,6 +466,7 @@ def _score_fim_generated(backend: Any, data: Heldout, s: ModelScores, name: str,
     s.fim_exact_ci, s.fim_edit_sim_ci = bootstrap_ci(exact), bootstrap_ci(sims)
     if line:
         s.fim_exact_line, s.fim_exact_line_ci = sum(line) / len(line), bootstrap_ci(line)
+        s.samples["fim_exact_line"] = line  # the same single-line examples for every model: paired
 
 
 def cut_at_stop(text: str, stops: list[str]) -> str:
@@ -488,6 +514,7 @@ def judge(
         Path(dataset_dir), cfg.max_examples, cfg.max_generate, seed=cfg_train.seed, max_raft=cfg.max_raft,
         max_fim=cfg.max_fim, fim_format=fmt,
     )
+    data.rag = retrieval.build(Path(dataset_dir), data, cfg.max_rag, seed=cfg_train.seed)
     if not Path(candidate_adapter).is_dir():
         raise JudgeError(f"candidate adapter not found: {candidate_adapter}")
     if live_adapter is not None and not Path(live_adapter).is_dir():
@@ -514,7 +541,8 @@ def judge(
     passed, reasons = gate_decision(base.to_dict(), live.to_dict() if live else None, cand.to_dict(), cfg,
                                     deltas=deltas)
     return JudgeResult(base, live, cand, passed, reasons, seconds=time.monotonic() - t0, deltas=deltas,
-                       reference=ref_name)
+                       reference=ref_name, examples=shown_examples(data.fim, base, cand),
+                       retrieval=retrieval.summarize(data.rag, base, cand, seed=cfg_train.seed))
 
 
 def _checked_format(dataset_dir: Path, base_spec: str) -> FimFormat | None:

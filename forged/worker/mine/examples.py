@@ -23,6 +23,7 @@ from itertools import accumulate
 from typing import Any
 
 from forged.common.fim import FORGED_TEXT, FimFormat
+from forged.worker.bm25 import CodeIndex
 from forged.worker.mine.chunker import Chunk, FileAnalysis, Symbol
 
 BEGIN_QUOTE, END_QUOTE, ANSWER = "##begin_quote##", "##end_quote##", "<ANSWER>:"
@@ -285,18 +286,6 @@ def code_to_doc(f: MinedFile, weight: float, seed: int, context_tokens: int = 0)
 
 # ----------------------------------------------------------------------- RAFT
 
-_IDENT = re.compile(r"[a-z_][a-z0-9_]*|\d+")
-_SUBWORD = re.compile(r"[A-Z]+(?=[A-Z][a-z])|[A-Z]?[a-z]+|[A-Z]+|\d+")
-
-
-def code_tokens(text: str) -> list[str]:
-    """BM25 tokens for code: whole identifiers plus their snake/camel parts.
-
-    Two regex passes over the whole text, no per-token Python work: this runs on every chunk.
-    """
-    return _IDENT.findall(text.lower()) + " ".join(_SUBWORD.findall(text)).lower().split()
-
-
 @dataclass
 class _Question:
     file: MinedFile
@@ -495,16 +484,13 @@ def raft(files: list[MinedFile], weight: float, k: int, p_oracle: float, seed: i
     qs = _questions(files) if questions is None else questions
     if not qs:
         return []
-    import bm25s
-
     corpus: list[tuple[MinedFile, int]] = [
         (f, i) for f in files for i in range(len(f.analysis.chunks))]
     index = {(id(f), i): n for n, (f, i) in enumerate(corpus)}
     docs_of = [_Doc(f.analysis.chunks[i]) for f, i in corpus]
     system_tokens = _est_tokens(RAFT_SYSTEM)
     rendered = [d.full for d in docs_of]
-    retriever = bm25s.BM25()
-    retriever.index([code_tokens(t) or ["_"] for t in rendered], show_progress=False)
+    retriever = CodeIndex(rendered)
     depth = min(len(corpus), k * 4 + 8)
     jobs: list[tuple[_Question, int]] = []
     for q in qs:
@@ -512,15 +498,14 @@ def raft(files: list[MinedFile], weight: float, k: int, p_oracle: float, seed: i
         jobs.extend((q, j) for j in range(n))
     if not jobs:
         return []
-    queries = [code_tokens(q.question) or ["_"] for q, _ in jobs]
-    hits, _ = retriever.retrieve(queries, k=depth, show_progress=False, n_threads=0)
+    hits = retriever.search([q.question for q, _ in jobs], depth)
     out: list[Example] = []
     for (q, j), row in zip(jobs, hits, strict=True):
         rng = rng_for(seed, "raft-doc", q.file.blob, q.key, j)
         oracle_n = index[(id(q.file), q.chunk_index)]
         distractors: list[int] = []
         # Hard negatives first; when they run out (tiny or repetitive repos), random chunks.
-        order = row.tolist()
+        order = row
         for n in _then_random(order, len(corpus), rng):
             if n in distractors:
                 continue

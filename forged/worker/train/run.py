@@ -55,6 +55,9 @@ class TrainResult:
     heldout_loss_start: float | None
     adapter_dir: Path | None
     loss_curve: list[float] = field(default_factory=list)
+    # [step, held-out loss] at the start, every eval_every steps and at the end: the report
+    # draws them over the training loss (a falling train loss alone can be memorisation)
+    evals: list[list[float]] = field(default_factory=list)
     peak_mem: int = 0
     seconds: float = 0.0
     backend: str = ""
@@ -297,7 +300,7 @@ class _Run:
     def result(self, reason: str, heldout: float | None, adapter_dir: Path | None) -> TrainResult:
         return TrainResult(steps=self.step, tokens=self.tokens, stopped=reason == "stopped",
                            final_loss=_tail(self.curve), heldout_loss=heldout, heldout_loss_start=self.h0,
-                           adapter_dir=adapter_dir, loss_curve=self.curve, peak_mem=self.be.peak_memory(),
+                           adapter_dir=adapter_dir, loss_curve=self.curve, evals=list(self.evals), peak_mem=self.be.peak_memory(),
                            seconds=self.seconds(), backend=self.p.backend, reason=reason)
 
     def finish(self, reason: str) -> TrainResult:
