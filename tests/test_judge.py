@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import sys
 from pathlib import Path
 
@@ -221,6 +222,24 @@ def test_paired_interval_separates_a_shift_from_noise() -> None:
 
 def delta(diff: float, lo: float, hi: float, n: int = 40) -> dict:
     return {"diff": diff, "lo": lo, "hi": hi, "n": n}
+
+
+def test_sample_size_for_a_target_interval_width() -> None:
+    """A quarter of the half-width takes 16x the examples; no width says nothing."""
+    from forged.worker.judge import stats
+    from forged.worker.judge.judge import ModelScores, compare
+
+    assert stats.n_for_half_width(-0.2, 0.2, 64, 0.05) == 1024
+    assert stats.n_for_half_width(-0.2, 0.2, 64, 0.4) == 16
+    assert stats.n_for_half_width(0.0, 0.0, 64, 0.1) is None
+    rng = random.Random(0)
+    ref, cand = ModelScores(), ModelScores()
+    ref.samples["fim_bpb"] = [rng.gauss(1.5, 0.3) for _ in range(100)]
+    cand.samples["fim_bpb"] = [x - 0.1 + rng.gauss(0, 0.1) for x in ref.samples["fim_bpb"]]
+    d = compare(cand, ref)["fim_bpb"]
+    assert d["target"] == 0.02
+    # the bootstrap half-width of a mean of 100 diffs with sd ~0.1 is ~0.02: about 100 are needed
+    assert 50 <= d["n_for_target"] <= 200
 
 
 def test_gate_needs_the_bpb_gains_interval_to_exclude_zero() -> None:

@@ -63,7 +63,8 @@ def test_odd_result_files_render_without_raising(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- a realistic cycle, drawn
 
 DELTAS = {  # the demo's first cycle (docs/benchmarks.md): paired candidate − base
-    "bpb": {"candidate": 1.1004, "reference": 1.2544, "diff": -0.1540, "lo": -0.1760, "hi": -0.1332, "n": 24},
+    "bpb": {"candidate": 1.1004, "reference": 1.2544, "diff": -0.1540, "lo": -0.1760, "hi": -0.1332, "n": 24,
+            "target": 0.01, "n_for_target": 117},
     "fim_bpb": {"candidate": 1.5400, "reference": 1.8002, "diff": -0.2602, "lo": -0.2826, "hi": -0.2419, "n": 276},
     "fim_exact": {"candidate": 0.0, "reference": 0.015625, "diff": -0.015625, "lo": -0.046875, "hi": 0.0, "n": 64},
 }
@@ -105,6 +106,7 @@ def test_a_realistic_cycle_is_drawn_with_intervals_and_n(tmp_path: Path) -> None
     # three completions side by side, retrieval against fine-tuning
     assert text.count("<td><pre>    return a + b</pre></td>") == 6 and "<pre>    pass</pre>" in text
     assert "retrieval alone (base+ctx − base) (n=64)" in text and "RAFT questions carry" in text
+    assert "<h2>Sample sizes</h2>" in text and "<td>117</td>" in text and "<td>0.0214</td>" in text
     assert "<script" not in text and "http" not in text.replace("http://www.w3.org", "")  # nothing fetched
 
 

@@ -247,6 +247,20 @@ def _changes(d: ReportData) -> list[str]:
             svg_deltas(lines), "<ul>" + "".join(f"<li>{_text(t)}</li>" for t in judge_text(d.judge)) + "</ul>"]
 
 
+def _sample_sizes(d: ReportData) -> list[str]:
+    """Each paired difference's n, its interval's half-width, and the n its target width takes."""
+    deltas = _dict(d.judge.get("deltas"))
+    rows = [[k, x.get("n"), (x["hi"] - x["lo"]) / 2, x.get("target"), x.get("n_for_target") or "—"]
+            for k, x in ((k, _dict(v)) for k, v in deltas.items())
+            if _num(x.get("lo")) is not None and _num(x.get("hi")) is not None and x.get("target") is not None]
+    if not rows:
+        return []
+    return ["<h2>Sample sizes</h2>",
+            "<p>The 95% interval's half-width each metric got from its n, the half-width the judge aims "
+            "for, and the n that would reach it (intervals narrow as 1/√n; — where every pair agreed).</p>",
+            _table(rows, ["metric", "n", "half-width", "target", "n for target"])]
+
+
 def _loss(d: ReportData) -> list[str]:
     train = _points(d.train.get("loss_curve"))
     heldout = _points(d.train.get("evals"), bare_is_step=False)
@@ -382,8 +396,8 @@ def _forward(d: ReportData) -> list[str]:
 
 Section = Callable[[ReportData], list[str]]
 # The report's order; a new section is one more entry.
-SECTIONS: list[Section] = [_warnings, _changes, _loss, _examples, _retrieval, _forward, _scores, _fidelity,
-                           _dataset]
+SECTIONS: list[Section] = [_warnings, _changes, _sample_sizes, _loss, _examples, _retrieval, _forward, _scores,
+                           _fidelity, _dataset]
 
 STYLE = ("body{font:14px system-ui;margin:2em;max-width:960px}table{border-collapse:collapse;margin:1em 0}"
          "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right;vertical-align:top}th{background:#f3f4f6}"

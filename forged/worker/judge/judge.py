@@ -69,6 +69,11 @@ FIM_MAX_NEW = 128
 RAFT_MAX_NEW = 256
 NLL_BATCH = 8  # texts per nll() call: progress granularity, not a speed knob
 GEN_CHUNK = 16  # prompts per generate_many() call: the back end batches within it
+# The interval half-width each paired difference should reach (its unit: bits/byte, or a
+# fraction of examples). compare() records how many examples that takes, from the interval
+# it got, so the sample sizes can be chosen for it (docs/judge-export.md, "Sample sizes").
+TARGET_HALF_WIDTH = {"bpb": 0.01, "fim_bpb": 0.02, "fim_bpb_rag": 0.02, "fim_exact": 0.10, "fim_exact_line": 0.10,
+                     "fim_edit_sim": 0.05, "raft_acc_oracle": 0.15, "raft_acc_distractors": 0.15}
 MAX_SIM_CHARS = 2000  # edit distance is O(n·m) in Python; longer spans are cut
 
 
@@ -488,7 +493,11 @@ def compare(candidate: ModelScores, reference: ModelScores, seed: int = 0) -> di
         if key.endswith("_weight") or r is None or len(r) != len(c) or not c:
             continue
         w = candidate.samples.get(f"{key}_weight")
-        out[key] = stats.paired(c, r, w, seed=seed).to_dict()
+        d = stats.paired(c, r, w, seed=seed).to_dict()
+        if key in TARGET_HALF_WIDTH:
+            target = TARGET_HALF_WIDTH[key]
+            d.update(target=target, n_for_target=stats.n_for_half_width(d["lo"], d["hi"], d["n"], target))
+        out[key] = d
     return out
 
 

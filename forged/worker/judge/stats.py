@@ -126,3 +126,14 @@ def relative_gain(candidate: Sequence[float], reference: Sequence[float], weight
     boot = 1 - (c[idx] * ws).sum(1) / np.maximum((r[idx] * ws).sum(1), 1e-300)
     lo, hi = _interval(boot, level)
     return Estimate(value, lo, hi, int(c.size))
+
+
+def n_for_half_width(lo: float, hi: float, n: int, target: float) -> int | None:
+    """Examples needed for a 95% interval of half-width ``target``, from one of ``n``
+    examples spanning ``[lo, hi]`` (a mean's interval narrows as 1/sqrt(n)). None when the
+    interval has no width (every pair agreed, e.g. 0/64 exact matches on both sides): the
+    spread cannot be estimated from it."""
+    half = (hi - lo) / 2
+    if n <= 0 or target <= 0:
+        raise ValueError("n and target must be positive")
+    return math.ceil(n * (half / target) ** 2) if half > 0 else None
