@@ -178,8 +178,18 @@ def test_config_errors(tmp_path: Path, text: str, needle: str) -> None:
 
 
 def test_shipped_config_documents_every_default() -> None:
-    shipped = config.load(Path(__file__).parent.parent / "config.toml")
+    import tomllib
+
+    path = Path(__file__).parent.parent / "config.toml"
+    shipped = config.load(path)
     assert config.to_dict(shipped) == config.to_dict(config.Config())
+
+    def keys(d: dict, prefix: str = "") -> set[str]:
+        return {k for name, v in d.items() if name != "repos"
+                for k in (keys(v, f"{prefix}{name}.") if isinstance(v, dict) else {f"{prefix}{name}"})}
+
+    # every key is written out, not only right by default: the file is the reference users copy from
+    assert keys(tomllib.loads(path.read_text())) == keys(config.to_dict(config.Config()))
 
 
 def test_paths_precedence(tmp_path: Path) -> None:
