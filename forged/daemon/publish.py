@@ -445,6 +445,12 @@ class Publisher:
         # about a second, and ensure_base/create_version run on every retry.
         self._digests: dict[tuple[str, int, int], str] = {}
 
+    def __enter__(self) -> Publisher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def close(self) -> None:
         self._client.close()
 

@@ -12,13 +12,16 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 from sqlite3 import Row
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from forged.common import config, log
 from forged.common.models import base_tag_name
 from forged.common.protocol import Stage
 from forged.daemon.cycles import LIGHT, retry_later
 from forged.daemon.errors import Conflict, Invalid, Unavailable
+
+if TYPE_CHECKING:
+    from forged.daemon.publish import Publisher
 from forged.daemon.store import State
 
 
@@ -42,7 +45,7 @@ class Releases:
         self.log = log.get("forged.daemon.releases")
         self._asking: set[int] = set()
 
-    def publisher(self, timeout: float = 60.0) -> Any:
+    def publisher(self, timeout: float = 60.0) -> Publisher:
         from forged.daemon.publish import HostMemory, Publisher
 
         gates = self.cfg.gates
@@ -214,7 +217,8 @@ class Releases:
         assert repo is not None
         version = int(cyc["version"])
         try:
-            self.publisher().promote(repo["name"], version, previous=repo["live_version"])
+            with self.publisher() as pub:
+                pub.promote(repo["name"], version, previous=repo["live_version"])
         except (OllamaUnavailable, PublishError, OSError) as e:
             self._retry(cyc, Stage.PROMOTING, e)
             return
@@ -234,7 +238,8 @@ class Releases:
         previous = next((v for v in versions if live is not None and v < live), None)
         keep = keep_list(versions, self.cfg.publish.keep_versions, live, previous)
         try:
-            deleted = self.publisher().prune(repo["name"], keep)
+            with self.publisher() as pub:
+                deleted = pub.prune(repo["name"], keep)
         except Exception as e:  # noqa: BLE001 (pruning is best-effort; retried next promotion)
             self.log.warning("prune_failed", repo=repo["name"], error=str(e))
             return
@@ -261,7 +266,8 @@ class Releases:
         if target is None or target["state"] not in ("published", "live"):
             raise Conflict(f"v{version} of {repo['name']!r} is not a published version")
         try:
-            self.publisher().rollback(repo["name"], version)
+            with self.publisher() as pub:
+                pub.rollback(repo["name"], version)
         except (OllamaUnavailable, PublishError) as e:
             raise Unavailable(f"Ollama: {e}") from None
         self.store.rollback(repo, target)
