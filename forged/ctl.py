@@ -173,6 +173,8 @@ def render_status(st: dict[str, Any]) -> str:
         cyc = r.get("cycle") or {}
         if r.get("live_tag"):
             lines.append(f"{r['name']}: use model {r['live_tag']}")
+        if r.get("forward"):
+            lines += [f"{r['name']}: forward gain {line.strip()}" for line in _forward_lines([r["forward"]])[1:]]
         if r.get("failure"):
             lines.append(f"{r['name']}: failing: {r['failure']}")
         if cyc.get("reason") and cyc.get("stage") in ("failed", "paused", "ready_to_publish", "promoting"):

@@ -138,6 +138,15 @@ def test_status_repo_shows_each_versions_forward_gain_with_n_and_interval() -> N
     assert "v2  -0.20% [-1.00%, +0.60%]  n=4 files" in text
 
 
+def test_plain_status_shows_the_latest_forward_gain() -> None:
+    from forged.ctl import render_status
+
+    st = {"daemon": {"version": "0", "pid": 1, "uptime": 0}, "gates": {}, "worker": None,
+          "repos": [{"name": "x", "stage": "watching", "progress": {}, "live_version": 2, "live_tag": "forged/x:latest",
+                     "forward": TREND[1]}]}
+    assert "x: forward gain v2  -0.20% [-1.00%, +0.60%]  n=4 files, 900 bytes" in render_status(st)
+
+
 def test_report_plots_the_forward_trend(tmp_path: Path) -> None:
     from forged.daemon.report import write_report
 

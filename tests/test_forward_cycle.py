@@ -82,6 +82,8 @@ def test_the_next_cycle_records_the_live_models_forward_gain(short_tmp: Path, ti
             assert shown.returncode == 0, shown.stderr
             assert "forward gain" in shown.stdout and f"n=4 files, {fwd['n_bytes']:,} bytes" in shown.stdout
             assert f"{100 * fwd['gain']:+.2f}% [{100 * fwd['lo']:+.2f}%, {100 * fwd['hi']:+.2f}%]" in shown.stdout
+            plain = d.ctl("status")
+            assert f"proj: forward gain v1  {100 * fwd['gain']:+.2f}%" in plain.stdout, plain.stdout
             rep = d.ctl("report", "proj")
             assert rep.returncode == 0, rep.stderr
             page = Path(rep.stdout.strip().split()[-1]).read_text()

@@ -83,6 +83,7 @@ def repo_status(store: State, cfg: config.Config, repo: Row, worker: Any = None,
         "progress": _progress(json.loads(repo["accounting"] or "{}"), cfg.thresholds),
         "live_version": live,
         "live_tag": tag_for(name, "latest") if live else None,
+        "forward": (forward_trend(store.versions(rid)) or [None])[-1],  # the latest version measured
         "pending_approval": {"version": awaiting["version"], "cycle_id": awaiting["cycle_id"],
                              "tag": tag_for(name, int(awaiting["version"])),
                              "judge": _judge_lines(store.awaiting_cycle(rid))} if awaiting else None,
