@@ -325,12 +325,20 @@ class Engine:
         if self.paused:
             return
         with self._lock:
-            if self.worker is not None:
-                return
-            for cyc, step in self._runnable(now):
-                if self._gates_open or cyc["forced"]:
-                    self._run_heavy(cyc, step)
-                    return
+            nxt = self._next_heavy(now) if self.worker is None else None
+        if nxt is None:
+            return
+        # Asking Ollama is an HTTP call (up to 5 s): never under the lock the control
+        # socket's requests wait on. The choice is checked again once the lock is back.
+        adapters = self.releases.adapters_hint() if nxt[1].worker == "judge" else None
+        with self._lock:
+            again = self._next_heavy(now) if self.worker is None and not self.paused else None
+            if again is not None and again[0]["id"] == nxt[0]["id"] and again[1] is nxt[1]:
+                self._run_heavy(*again, adapters)
+
+    def _next_heavy(self, now: float) -> tuple[Row, HeavyStep] | None:
+        """The heavy step to start now, if any (a forced cycle runs with its gates closed)."""
+        return next(((c, s) for c, s in self._runnable(now) if self._gates_open or c["forced"]), None)
 
     def _check_worker(self, w: WorkerHandle) -> None:
         """Stop the running worker when the user paused or a gate closed (unless forced)."""
@@ -351,9 +359,10 @@ class Engine:
         return out
 
     # -- heavy stages: one worker at a time ------------------------------------------------
-    def _job(self, repo: Row, cyc: Row, step: HeavyStep) -> dict[str, Any]:
+    def _job(self, repo: Row, cyc: Row, step: HeavyStep, adapters: bool | None) -> dict[str, Any]:
         """What the worker reads from ``job.json``. A warm start continues the live adapter,
-        except every ``full_retrain_every``-th published version, which starts afresh."""
+        except every ``full_retrain_every``-th published version, which starts afresh.
+        ``adapters``: whether Ollama takes adapter models (the judge's export plan)."""
         live = self.state.live_version(int(repo["id"]))
         live_adapter = live["adapter_path"] if live is not None else None
         n_published = self.state.count_published(int(repo["id"]))
@@ -368,16 +377,16 @@ class Engine:
             "live_version": live["version"] if live is not None else None,
             "live_commit": live["train_commit"] if live is not None else None,
             # the judge exports what this Ollama can take (None: unknown, fused only)
-            "ollama_adapters": self.releases.adapters_hint() if step.worker == "judge" else None,
+            "ollama_adapters": adapters,
         }
 
-    def _run_heavy(self, cyc: Row, step: HeavyStep) -> None:
+    def _run_heavy(self, cyc: Row, step: HeavyStep, adapters: bool | None = None) -> None:
         repo = self.state.repo_by_id(int(cyc["repo_id"]))
         assert repo is not None
         cid = int(cyc["id"])
         cdir = self.cycle_dir(repo["name"], cid)
         cdir.mkdir(parents=True, exist_ok=True)
-        (cdir / "job.json").write_text(json.dumps(self._job(repo, cyc, step), indent=1))
+        (cdir / "job.json").write_text(json.dumps(self._job(repo, cyc, step, adapters), indent=1))
         with self._snap:
             job_id = self.state.start_job(repo["name"], cid, step.worker, step.running)
             with bound_contextvars(repo=repo["name"], cycle=cid):
