@@ -82,3 +82,9 @@ class ErrorEvent(TypedDict):
 
 EventName = Literal["started", "progress", "result", "error"]
 WorkerEvent = StartedEvent | ProgressEvent | ResultEvent | ErrorEvent
+
+
+def usable_export(entry: dict[str, Any]) -> bool:
+    """Whether a judge result's export (``exports[kind]``) may be published: a file was
+    kept and its llama.cpp check passed (results from before the check carry none)."""
+    return bool(entry.get("path")) and bool((entry.get("fidelity") or {}).get("passed", True))

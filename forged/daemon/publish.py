@@ -49,6 +49,7 @@ import ollama
 # stdlib-only: the daemon imports no ML library
 from forged.common.fim import FimFormat, detect
 from forged.common.gguf import read_gguf_header, read_gguf_metadata
+from forged.common.protocol import usable_export
 
 NAMESPACE = "forged"
 WARM_KEEP_ALIVE = "30m"  # default: how long Ollama keeps a freshly promoted model loaded
@@ -867,8 +868,7 @@ def judged_exports(judged: dict[str, Any]) -> dict[str, dict[str, Any]]:
     if exports is None and judged.get("export"):  # a result from before export = "auto"
         e = judged["export"]
         exports = {"fused" if e.get("kind") == "fused" else "adapter": {**e, "fidelity": judged.get("fidelity")}}
-    return {k: e for k, e in (exports or {}).items()
-            if e.get("path") and (e.get("fidelity") or {}).get("passed", True)}
+    return {k: e for k, e in (exports or {}).items() if usable_export(e)}
 
 
 def export_order(exports: dict[str, dict[str, Any]], mode: str, adapters: bool | None) -> list[str]:

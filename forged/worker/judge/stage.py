@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from forged.common import config
+from forged.common.protocol import usable_export
 
 
 def run_judge(cycle_dir: Path, job: dict[str, Any], cfg: config.Config,
@@ -99,7 +100,7 @@ def _export_and_check(cfg: config.Config, adapter: Path, base: Path, out_dir: Pa
 
 def _primary(exports: dict[str, Any], adapters_accepted: bool | None) -> dict[str, Any]:
     """The export the daemon publishes first, its fidelity, and whether any export passed."""
-    ok = {kind: e for kind, e in exports.items() if e.get("path") and (e.get("fidelity") or {}).get("passed")}
+    ok = {kind: e for kind, e in exports.items() if usable_export(e)}
     order = ("adapter", "fused") if adapters_accepted is True else ("fused",)
     kind = next((k for k in order if k in ok), None)
     shown = exports.get(kind or next(iter(exports), ""), {})
