@@ -92,6 +92,10 @@ def main(argv: list[str]) -> int:
             return None
         lines = [f"forged demo: first cycle ended at '{stage}' after {time.time() - started:.0f}s"
                  f" ({cyc.get('reason') or last.get('reason') or ''})"]
+        judged = (r.get("pending_approval") or {}).get("judge") or last.get("judge") or []
+        if judged:  # each metric with its n and the paired 95% interval, as status shows it
+            lines += ["what the judge measured on held-out code (candidate vs the live model, or the base on a first cycle):",
+                      *[f"  {line}" for line in judged]]
         if cyc.get("manual_command"):
             lines.append("Ollama did not answer; to publish by hand:\n" + cyc["manual_command"])
         if stage == "awaiting_approval":
