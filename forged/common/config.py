@@ -183,7 +183,7 @@ class TrainConfig:
     eval_every: int = field(default=0, metadata=_range(0, 10**8))  # held-out loss every N steps; 0 = start/end only
     threads: int = field(default=0, metadata=_range(0, 1024))  # CPU threads for training; 0 = all cores
     # FIM examples: loss on the middle only, or on the whole sequence (prefix and suffix are code too)
-    fim_loss: str = field(default="middle", metadata=_check(_one_of("middle", "all")))
+    fim_loss: str = field(default="all", metadata=_check(_one_of("middle", "all")))
 
 
 @dataclass

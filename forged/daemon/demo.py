@@ -39,6 +39,7 @@ max_commits = 100
 max_examples = 24
 max_generate = 8
 max_raft = 4
+max_rag = 24
 
 [[repos]]
 path = "{repo}"
