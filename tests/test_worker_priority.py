@@ -39,7 +39,7 @@ def test_worker_lowers_its_own_priority(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     result = json.loads((tmp_path / "mine.result.json").read_text())
-    assert result["nice"] == os.nice(0) + 7
+    assert result["nice"] == min(os.nice(0) + 7, 19)  # niceness stops at 19 (a suite run under nice)
 
 
 def test_worker_stops_under_a_burst_of_sigterms() -> None:
