@@ -90,20 +90,21 @@ def paired_line(key: str, label: str, unit: str, d: Any, reference: Any = None, 
     """A MetricLine from a stored paired delta (``{candidate, reference, diff, lo, hi, n}``),
     the point values taken from the delta unless given; None without both values."""
     d = _dict(d)
-    r = _num(reference) if reference is not None else _num(d.get("reference"))
-    c = _num(candidate) if candidate is not None else _num(d.get("candidate"))
+    r = finite_number(reference) if reference is not None else finite_number(d.get("reference"))
+    c = finite_number(candidate) if candidate is not None else finite_number(d.get("candidate"))
     if r is None or c is None:
         return None
     count = next((v for v in (d.get("n"), n) if isinstance(v, int) and not isinstance(v, bool) and v >= 0), None)
-    return MetricLine(key, label, unit, r, c, _num(d.get("diff")), _num(d.get("lo")), _num(d.get("hi")), count,
-                      _num(d.get("reference")))
+    return MetricLine(key, label, unit, r, c, finite_number(d.get("diff")), finite_number(d.get("lo")), finite_number(d.get("hi")), count,
+                      finite_number(d.get("reference")))
 
 
 def _signed(x: float) -> str:
     return f"{x:+.1f}".replace("-", MINUS) if math.isfinite(x) else "?"
 
 
-def _num(v: Any) -> float | None:
+def finite_number(v: Any) -> float | None:
+    """A stored value as a float when it is a finite number (not a bool), else None."""
     if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
         return None
     return float(v)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from forged.common.judged import MetricLine, judge_text, metric_lines, paired_line
+from forged.common.judged import MetricLine, finite_number, judge_text, metric_lines, paired_line
 
 BLUE, ORANGE, GREEN, RED, GREY = "#2563eb", "#ea580c", "#16a34a", "#dc2626", "#6b7280"
 SPLITS = (("train", BLUE), ("valid", ORANGE))  # dataset composition: training side, held-out side
@@ -252,7 +252,7 @@ def _sample_sizes(d: ReportData) -> list[str]:
     deltas = _dict(d.judge.get("deltas"))
     rows = [[k, x.get("n"), (x["hi"] - x["lo"]) / 2, x.get("target"), x.get("n_for_target") or "—"]
             for k, x in ((k, _dict(v)) for k, v in deltas.items())
-            if _num(x.get("lo")) is not None and _num(x.get("hi")) is not None and x.get("target") is not None]
+            if finite_number(x.get("lo")) is not None and finite_number(x.get("hi")) is not None and x.get("target") is not None]
     if not rows:
         return []
     return ["<h2>Sample sizes</h2>",
@@ -347,10 +347,6 @@ def _dataset(d: ReportData) -> list[str]:
             "<details><summary>manifest</summary>", _table(flat, ["field", "value"]), "</details>"]
 
 
-def _num(v: Any) -> float | None:
-    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) else None
-
-
 def _svg_forward(points: list[tuple[str, float, float, float]], width: int = 640, height: int = 200) -> str:
     """Forward gain per version (%), a dot with its interval bar each, and the zero line."""
     ys = [y for _, v, lo, hi in points for y in (v, lo, hi)] + [0.0]
@@ -375,12 +371,12 @@ def _svg_forward(points: list[tuple[str, float, float, float]], width: int = 640
 def _forward_section(trend: list[dict[str, Any]]) -> list[str]:
     """Each version's forward gain: the live model vs the base on the code committed after it."""
     rows = [t for t in (_dict(x) for x in trend)
-            if None not in (_num(t.get("gain")), _num(t.get("lo")), _num(t.get("hi")))]
+            if None not in (finite_number(t.get("gain")), finite_number(t.get("lo")), finite_number(t.get("hi")))]
     if not rows:
         return []
     points = [(f"v{t.get('version')}", 100 * t["gain"], 100 * t["lo"], 100 * t["hi"]) for t in rows]
     table = [[f"v{t.get('version')}", f"{100 * t['gain']:+.2f}%", f"[{100 * t['lo']:+.2f}%, {100 * t['hi']:+.2f}%]",
-              t.get("n_files"), t.get("n_bytes"), _num(t.get("base_bpb")), _num(t.get("live_bpb")),
+              t.get("n_files"), t.get("n_bytes"), finite_number(t.get("base_bpb")), finite_number(t.get("live_bpb")),
               t.get("cycle_id")] for t in rows]
     return ["<h2>Forward gain</h2>",
             "<p>Each version against the base on the code committed after it went live (new to both, "
