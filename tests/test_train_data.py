@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from forged.common.config import TrainConfig
+from forged.common.fim import FORGED_TEXT
 from forged.common.gguf import read_gguf_metadata
 from forged.common.models import ModelError, model_dims, resolve_base
 from forged.worker.train.data import Record, load_dataset, select_replay, tokenize
@@ -120,9 +121,14 @@ def test_masks_for_each_record_kind(tok):
     ex = tokenize_record(tok, Record("prompt", {"prompt": "<fim_prefix>a<fim_suffix>c<fim_middle>", "completion": "b"}), s)
     targets = [i for i, m in zip(ex.ids, ex.mask, strict=True) if m]
     assert tok.decode(targets) == "b" + tok.eos_token
-    fim = Record("prompt", {"prompt": "<fim_prefix>a<fim_suffix>c<fim_middle>", "completion": "b"}, {"kind": "fim"})
-    ex = tokenize_record(tok, fim, s, fim_loss="all")  # StarCoder-style: the whole sequence is learned
-    assert ex.ids[0] == s and not ex.mask[0] and all(ex.mask[1:])
+    fim = Record("prompt", {"prompt": "<fim_prefix>x = 1<fim_suffix>y = 2<fim_middle>", "completion": "z"},
+                 {"kind": "fim"})
+    ex = tokenize_record(tok, fim, s, fim_loss="all", fim_markers=FORGED_TEXT.markers())
+    # StarCoder-style: the prefix and suffix code are learned too, the markers are not (a model
+    # taught to predict plain-text markers writes them back as its middle)
+    learned = tok.decode([i for i, m in zip(ex.ids, ex.mask, strict=True) if m])
+    assert learned == "x = 1y = 2z" + tok.eos_token
+    assert not ex.mask[0] and ex.mask[-1]
     doc = Record("prompt", {"prompt": "Write docs for f", "completion": "b"}, {"kind": "code_to_doc"})
     ex = tokenize_record(tok, doc, s, fim_loss="all")  # only FIM prompts are code to learn
     assert tok.decode([i for i, m in zip(ex.ids, ex.mask, strict=True) if m]) == "b" + tok.eos_token

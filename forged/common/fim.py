@@ -52,6 +52,15 @@ class FimFormat:
                    bool(d.get("special", True)))
 
 
+def from_manifest(manifest: object) -> FimFormat | None:
+    """The FIM format a dataset was mined in (its manifest's ``fim_format``), if recorded and
+    well formed."""
+    d = manifest.get("fim_format") if isinstance(manifest, Mapping) else None
+    if not isinstance(d, Mapping) or not all(isinstance(d.get(k), str) for k in ("name", "prefix", "suffix", "middle")):
+        return None
+    return FimFormat.from_dict(d)
+
+
 QWEN = FimFormat("qwen", "<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>",
                  ("<|endoftext|>", "<|fim_pad|>", "<|file_sep|>", "<|repo_name|>"))
 STARCODER = FimFormat("starcoder", "<fim_prefix>", "<fim_suffix>", "<fim_middle>",

@@ -49,7 +49,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from forged.common.fim import FimFormat
+from forged.common.fim import FimFormat, from_manifest
 from forged.worker.judge import retrieval
 from forged.worker.judge.gate import gate_decision, summary_line
 from forged.worker.judge.shown import shown_examples, shown_indices
@@ -195,8 +195,7 @@ def dataset_fim_format(dataset_dir: Path) -> FimFormat | None:
         manifest = json.loads((Path(dataset_dir) / "manifest.json").read_text())
     except (OSError, ValueError):
         return None
-    d = manifest.get("fim_format") if isinstance(manifest, dict) else None
-    return FimFormat.from_dict(d) if isinstance(d, dict) and d else None
+    return from_manifest(manifest)
 
 
 def _fim_example(rec: dict[str, Any], meta: dict[str, Any], fmt: FimFormat | None, where: str) -> FimExample:

@@ -10,8 +10,8 @@ Every sequence starts with one *start token* (see :func:`start_id`) so that the 
 real token is predicted from context, as in the judge's NLL. Loss is taken on all
 tokens of a ``text`` record, on the completion (+ EOS) of a prompt/completion record and
 on the assistant turns of a chat record. With ``fim_loss="all"`` a FIM record (meta kind
-``fim``) carries loss on its whole sequence, StarCoder-style: its prefix and suffix are
-code the model should learn as well.
+``fim``) carries loss on its prefix and suffix code as well, StarCoder-style, but not on
+the format's markers (``fim_markers``): see :func:`code_mask`.
 """
 
 from __future__ import annotations
@@ -192,16 +192,33 @@ def completion_ids(tok: Any, prompt: str, completion: str, specials: set[int] | 
     return p, c
 
 
+def code_mask(tok: Any, prompt: str, markers: tuple[str, ...]) -> list[bool]:
+    """Loss mask over a FIM prompt's tokens (as :func:`encode` splits it): its prefix and
+    suffix code, not the format's markers. A model taught to predict the markers writes
+    them back as its middle, most of all where they are plain text (the bundled base's
+    ``forged-text`` format)."""
+    enc = tok(prompt, add_special_tokens=False, return_offsets_mapping=True)
+    spans = [(i, i + len(m)) for m in markers if m for i in _find_all(prompt, m)]
+    return [not any(s < b and e > a for a, b in spans) for s, e in enc["offset_mapping"]]
+
+
+def _find_all(text: str, sub: str) -> Iterator[int]:
+    i = text.find(sub)
+    while i >= 0:
+        yield i
+        i = text.find(sub, i + 1)
+
+
 def tokenize_record(tok: Any, rec: Record, start: int, specials: set[int] | None = None,
-                    fim_loss: str = "middle") -> Example:
+                    fim_loss: str = "middle", fim_markers: tuple[str, ...] = ()) -> Example:
     if rec.kind == "text":
         ids = encode(tok, rec.data["text"])
         return Example([start, *ids], [False] + [True] * len(ids))
     if rec.kind == "prompt":
         p, c = completion_ids(tok, rec.data["prompt"], rec.data["completion"], specials)
-        # fim_loss = "all": a FIM prompt's prefix and suffix are code too (StarCoder-style)
-        on_prompt = fim_loss == "all" and rec.meta.get("kind") == "fim"
-        return Example([start, *p, *c], [False] + [on_prompt] * len(p) + [True] * len(c))
+        if fim_loss == "all" and rec.meta.get("kind") == "fim":
+            return Example([start, *p, *c], [False, *code_mask(tok, rec.data["prompt"], fim_markers), *[True] * len(c)])
+        return Example([start, *p, *c], [False] * (1 + len(p)) + [True] * len(c))
     msgs = rec.data["messages"]
     full = tok.apply_chat_template(msgs, tokenize=False)
     spans: list[tuple[int, int]] = []
@@ -218,7 +235,8 @@ def tokenize_record(tok: Any, rec: Record, start: int, specials: set[int] | None
 
 
 def tokenize(tok: Any, records: list[Record], seq_len: int,
-             dropped: Counter[str] | None = None, fim_loss: str = "middle") -> list[Example]:
+             dropped: Counter[str] | None = None, fim_loss: str = "middle",
+             fim_markers: tuple[str, ...] = ()) -> list[Example]:
     """Records → examples of at most ``seq_len`` tokens.
 
     Long ``text`` records are split into ``seq_len`` windows (each with a start token);
@@ -229,7 +247,7 @@ def tokenize(tok: Any, records: list[Record], seq_len: int,
     specials = special_ids(tok)
     out: list[Example] = []
     for rec in records:
-        ex = tokenize_record(tok, rec, start, specials, fim_loss)
+        ex = tokenize_record(tok, rec, start, specials, fim_loss, fim_markers)
         if len(ex) <= seq_len:
             pieces = [ex]
         elif rec.kind == "text":

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from forged.common import fim
 from forged.common.config import TrainConfig
 from forged.worker.train.data import Dataset, load_dataset, select_replay, tokenize
 from forged.worker.train.packing import RowStream, collate, epoch_rows
@@ -152,7 +153,9 @@ def _examples(be: TrainableBackend, p: _Prepared, cfg: TrainConfig, emit: Progre
     """Tokenized train (with replay when warm-starting) and held-out examples."""
     records = select_replay(p.ds.train, cfg.replay_ratio, cfg.seed) if p.warm_start is not None else p.ds.train
     dropped: Counter[str] = Counter()
-    train_ex = tokenize(be.tok, records, cfg.seq_len, dropped, fim_loss=cfg.fim_loss)
+    fmt = fim.from_manifest(p.ds.manifest)
+    markers = fmt.markers() if fmt else ()
+    train_ex = tokenize(be.tok, records, cfg.seq_len, dropped, fim_loss=cfg.fim_loss, fim_markers=markers)
     valid_ex = spread(tokenize(be.tok, p.ds.valid, cfg.seq_len, dropped), EVAL_MAX_EXAMPLES)
     if dropped:  # said out loud: a whole kind of example can vanish this way
         kinds = ", ".join(f"{k} {n}" for k, n in dropped.most_common())
