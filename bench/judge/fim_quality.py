@@ -31,7 +31,7 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--fim", type=float, default=1.0, help="[mine.kinds] fim weight")
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--seq-len", type=int, default=256, help="[train] seq_len (the default config's is 512)")
-    ap.add_argument("--fim-loss", default="middle", choices=["middle", "all"], help="[train] fim_loss")
+    ap.add_argument("--fim-loss", default=None, choices=["middle", "all"], help="[train] fim_loss (default: the config's)")
     ap.add_argument("--kinds", default="", help="[mine.kinds] weights, e.g. raft=0.25,continuation=2")
     ap.add_argument("--max-fim", type=int, default=64, help="[judge] max_fim: generated middles per model")
     ap.add_argument("--out", type=Path, default=None)
@@ -51,7 +51,8 @@ def main(argv: list[str]) -> int:
 
     out = a.out or Path(tempfile.mkdtemp(prefix="fimq-"))
     tcfg = TrainConfig(backend="torch", max_steps=a.steps, max_minutes=120.0, seq_len=a.seq_len, batch_size=4,
-                       learning_rate=a.lr, warmup_steps=4, checkpoint_every=1000, fim_loss=a.fim_loss)
+                       learning_rate=a.lr, warmup_steps=4, checkpoint_every=1000,
+                       fim_loss=a.fim_loss or TrainConfig().fim_loss)
     base = resolve_base(tcfg.base_model)
     fmt = fim.for_base(base.kind, base.path)
     mcfg = MineConfig(heldout_fraction=0.1, max_commits=100)
