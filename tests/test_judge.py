@@ -133,6 +133,11 @@ def test_load_heldout_sorts_records_and_subsamples(tmp_path: Path) -> None:
     capped = load_heldout(tmp_path, max_examples=2, max_generate=4, max_raft=2)
     assert len(capped.fim) == 4 and len(capped.raft) == 2
     assert {r.oracle for r in capped.raft} == {True, False}
+    assert len(h.fim_all) == 5  # FIM bits/byte: every held-out FIM example by default
+    tf = load_heldout(tmp_path, max_examples=2, max_generate=4, max_fim_bpb=3)
+    assert len(tf.fim_all) == 3 and len(tf.fim) == 3  # generated middles come from the scored ones
+    tf = load_heldout(tmp_path, max_examples=2, max_fim=2, max_fim_bpb=4)
+    assert len(tf.fim_all) == 4 and len(tf.fim) == 2 and all(any(f is g for g in tf.fim_all) for f in tf.fim)
 
 
 @pytest.mark.parametrize("content, message", [

@@ -124,6 +124,17 @@ def test_train_lora_changes_outputs_and_saved_adapter_reproduces_it(tiny, datase
     assert nll_on < nll_off
     be.set_adapter_enabled(True)
     assert be.logits("def f").shape == (len(be.input_ids("def f")), 49152)
+    # completion_nll projects only the completion's positions: the same loss as all logits
+    import torch
+
+    from forged.worker.train.data import completion_ids
+
+    p, c = completion_ids(be.tok, "def f0(x0):", " return x0 + 1")
+    x = torch.tensor([[be.start_id, *p, *c]])
+    with torch.no_grad():
+        every = be._core()(input_ids=x).logits[0].float()
+    want = float(torch.nn.functional.cross_entropy(every[len(p):-1], x[0, 1 + len(p):], reduction="sum"))
+    assert math.isclose(be.completion_nll(["def f0(x0):"], [" return x0 + 1"])[0], want, rel_tol=1e-5)
     assert isinstance(be.generate("def f0(x0):", max_new_tokens=4), str)
     assert be.chat_prompt([{"role": "user", "content": "hi"}]).endswith("<|im_start|>assistant\n")
 

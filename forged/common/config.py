@@ -199,6 +199,9 @@ class JudgeConfig:
     max_raft: int = field(default=0, metadata=_range(0, 10**5))
     # Generated FIM middles (exact match, edit similarity); FIM bits/byte uses all of them.
     max_fim: int = field(default=64, metadata=_range(1, 10**5))
+    # Teacher-forced FIM middles (FIM bits/byte), the generated ones among them; 0 = every
+    # held-out FIM example.
+    max_fim_bpb: int = field(default=0, metadata=_range(0, 10**6))
     # FIM examples also scored with BM25-retrieved training-side context (fim_bpb_rag, not
     # gated: does fine-tuning add to retrieval?); teacher-forced, so cheap; 0 = off.
     max_rag: int = field(default=48, metadata=_range(0, 10**5))

@@ -40,6 +40,7 @@ max_examples = 24
 max_generate = 8
 max_raft = 4
 max_rag = 24
+max_fim_bpb = 128
 
 [[repos]]
 path = "{repo}"

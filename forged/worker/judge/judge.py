@@ -223,9 +223,11 @@ def _fim_example(rec: dict[str, Any], meta: dict[str, Any], fmt: FimFormat | Non
 
 
 def load_heldout(dataset_dir: Path, max_examples: int = 200, max_generate: int = 64, seed: int = 0,
-                 max_raft: int = 0, max_fim: int = 0, fim_format: FimFormat | None = None) -> Heldout:
+                 max_raft: int = 0, max_fim: int = 0, fim_format: FimFormat | None = None,
+                 max_fim_bpb: int = 0) -> Heldout:
     """Read ``dataset_dir/valid.jsonl`` into the three task families, subsampled
-    (FIM: all for bits per byte, ``max_fim`` or ``max_generate`` generated).
+    (FIM: ``max_fim_bpb`` or all for bits per byte, ``max_fim`` or ``max_generate`` of those
+    generated).
 
     Raises :class:`JudgeError` naming the file and line of a malformed record.
     """
@@ -271,6 +273,8 @@ def load_heldout(dataset_dir: Path, max_examples: int = 200, max_generate: int =
         return [xs[i] for i in idx]
 
     h.texts = pick(h.texts, max_examples)
+    if max_fim_bpb:
+        h.fim_all = pick(h.fim_all, max_fim_bpb)
     h.fim = pick(h.fim_all, max_fim or max_generate)
     # Keep the oracle / distractor mix: sample each side in proportion.
     ora = [r for r in h.raft if r.oracle]
@@ -520,7 +524,7 @@ def judge(
     fmt = _checked_format(Path(dataset_dir), cfg_train.base_model)
     data = load_heldout(
         Path(dataset_dir), cfg.max_examples, cfg.max_generate, seed=cfg_train.seed, max_raft=cfg.max_raft,
-        max_fim=cfg.max_fim, fim_format=fmt,
+        max_fim=cfg.max_fim, fim_format=fmt, max_fim_bpb=cfg.max_fim_bpb,
     )
     data.rag = retrieval.build(Path(dataset_dir), data, cfg.max_rag, seed=cfg_train.seed)
     if not Path(candidate_adapter).is_dir():

@@ -357,7 +357,9 @@ class TorchBackend:
         for prompt, completion in zip(prompts, completions, strict=True):
             p, c = completion_ids(self.tok, prompt, completion)
             x = torch.tensor([[self.start_id, *p, *c]], device=self.device)
-            logits = self._core()(input_ids=x).logits[0, len(p):-1].float()
+            # only the positions that predict the completion: the vocabulary projection of the
+            # prompt's positions is a fifth of the forward pass for a small model
+            logits = self._core()(input_ids=x, logits_to_keep=len(c) + 1).logits[0, :-1].float()
             out.append(float(torch.nn.functional.cross_entropy(logits, x[0, 1 + len(p):], reduction="sum")))
         return out
 
