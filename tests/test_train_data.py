@@ -13,7 +13,7 @@ from forged.common.config import TrainConfig
 from forged.common.fim import FORGED_TEXT
 from forged.common.gguf import read_gguf_metadata
 from forged.common.models import ModelError, model_dims, resolve_base
-from forged.worker.train.data import Record, load_dataset, select_replay, tokenize
+from forged.worker.train.data import LossPolicy, Record, load_dataset, select_replay, tokenize
 from forged.worker.train.packing import IGNORE, RowStream, collate, epoch_rows, pack
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -123,20 +123,29 @@ def test_masks_for_each_record_kind(tok):
     assert tok.decode(targets) == "b" + tok.eos_token
     fim = Record("prompt", {"prompt": "<fim_prefix>x = 1<fim_suffix>y = 2<fim_middle>", "completion": "z"},
                  {"kind": "fim"})
-    ex = tokenize_record(tok, fim, s, fim_loss="all", fim_markers=FORGED_TEXT.markers())
+    ex = tokenize_record(tok, fim, s, loss=LossPolicy(fim="all", fim_markers=FORGED_TEXT.markers()))
     # StarCoder-style: the prefix and suffix code are learned too, the markers are not (a model
     # taught to predict plain-text markers writes them back as its middle)
     learned = tok.decode([i for i, m in zip(ex.ids, ex.mask, strict=True) if m])
     assert learned == "x = 1y = 2z" + tok.eos_token
     assert not ex.mask[0] and ex.mask[-1]
     doc = Record("prompt", {"prompt": "Write docs for f", "completion": "b"}, {"kind": "code_to_doc"})
-    ex = tokenize_record(tok, doc, s, fim_loss="all")  # only FIM prompts are code to learn
+    ex = tokenize_record(tok, doc, s, loss=LossPolicy(fim="all"))  # fim_loss: FIM prompts only
     assert tok.decode([i for i, m in zip(ex.ids, ex.mask, strict=True) if m]) == "b" + tok.eos_token
+    ex = tokenize_record(tok, doc, s, loss=LossPolicy(prompts="all"))
+    assert tok.decode([i for i, m in zip(ex.ids, ex.mask, strict=True) if m]) == "Write docs for fb" + tok.eos_token
+    ex = tokenize_record(tok, fim, s, loss=LossPolicy(prompts="all"))  # prompt_loss leaves FIM to fim_loss
+    assert tok.decode([i for i, m in zip(ex.ids, ex.mask, strict=True) if m]) == "z" + tok.eos_token
     msgs = [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"},
             {"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2"}]
     ex = tokenize_record(tok, Record("messages", {"messages": msgs}), s)
     learned = tok.decode([i for i, m in zip(ex.ids, ex.mask, strict=True) if m])
     assert "A1" in learned and "A2" in learned and "Q1" not in learned and "Q2" not in learned
+    # prompt_loss = "all": the questions' content is learned too, the turn markup is not
+    ex = tokenize_record(tok, Record("messages", {"messages": msgs}), s, loss=LossPolicy(prompts="all"))
+    learned = tok.decode([i for i, m in zip(ex.ids, ex.mask, strict=True) if m])
+    assert learned.startswith("Q1") and "Q2" in learned and "A2" in learned
+    assert "<|im_start|>user" not in learned and "<|im_start|>assistant" not in learned
     ex = tokenize_record(tok, Record("text", {"text": "def f(): pass"}), s)
     assert ex.ids[0] == s and not ex.mask[0] and all(ex.mask[1:])
 

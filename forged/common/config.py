@@ -184,6 +184,7 @@ class TrainConfig:
     threads: int = field(default=0, metadata=_range(0, 1024))  # CPU threads for training; 0 = all cores
     # FIM examples: loss on the middle only, or on the whole sequence (prefix and suffix are code too)
     fim_loss: str = field(default="all", metadata=_check(_one_of("middle", "all")))
+    prompt_loss: str = field(default="none", metadata=_check(_one_of("none", "all")))
 
 
 @dataclass

@@ -9,9 +9,11 @@ A dataset directory holds ``train.jsonl``, ``valid.jsonl`` (optional) and
 Every sequence starts with one *start token* (see :func:`start_id`) so that the first
 real token is predicted from context, as in the judge's NLL. Loss is taken on all
 tokens of a ``text`` record, on the completion (+ EOS) of a prompt/completion record and
-on the assistant turns of a chat record. With ``fim_loss="all"`` a FIM record (meta kind
-``fim``) carries loss on its prefix and suffix code as well, StarCoder-style, but not on
-the format's markers (``fim_markers``): see :func:`code_mask`.
+on the assistant turns of a chat record. :class:`LossPolicy` adds more: with ``fim="all"``
+a FIM record (meta kind ``fim``) carries loss on its prefix and suffix code as well,
+StarCoder-style, but not on the format's markers (see :func:`code_mask`); with
+``prompts="all"`` every other prompt and every chat message's content does too (a RAFT
+question's documents are code), but not the chat template's markup.
 """
 
 from __future__ import annotations
@@ -209,25 +211,43 @@ def _find_all(text: str, sub: str) -> Iterator[int]:
         i = text.find(sub, i + 1)
 
 
+@dataclass(frozen=True)
+class LossPolicy:
+    """Which tokens carry loss besides a ``text`` record's, a completion (+ EOS) and the
+    assistant turns (``[train] fim_loss`` and ``prompt_loss``)."""
+
+    fim: str = "middle"  # "all": a FIM prompt's prefix and suffix code too (not its markers)
+    prompts: str = "none"  # "all": every other prompt, and every chat message's content too
+    fim_markers: tuple[str, ...] = ()
+
+
 def tokenize_record(tok: Any, rec: Record, start: int, specials: set[int] | None = None,
-                    fim_loss: str = "middle", fim_markers: tuple[str, ...] = ()) -> Example:
+                    loss: LossPolicy = LossPolicy()) -> Example:
     if rec.kind == "text":
         ids = encode(tok, rec.data["text"])
         return Example([start, *ids], [False] + [True] * len(ids))
     if rec.kind == "prompt":
         p, c = completion_ids(tok, rec.data["prompt"], rec.data["completion"], specials)
-        if fim_loss == "all" and rec.meta.get("kind") == "fim":
-            return Example([start, *p, *c], [False, *code_mask(tok, rec.data["prompt"], fim_markers), *[True] * len(c)])
-        return Example([start, *p, *c], [False] * (1 + len(p)) + [True] * len(c))
+        if rec.meta.get("kind") == "fim":
+            on_p = code_mask(tok, rec.data["prompt"], loss.fim_markers) if loss.fim == "all" else [False] * len(p)
+        else:
+            on_p = [loss.prompts == "all"] * len(p)
+        return Example([start, *p, *c], [False, *on_p, *[True] * len(c)])
     msgs = rec.data["messages"]
     full = tok.apply_chat_template(msgs, tokenize=False)
     spans: list[tuple[int, int]] = []
+    at = 0
     for i, m in enumerate(msgs):
         if m["role"] != "assistant":
+            found = full.find(m["content"], at) if m["content"] else -1
+            if loss.prompts == "all" and found >= 0:  # the content, not the template's markup
+                at = found + len(m["content"])
+                spans.append((found, at))
             continue
         before = tok.apply_chat_template(msgs[:i], tokenize=False, add_generation_prompt=True) if i else ""
         upto = tok.apply_chat_template(msgs[: i + 1], tokenize=False)
         spans.append((len(before), len(upto)))
+        at = len(upto)
     enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
     ids = list(enc["input_ids"])
     mask = [any(a <= s < b for a, b in spans) for s, _ in enc["offset_mapping"]]
@@ -235,8 +255,7 @@ def tokenize_record(tok: Any, rec: Record, start: int, specials: set[int] | None
 
 
 def tokenize(tok: Any, records: list[Record], seq_len: int,
-             dropped: Counter[str] | None = None, fim_loss: str = "middle",
-             fim_markers: tuple[str, ...] = ()) -> list[Example]:
+             dropped: Counter[str] | None = None, loss: LossPolicy = LossPolicy()) -> list[Example]:
     """Records → examples of at most ``seq_len`` tokens.
 
     Long ``text`` records are split into ``seq_len`` windows (each with a start token);
@@ -247,7 +266,7 @@ def tokenize(tok: Any, records: list[Record], seq_len: int,
     specials = special_ids(tok)
     out: list[Example] = []
     for rec in records:
-        ex = tokenize_record(tok, rec, start, specials, fim_loss, fim_markers)
+        ex = tokenize_record(tok, rec, start, specials, loss)
         if len(ex) <= seq_len:
             pieces = [ex]
         elif rec.kind == "text":

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from forged.common import fim
 from forged.common.config import TrainConfig
-from forged.worker.train.data import Dataset, load_dataset, select_replay, tokenize
+from forged.worker.train.data import Dataset, LossPolicy, load_dataset, select_replay, tokenize
 from forged.worker.train.packing import RowStream, collate, epoch_rows
 
 if TYPE_CHECKING:
@@ -155,7 +155,8 @@ def _examples(be: TrainableBackend, p: _Prepared, cfg: TrainConfig, emit: Progre
     dropped: Counter[str] = Counter()
     fmt = fim.from_manifest(p.ds.manifest)
     markers = fmt.markers() if fmt else ()
-    train_ex = tokenize(be.tok, records, cfg.seq_len, dropped, fim_loss=cfg.fim_loss, fim_markers=markers)
+    loss = LossPolicy(fim=cfg.fim_loss, prompts=cfg.prompt_loss, fim_markers=markers)
+    train_ex = tokenize(be.tok, records, cfg.seq_len, dropped, loss)
     valid_ex = spread(tokenize(be.tok, p.ds.valid, cfg.seq_len, dropped), EVAL_MAX_EXAMPLES)
     if dropped:  # said out loud: a whole kind of example can vanish this way
         kinds = ", ".join(f"{k} {n}" for k, n in dropped.most_common())
