@@ -182,8 +182,9 @@ class TrainConfig:
     full_retrain_every: int = field(default=5, metadata=_range(1, 10**4))
     eval_every: int = field(default=0, metadata=_range(0, 10**8))  # held-out loss every N steps; 0 = start/end only
     threads: int = field(default=0, metadata=_range(0, 1024))  # CPU threads for training; 0 = all cores
-    # FIM examples: loss on the middle only, or on the whole sequence (prefix and suffix are code too)
+    # FIM examples: loss on the middle only, or on the prefix and suffix code too (never the markers)
     fim_loss: str = field(default="all", metadata=_check(_one_of("middle", "all")))
+    # The other examples: loss on the completion / assistant turns only, or on the prompt's content too
     prompt_loss: str = field(default="none", metadata=_check(_one_of("none", "all")))
 
 
@@ -198,7 +199,7 @@ class JudgeConfig:
     # A RAFT prompt carries the oracle and distractor documents, sized by the miner to fit
     # [train] seq_len; 0 = as many as max_generate.
     max_raft: int = field(default=0, metadata=_range(0, 10**5))
-    # Generated FIM middles (exact match, edit similarity); FIM bits/byte uses all of them.
+    # Generated FIM middles (exact match, edit similarity), drawn from the teacher-forced ones.
     max_fim: int = field(default=64, metadata=_range(1, 10**5))
     # Teacher-forced FIM middles (FIM bits/byte), the generated ones among them; 0 = every
     # held-out FIM example.
