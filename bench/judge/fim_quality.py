@@ -75,8 +75,9 @@ def main(argv: list[str]) -> int:
         rows[name] = {k: d[k] for k in KEYS} | {k + "_ci": d.get(k + "_ci") for k in KEYS[:4]} | {
             "n_fim_bpb": d["n_fim_bpb"], "n_fim": d["n_fim"], "n_fim_line": d["n_fim_line"],
             "fim_seconds_per_example": d["fim_seconds_per_example"], "seconds": d["seconds"]}
-    print(json.dumps({"format": fmt.name, "examples": rep.by_kind, "steps": res.steps,
-                      "times": times, "passed": v.passed, "reasons": v.reasons, **rows}, indent=1))
+    deltas = {k: v.deltas[k] for k in KEYS if k in v.deltas}  # paired: candidate − base, 95% CI
+    print(json.dumps({"format": fmt.name, "examples": rep.by_kind, "steps": res.steps, "times": times,
+                      "passed": v.passed, "reasons": v.reasons, **rows, "deltas": deltas}, indent=1, default=str))
     return 0
 
 
