@@ -239,8 +239,8 @@ def tokenize_record(tok: Any, rec: Record, start: int, specials: set[int] | None
     at = 0
     for i, m in enumerate(msgs):
         if m["role"] != "assistant":
-            found = full.find(m["content"], at) if m["content"] else -1
-            if loss.prompts == "all" and found >= 0:  # the content, not the template's markup
+            found = full.find(m["content"], at) if loss.prompts == "all" and m["content"] else -1
+            if found >= 0:  # the content, not the template's markup
                 at = found + len(m["content"])
                 spans.append((found, at))
             continue
