@@ -56,9 +56,9 @@ def _mine(repo: Path, out: Path, fmt: fim.FimFormat, cache: Path | None = None) 
 
 def _parts(fmt: fim.FimFormat, rec: dict) -> tuple[str, str]:
     """The prefix and suffix a record was rendered from (its meta says where the prefix ends)."""
-    n = rec["meta"]["fim"]["prefix_chars"]
-    body = rec["prompt"][len(fmt.prefix):]
-    return body[:n], body[n + len(fmt.suffix): len(body) - len(fmt.middle)]
+    parts = fmt.split(rec["prompt"], rec["meta"]["fim"]["prefix_chars"])
+    assert parts is not None, rec["prompt"]
+    return parts
 
 
 @pytest.mark.parametrize("fmt", [fim.FORGED_TEXT, fim.QWEN, fim.STARCODER, fim.CODELLAMA],
@@ -91,6 +91,35 @@ def test_judge_refuses_a_dataset_rendered_in_another_format(repo: Path, tmp_path
     manifest.write_text(json.dumps(m))
     with pytest.raises(JudgeError, match="not in the starcoder format"):
         load_heldout(tmp_path / "ds")
+
+
+def test_judge_refuses_a_dataset_mined_in_the_other_order(repo: Path, tmp_path: Path) -> None:
+    """A forged-text dataset mined before the order became SPM is not judged as SPM."""
+    _mine(repo, tmp_path / "ds", fim.FORGED_TEXT)
+    manifest = tmp_path / "ds" / "manifest.json"
+    m = json.loads(manifest.read_text())
+    m["fim_format"]["spm"] = False
+    manifest.write_text(json.dumps(m))
+    with pytest.raises(JudgeError, match="not in the forged-text format"):
+        load_heldout(tmp_path / "ds")
+
+
+@pytest.mark.parametrize("fmt", [fim.FORGED_TEXT, fim.QWEN, fim.CODELLAMA], ids=lambda f: f.name)
+def test_split_inverts_render(fmt: fim.FimFormat) -> None:
+    for pre, suf in [("", ""), ("def f(", ")\n"), ("a<fim_middle>b", "<fim_suffix>c"), ("x", ""), ("", "y")]:
+        prompt = fmt.render(pre, suf)
+        assert fmt.split(prompt, len(pre)) == (pre, suf)
+    assert fmt.split(prompt, len(prompt) + 1) is None
+    assert fmt.split("def f(x): return x", 3) is None
+
+
+def test_forged_text_puts_the_prefix_right_before_the_middle() -> None:
+    """SPM order for a base without FIM tokens: the middle continues the prefix's text."""
+    assert fim.FORGED_TEXT.render("def f(x):\n    return ", "\n") == (
+        "<fim_prefix><fim_suffix>\n<fim_middle>def f(x):\n    return ")
+    assert fim.STARCODER.render("a", "b") == "<fim_prefix>a<fim_suffix>b<fim_middle>"
+    assert fim.FimFormat.from_dict(fim.FORGED_TEXT.to_dict()) == fim.FORGED_TEXT
+    assert not fim.FimFormat.from_dict({**fim.FORGED_TEXT.to_dict(), "spm": None}).spm  # older manifests
 
 
 def test_examples_look_like_editor_requests(repo: Path, tmp_path: Path) -> None:
@@ -126,6 +155,8 @@ def test_a_change_of_format_remines(repo: Path, tmp_path: Path) -> None:
     b = _mine(repo, tmp_path / "b", fim.STARCODER, cache)
     assert all(r["prompt"].startswith("<|fim_prefix|>") for r in a)
     assert all(r["prompt"].startswith("<fim_prefix>") for r in b)
+    c = _mine(repo, tmp_path / "c", fim.FORGED_TEXT, cache)  # StarCoder's markers, SPM order
+    assert all(r["prompt"].startswith("<fim_prefix><fim_suffix>") for r in c)
 
 
 def test_formats_are_found_from_tiny_bases_of_each_family(tmp_path: Path) -> None:

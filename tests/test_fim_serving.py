@@ -95,7 +95,7 @@ def test_bundled_base_serving_is_chatml_behind_a_forged_text_branch(tiny: Path) 
     assert s.template == publish.with_fim(CHATML_GOTMPL, fim.FORGED_TEXT)
     assert {"<|im_start|>", "<|im_end|>"} <= set(s.stop)
     text = publish.modelfile("base.gguf", "a.gguf", serving=s, system="sys", temperature=0.2)
-    assert "{{ if .Suffix }}<fim_prefix>{{ .Prompt }}<fim_suffix>{{ .Suffix }}<fim_middle>{{ else }}" in text
+    assert "{{ if .Suffix }}<fim_prefix><fim_suffix>{{ .Suffix }}<fim_middle>{{ .Prompt }}{{ else }}" in text
     assert 'PARAMETER stop "<|im_end|>"' in text and "PARAMETER temperature 0.2" in text
 
 
@@ -255,6 +255,19 @@ def test_a_fused_version_inserts_too(pub: Publisher, double: OllamaDouble, tiny:
 
 # -- editors' requests, as they send them -----------------------------------------------
 
+def _documented_template(base: str) -> str:
+    """The FIM prompt (Continue's template syntax) docs/using-the-model.md gives for ``base``."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "using-the-model.md").read_text()
+    rows = dict(re.findall(r"^\| ([^|`]+?) \| `(.+?)`", text, re.M))
+    return next(v.replace("\\|", "|") for k, v in rows.items() if k.startswith(base))
+
+
+@pytest.mark.parametrize(("base", "fmt"), [("bundled", fim.FORGED_TEXT), ("StarCoder2", fim.STARCODER),
+                                           ("Qwen2.5-Coder", fim.QWEN), ("CodeLlama", fim.CODELLAMA)])
+def test_documented_raw_prompts_are_the_formats(base: str, fmt: fim.FimFormat) -> None:
+    assert _documented_template(base) == fmt.render("{{{prefix}}}", "{{{suffix}}}")
+
+
 def _stream(r: httpx.Response) -> str:
     assert r.status_code == 200, r.text
     return "".join(json.loads(line).get("response", "") for line in r.text.splitlines() if line.strip())
@@ -276,9 +289,9 @@ def test_continue_autocomplete_requests(live: str, double: OllamaDouble, tiny: P
     body = {"model": live, "prompt": PREFIX, "suffix": SUFFIX, "options": options, "keep_alive": 1800, "stream": True}
     fim_answer = _stream(httpx.post(f"{double.url}/api/generate", json=body, timeout=120))
     assert double.prompts[-1] == publish.base_fim_format(tiny).render(PREFIX, SUFFIX)
-    # A template without .Suffix makes Continue send its own raw prompt instead; for this
-    # base (forged's text format) that is Continue's default template, the same bytes.
-    raw_prompt = "<fim_prefix>{{{prefix}}}<fim_suffix>{{{suffix}}}<fim_middle>".replace(
+    # A template without .Suffix makes Continue send its own raw prompt instead: the
+    # promptTemplates.autocomplete docs/using-the-model.md gives for this base gets the same bytes.
+    raw_prompt = _documented_template("bundled").replace(
         "{{{prefix}}}", PREFIX).replace("{{{suffix}}}", SUFFIX)
     body = {"model": live, "prompt": raw_prompt, "raw": True, "options": options, "keep_alive": 1800, "stream": True}
     assert _stream(httpx.post(f"{double.url}/api/generate", json=body, timeout=120)) == fim_answer

@@ -386,8 +386,9 @@ def test_retrieval_context_comes_from_training_files_only(tmp_path: Path) -> Non
         assert HELD in ex.path and HELD not in r.paths and r.paths[0] == "vec.py"  # best match outside held-out files
         assert len(r.paths) == retrieval.RAG_K
         # the context sits inside the FIM prefix, before the example's own prefix
-        assert r.prompt.startswith(FORGED_TEXT.prefix + "# path: vec.py\n")
-        assert r.prompt.endswith(ex.prompt[len(FORGED_TEXT.prefix):])
+        parts = FORGED_TEXT.split(r.prompt, len(r.prompt) - len(ex.prompt) + len(ex.prefix))
+        assert parts is not None and parts[1] == ex.suffix
+        assert parts[0].startswith("# path: vec.py\n") and parts[0].endswith(ex.prefix)
         assert f"# path: vec.py\n{SHARED}" in r.prompt and len(r.prompt) - len(ex.prompt) <= retrieval.RAG_MAX_CHARS + 4
     assert retrieval.build(ds, data, max_examples=0) is None
 

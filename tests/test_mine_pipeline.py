@@ -120,7 +120,7 @@ def test_mine_writes_mlx_formats_and_manifest(repo: Path, tmp_path: Path) -> Non
             assert f"path: {m['path']}" in r["text"].split("\n", 1)[0]
         elif m["kind"] == "fim":
             assert set(r) == {"prompt", "completion", "meta"}
-            assert re.fullmatch(r"<fim_prefix>.*<fim_suffix>.*<fim_middle>", r["prompt"], re.S)
+            assert re.fullmatch(r"<fim_prefix><fim_suffix>.*<fim_middle>.*", r["prompt"], re.S)
             assert r["completion"].strip()
         else:
             assert set(r) == {"messages", "meta"}

@@ -244,7 +244,7 @@ def test_manual_commands_and_helpers(adapters: list[Path]) -> None:
     assert "ollama cp forged/myrepo:v4 forged/myrepo:latest" in text
     assert f"FROM {bundled_base().resolve()}" in text and f"ADAPTER {adapters[0].resolve()}" in text
     assert 'PARAMETER stop "<|im_end|>"' in text and "{{ .Content }}" in text
-    assert "{{ if .Suffix }}<fim_prefix>{{ .Prompt }}<fim_suffix>{{ .Suffix }}<fim_middle>{{ else }}" in text
+    assert "{{ if .Suffix }}<fim_prefix><fim_suffix>{{ .Suffix }}<fim_middle>{{ .Prompt }}{{ else }}" in text
     assert publish.base_chat_template(adapters[0]) is None  # no chat template in an adapter
     assert publish.tag_for("r", 3) == "forged/r:v3"
 

@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def build(n_text: int, n_fim: int, n_raft: int, seed: int = 0):
+    from forged.common.fim import FORGED_TEXT
     from forged.worker.judge.judge import FimExample, Heldout, RaftExample
 
     rng = random.Random(seed)
@@ -39,7 +40,7 @@ def build(n_text: int, n_fim: int, n_raft: int, seed: int = 0):
             pre = text[: m.start() + 1] + "\n".join(lines[:a]) + "\n"
             mid = "\n".join(lines[a : a + 2])
             suf = "\n" + "\n".join(lines[a + 2 :]) + text[m.end() - 1 : m.end() + 400]
-            h.fim.append(FimExample(f"<fim_prefix>{pre[-1500:]}<fim_suffix>{suf}<fim_middle>", mid))
+            h.fim.append(FimExample(FORGED_TEXT.render(pre[-1500:], suf), mid))
     defs = [(f.relative_to(ROOT).as_posix(), n) for f in files for n in re.findall(r"^def (\w+)", f.read_text(), re.M)]
     for i in range(n_raft):
         path, name = rng.choice(defs)

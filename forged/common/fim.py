@@ -5,19 +5,23 @@ A base's FIM format is found from the base itself (:func:`detect`):
 1. the GGUF's ``tokenizer.ggml.fim_pre_token_id`` / ``fim_suf_token_id`` /
    ``fim_mid_token_id`` (llama.cpp's converter writes them where it knows them);
 2. otherwise a known family's tokens, looked up in the vocabulary;
-3. otherwise forged's own textual format, :data:`FORGED_TEXT`: StarCoder's strings, which is
-   also Continue's default autocomplete template, so an editor that knows nothing of the
-   model sends the prompt the model was trained on.
+3. otherwise forged's own textual format, :data:`FORGED_TEXT`: StarCoder's strings in
+   StarCoder's suffix-prefix-middle (SPM) order, ``<fim_prefix><fim_suffix>{suffix}<fim_middle>{prefix}``.
 
 Every stage renders through :meth:`FimFormat.render`, so the training examples, the
 judge's prompts and the published template are the same bytes for the same prefix and
-suffix. Only prefix-suffix-middle (PSM) order is used: it is what every editor sends.
+suffix. Bases with FIM tokens get the prefix-suffix-middle (PSM) order they were trained
+in. A base without them has never seen FIM: in SPM order the middle continues the prefix
+as plain text, which such a base already predicts, and only the suffix is new to it. The
+published template's Suffix branch renders that order, so editors that send Ollama's
+``suffix`` field need no configuration; a raw-prompt template must name the order.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,24 +36,44 @@ class FimFormat:
     middle: str
     stop: tuple[str, ...] = ()
     special: bool = True  # the markers are single tokens of the base's vocabulary
+    spm: bool = False  # StarCoder's SPM order: the prefix last, right before the middle
 
-    def render(self, prefix: str, suffix: str) -> str:
-        """The prompt that asks for the middle between ``prefix`` and ``suffix``."""
-        return f"{self.prefix}{prefix}{self.suffix}{suffix}{self.middle}"
+    def render(self, prefix: str, suffix: str, marker: Callable[[str], str] = str) -> str:
+        """The prompt that asks for the middle between ``prefix`` and ``suffix``;
+        ``marker`` maps each marker (a template writer quotes them)."""
+        p, s, m = (marker(x) for x in self.markers())
+        return f"{p}{s}{suffix}{m}{prefix}" if self.spm else f"{p}{prefix}{s}{suffix}{m}"
+
+    def split(self, prompt: str, prefix_chars: int) -> tuple[str, str] | None:
+        """(prefix, suffix) of a prompt this format rendered with a prefix of
+        ``prefix_chars`` characters; None if it did not render it."""
+        if not 0 <= prefix_chars <= len(prompt):
+            return None
+        if self.spm:
+            at = len(prompt) - prefix_chars
+            prefix, rest = prompt[at:], prompt[:at]
+        else:
+            at = len(self.prefix) + prefix_chars
+            prefix, rest = prompt[len(self.prefix):at], self.prefix + prompt[at:]
+        lead, tail = self.prefix + self.suffix, self.middle
+        if len(rest) < len(lead) + len(tail) or not (rest.startswith(lead) and rest.endswith(tail)):
+            return None
+        suffix = rest[len(lead): len(rest) - len(tail)]
+        return (prefix, suffix) if self.render(prefix, suffix) == prompt else None
 
     def markers(self) -> tuple[str, str, str]:
         return self.prefix, self.suffix, self.middle
 
     def to_dict(self) -> dict[str, object]:
         return {"name": self.name, "prefix": self.prefix, "suffix": self.suffix, "middle": self.middle,
-                "stop": list(self.stop), "special": self.special}
+                "stop": list(self.stop), "special": self.special, "spm": self.spm}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, object]) -> FimFormat:
         stop = d.get("stop") or ()
         return cls(str(d["name"]), str(d["prefix"]), str(d["suffix"]), str(d["middle"]),
                    tuple(str(s) for s in stop) if isinstance(stop, (list, tuple)) else (),
-                   bool(d.get("special", True)))
+                   bool(d.get("special", True)), bool(d.get("spm", False)))
 
 
 def from_manifest(manifest: object) -> FimFormat | None:
@@ -73,9 +97,10 @@ CODEGEMMA = FimFormat("codegemma", "<|fim_prefix|>", "<|fim_suffix|>", "<|fim_mi
 # Known families, most specific first: CodeGemma shares Qwen's markers and differs by its stop.
 FAMILIES: tuple[FimFormat, ...] = (CODEGEMMA, QWEN, STARCODER, CODELLAMA, DEEPSEEK)
 
-# The bundled SmolLM2 has no FIM tokens: StarCoder's strings as plain text, ended by its EOS.
+# The bundled SmolLM2 has no FIM tokens: StarCoder's strings as plain text in SPM order,
+# ended by its EOS.
 FORGED_TEXT = FimFormat("forged-text", STARCODER.prefix, STARCODER.suffix, STARCODER.middle,
-                        ("<|endoftext|>",), special=False)
+                        ("<|endoftext|>",), special=False, spm=True)
 
 _GGUF_KEYS = ("tokenizer.ggml.fim_pre_token_id", "tokenizer.ggml.fim_suf_token_id", "tokenizer.ggml.fim_mid_token_id")
 _GGUF_STOP_KEYS = ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.fim_sep_token_id", "tokenizer.ggml.eos_token_id")
@@ -104,8 +129,7 @@ def detect(tokens: Sequence[str], metadata: Mapping[str, object] | None = None) 
             return FimFormat(f.name, f.prefix, f.suffix, f.middle, tuple(s for s in f.stop if s in vocab))
     eos = meta.get("tokenizer.ggml.eos_token_id")
     stop = (tokens[eos],) if isinstance(eos, int) and 0 <= eos < len(tokens) else FORGED_TEXT.stop
-    return FimFormat(FORGED_TEXT.name, FORGED_TEXT.prefix, FORGED_TEXT.suffix, FORGED_TEXT.middle, stop,
-                     special=False)
+    return dataclasses.replace(FORGED_TEXT, stop=stop)
 
 
 def _stops(f: FimFormat, vocab: set[str]) -> bool:

@@ -270,9 +270,8 @@ def with_fim(template: str | None, fim: FimFormat) -> str:
         return template
     if template and re.search(r"\{\{-?\s*(define|block)\b", template):
         raise PublishError("the base's template defines sub-templates; forged cannot add a Suffix branch to it")
-    return ("{{ if .Suffix }}" + _go_text(fim.prefix) + "{{ .Prompt }}" + _go_text(fim.suffix)
-            + "{{ .Suffix }}" + _go_text(fim.middle) + "{{ else }}" + (template or DEFAULT_TEMPLATE)
-            + "{{ end }}")
+    return ("{{ if .Suffix }}" + fim.render("{{ .Prompt }}", "{{ .Suffix }}", marker=_go_text)
+            + "{{ else }}" + (template or DEFAULT_TEMPLATE) + "{{ end }}")
 
 
 def _unique(*groups: Iterable[str]) -> tuple[str, ...]:

@@ -211,13 +211,10 @@ def _fim_example(rec: dict[str, Any], meta: dict[str, Any], fmt: FimFormat | Non
         completion = completion[: -len(stop)]
     n = info.get("prefix_chars")
     if fmt is not None and isinstance(n, int):
-        body = prompt[len(fmt.prefix):]
-        rest = body[n:]
-        if not (prompt.startswith(fmt.prefix) and rest.startswith(fmt.suffix) and rest.endswith(fmt.middle)):
+        parts = fmt.split(prompt, n)
+        if parts is None:
             raise JudgeError(f"{where}: FIM prompt is not in the {fmt.name} format the manifest names; re-mine")
-        prefix, suffix = body[:n], rest[len(fmt.suffix): len(rest) - len(fmt.middle)]
-        if fmt.render(prefix, suffix) != prompt:
-            raise JudgeError(f"{where}: FIM prompt differs from its {fmt.name} rendering; re-mine")
+        prefix, suffix = parts
         return FimExample(prompt, completion, stop, str(info.get("mode") or ""), prefix, suffix, str(meta.get("path") or ""))
     return FimExample(prompt, completion, stop, str(info.get("mode") or ""), path=str(meta.get("path") or ""))
 
