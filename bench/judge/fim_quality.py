@@ -10,6 +10,10 @@ metrics with n and 95% bootstrap intervals, and the judge's time per FIM example
 ``--fim-only OUT``: score FIM alone (no texts, no RAFT) for the base and the adapter an
 earlier run left in OUT, on ``--n-tf`` teacher-forced and ``--n-gen`` generated examples
 (the same seeded subset for both models) — for a box too loaded for the whole judge.
+
+``--starts OUT``: generate every held-out single-line middle (the judge's budget and stop
+strings) with the base and the adapter in OUT, and count those that begin with a line
+break: an editor's single-line completion of such a middle is empty.
 """
 
 from __future__ import annotations
@@ -38,9 +42,12 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--fim-only", type=Path, default=None)
     ap.add_argument("--n-tf", type=int, default=64)
     ap.add_argument("--n-gen", type=int, default=32)
+    ap.add_argument("--starts", type=Path, default=None)
     a = ap.parse_args(argv)
     if a.fim_only:
         return fim_only(a.fim_only, a.n_tf, a.n_gen)
+    if a.starts:
+        return starts(a.starts, a.max_fim)
 
     from forged.common import fim
     from forged.common.config import JudgeConfig, MineConfig, TrainConfig
@@ -99,6 +106,29 @@ def fim_only(out: Path, n_tf: int, n_gen: int) -> int:
         be.set_adapter_enabled(on)
         d = score_model(be, h, name).to_dict()
         rows[name] = {k: v for k, v in d.items() if k.startswith(("fim", "n_fim")) or k == "seconds"}
+    print(json.dumps(rows, indent=1))
+    return 0
+
+
+def starts(out: Path, max_fim: int) -> int:
+    from forged.common.config import TrainConfig
+    from forged.worker.judge.judge import FIM_MAX_NEW, cut_at_stop, fim_prediction, load_heldout
+    from forged.worker.train import load_model
+
+    h = load_heldout(out / "dataset", max_fim=max_fim)
+    xs = [ex for ex in h.fim if ex.single_line]
+    stops = list(h.fim_format.stop) if h.fim_format else []
+    be = load_model(TrainConfig(backend="torch"), out / "train" / "adapter")
+    budgets = [min(len(be.encode(ex.completion)) + 8, FIM_MAX_NEW) for ex in xs]
+    rows = {}
+    for name, on in (("base", False), ("candidate", True)):
+        be.set_adapter_enabled(on)
+        gens = [cut_at_stop(g, stops) for g in be.generate_many(
+            [ex.prompt for ex in xs], budgets, [lambda s: "\n" in s.lstrip("\n")] * len(xs), stop_tokens=stops)]
+        preds = [fim_prediction(g, ex.completion) for g, ex in zip(gens, xs, strict=True)]
+        rows[name] = {"n": len(xs), "starts_with_line_break": sum(g.startswith("\n") for g in gens),
+                      "exact": sum(p.rstrip() == ex.completion.rstrip() for p, ex in zip(preds, xs, strict=True)),
+                      "examples": [{"reference": ex.completion, "generated": g[:80]} for ex, g in zip(xs[:6], gens[:6], strict=True)]}
     print(json.dumps(rows, indent=1))
     return 0
 
