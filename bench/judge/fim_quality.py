@@ -92,7 +92,7 @@ def fim_only(out: Path, n_tf: int, n_gen: int) -> int:
     import random
 
     from forged.common.config import TrainConfig
-    from forged.worker.judge.judge import load_heldout, score_model
+    from forged.worker.judge.judge import compare, load_heldout, score_model
     from forged.worker.train import load_model
 
     h = load_heldout(out / "dataset", max_fim=n_gen)
@@ -101,11 +101,13 @@ def fim_only(out: Path, n_tf: int, n_gen: int) -> int:
     h.fim = h.fim_all[:n_gen]
     h.texts, h.raft = [], []
     be = load_model(TrainConfig(backend="torch"), out / "train" / "adapter")
-    rows = {}
+    rows, scores = {}, {}
     for name, on in (("base", False), ("candidate", True)):
         be.set_adapter_enabled(on)
-        d = score_model(be, h, name).to_dict()
+        scores[name] = score_model(be, h, name)
+        d = scores[name].to_dict()
         rows[name] = {k: v for k, v in d.items() if k.startswith(("fim", "n_fim")) or k == "seconds"}
+    rows["deltas"] = compare(scores["candidate"], scores["base"])  # paired: candidate − base, 95% CI
     print(json.dumps(rows, indent=1))
     return 0
 
