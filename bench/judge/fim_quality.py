@@ -13,7 +13,8 @@ earlier run left in OUT, on ``--n-tf`` teacher-forced and ``--n-gen`` generated 
 
 ``--starts OUT``: generate every held-out single-line middle (the judge's budget and stop
 strings) with the base and the adapter in OUT, and count those that begin with a line
-break: an editor's single-line completion of such a middle is empty.
+break: an editor's single-line completion of such a middle is empty. Unlike the judge,
+generation runs on past a leading line break, to show what the model meant to write.
 """
 
 from __future__ import annotations
