@@ -115,14 +115,14 @@ def fim_only(out: Path, n_tf: int, n_gen: int) -> int:
 
 def starts(out: Path, max_fim: int) -> int:
     from forged.common.config import TrainConfig
-    from forged.worker.judge.judge import FIM_MAX_NEW, cut_at_stop, fim_prediction, load_heldout
+    from forged.worker.judge.judge import cut_at_stop, fim_budget, fim_prediction, load_heldout
     from forged.worker.train import load_model
 
     h = load_heldout(out / "dataset", max_fim=max_fim)
     xs = [ex for ex in h.fim if ex.single_line]
     stops = list(h.fim_format.stop) if h.fim_format else []
     be = load_model(TrainConfig(backend="torch"), out / "train" / "adapter")
-    budgets = [min(len(be.encode(ex.completion)) + 8, FIM_MAX_NEW) for ex in xs]
+    budgets = [fim_budget(be, ex) for ex in xs]
     rows = {}
     for name, on in (("base", False), ("candidate", True)):
         be.set_adapter_enabled(on)

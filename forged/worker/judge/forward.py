@@ -154,7 +154,7 @@ def _added(repo: Path, since: str, head: str, path: str, blob: bytes, limit: int
     not read its content (binary, generated, minified, LFS pointer) or only lines went."""
     from forged.worker.mine.dataset import content_skip
 
-    reason = content_skip(filters.language_of(path) or "", blob) or _not_utf8(blob)
+    reason = content_skip(blob) or _not_utf8(blob)
     text = "" if reason else _capped(added_lines(repo, since, head, path), limit)
     if not reason and not text.strip():
         reason = "nothing_added"

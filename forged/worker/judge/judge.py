@@ -437,6 +437,11 @@ def _score_fim_bpb(backend: Any, data: Heldout, s: ModelScores, name: str,
     s.fim_bpb_ci = bootstrap_ci(bits, nbytes)
 
 
+def fim_budget(backend: Any, ex: FimExample) -> int:
+    """New tokens a generated middle may take: the reference's length and a little slack."""
+    return min(len(backend.encode(ex.completion)) + 8, FIM_MAX_NEW)
+
+
 def _score_fim_generated(backend: Any, data: Heldout, s: ModelScores, name: str,
                          report: Callable[[dict], None]) -> None:
     """Greedy middles, ended by the format's stop token, against the held-out ones."""
@@ -444,7 +449,7 @@ def _score_fim_generated(backend: Any, data: Heldout, s: ModelScores, name: str,
     exact: list[float] = []
     sims: list[float] = []
     line: list[float] = []
-    budgets = [min(len(backend.encode(ex.completion)) + 8, FIM_MAX_NEW) for ex in data.fim]
+    budgets = [fim_budget(backend, ex) for ex in data.fim]
     # Chunks of like budgets: a batch decodes as long as its longest budget.
     order = sorted(range(len(data.fim)), key=budgets.__getitem__)
     gens: dict[int, str] = {}

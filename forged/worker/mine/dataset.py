@@ -43,7 +43,7 @@ _LFS_DIFF = re.compile(r"^[-+ ]version https://(git-lfs\.github\.com|hawser\.git
 _COMMITS_VERSION = 2  # bump when what a cached commit keeps changes (2: no LFS pointer diffs)
 
 
-def content_skip(lang: str, data: bytes) -> str | None:
+def content_skip(data: bytes) -> str | None:
     """Why the miner leaves a blob's content out (LFS pointer, binary, empty, generated,
     minified), or None to read it. Forward evaluation applies the same rule."""
     if data.startswith(_LFS_POINTER):
@@ -64,7 +64,7 @@ def process_file(path: str, lang: str, data: bytes, budget: int) -> dict[str, An
     """Worker: checks, redaction, chunking and symbols for one blob (cacheable result)."""
     from forged.worker.mine.chunker import analyze
 
-    reason = content_skip(lang, data)
+    reason = content_skip(data)
     if reason:
         return {"skip": reason}
     try:
