@@ -421,3 +421,63 @@ def test_judge_scores_fim_with_retrieved_context(tmp_path: Path, tiny_setup) -> 
     assert (no_rag.passed, no_rag.reasons) == (res.passed, res.reasons)
     assert no_rag.candidate.fim_bpb_rag is None and "fim_bpb_rag" not in no_rag.deltas
     assert len(res.examples) == 3 and res.examples[0]["path"] == HELD  # shown side by side in the report
+
+
+# ---------------------------------------------------------------- the live model, in its own format
+
+
+def test_served_as_renders_every_fim_prompt_in_the_live_models_format(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from forged.common.fim import FORGED_TEXT
+    from forged.worker.judge import retrieval
+    from forged.worker.judge.judge import served_as
+
+    psm = replace(FORGED_TEXT, spm=False)  # the order forged-text had before
+    ds = write_rag_dataset(tmp_path / "ds", FORGED_TEXT)
+    data = load_heldout(ds, fim_format=FORGED_TEXT, max_generate=3)
+    data.rag = retrieval.build(ds, data, max_examples=4)
+    assert served_as(data, FORGED_TEXT) is data and served_as(data, None) is data
+    old = served_as(data, psm)
+    assert old.fim_format == psm and data.fim_format == FORGED_TEXT  # the split itself is untouched
+    for got, ex in zip(old.fim_all + old.fim, data.fim_all + data.fim, strict=True):
+        assert got.prompt == psm.render(ex.prefix, ex.suffix) != ex.prompt
+        assert (got.completion, got.stop, got.mode) == (ex.completion, ex.stop, ex.mode)  # same middles: paired
+    assert old.rag is not None and data.rag is not None
+    for got, r in zip(old.rag.examples, data.rag.examples, strict=True):
+        ex = data.fim_all[r.index]
+        assert got.prompt == psm.render(r.context + ex.prefix, ex.suffix) and r.context.startswith("# path: vec.py")
+        assert (got.index, got.paths) == (r.index, r.paths)
+
+
+def test_judge_scores_the_live_model_in_the_format_it_was_trained_in(tmp_path: Path, tiny_setup) -> None:
+    import shutil
+    from dataclasses import replace
+
+    from forged.common import fim
+    from forged.worker.judge.judge import judge
+
+    base, _, trained, _ = tiny_setup
+    fmt = fim.for_base("hf", base)
+    assert not fmt.special  # the tiny llama has no FIM tokens: forged's text format
+    ds = write_rag_dataset(tmp_path / "ds", fmt)
+    cfg_t = TrainConfig(backend="torch", base_model=str(base))
+    cfg = JudgeConfig(min_bpb_gain=0.0, tolerance=1.0, max_rag=2)
+    lives = {}
+    for name, live_fmt in (("same", fmt), ("other", replace(fmt, spm=not fmt.spm))):
+        live = tmp_path / name
+        shutil.copytree(trained, live)
+        meta = json.loads((live / "forged_meta.json").read_text())
+        meta["fim_format"] = live_fmt.to_dict()
+        (live / "forged_meta.json").write_text(json.dumps(meta))
+        lives[name] = judge(ds, cfg_t, cfg, trained, live_adapter=live)
+    same, other = lives["same"], lives["other"]
+    # The live adapter is the candidate's weights: in the same format it scores the same.
+    assert same.live.fim_bpb == pytest.approx(same.candidate.fim_bpb, rel=1e-5)
+    assert same.live.fim_bpb_rag == pytest.approx(same.candidate.fim_bpb_rag, rel=1e-5)
+    # In the other order the same weights are asked other prompts, on the same middles.
+    assert other.live.fim_bpb != pytest.approx(other.candidate.fim_bpb, rel=1e-5)
+    assert other.live.fim_bpb_rag != pytest.approx(other.candidate.fim_bpb_rag, rel=1e-5)
+    assert other.live.n_fim_bpb == other.candidate.n_fim_bpb and other.deltas["fim_bpb"]["n"] == other.live.n_fim_bpb
+    assert other.candidate.fim_bpb == pytest.approx(same.candidate.fim_bpb, rel=1e-5)
+    assert other.live.bpb == pytest.approx(same.live.bpb, rel=1e-5)  # plain text: no format to differ in

@@ -15,6 +15,8 @@ earlier run left in OUT, on ``--n-tf`` teacher-forced and ``--n-gen`` generated 
 strings) with the base and the adapter in OUT, and count those that begin with a line
 break: an editor's single-line completion of such a middle is empty. Unlike the judge,
 generation runs on past a leading line break, to show what the model meant to write.
+Also prints single-line exact match with 95% intervals, per model and paired; with
+``--max-fim`` above the held-out count that is every held-out single-line middle.
 """
 
 from __future__ import annotations
@@ -116,6 +118,7 @@ def fim_only(out: Path, n_tf: int, n_gen: int) -> int:
 def starts(out: Path, max_fim: int) -> int:
     from forged.common.config import TrainConfig
     from forged.worker.judge.judge import cut_at_stop, fim_budget, fim_prediction, load_heldout
+    from forged.worker.judge.stats import mean_ci, paired
     from forged.worker.train import load_model
 
     h = load_heldout(out / "dataset", max_fim=max_fim)
@@ -123,15 +126,19 @@ def starts(out: Path, max_fim: int) -> int:
     stops = list(h.fim_format.stop) if h.fim_format else []
     be = load_model(TrainConfig(backend="torch"), out / "train" / "adapter")
     budgets = [fim_budget(be, ex) for ex in xs]
-    rows = {}
+    rows, exact = {}, {}
     for name, on in (("base", False), ("candidate", True)):
         be.set_adapter_enabled(on)
         gens = [cut_at_stop(g, stops) for g in be.generate_many(
             [ex.prompt for ex in xs], budgets, [lambda s: "\n" in s.lstrip("\n")] * len(xs), stop_tokens=stops)]
         preds = [fim_prediction(g, ex.completion) for g, ex in zip(gens, xs, strict=True)]
+        exact[name] = [float(p.rstrip() == ex.completion.rstrip()) for p, ex in zip(preds, xs, strict=True)]
+        ci = mean_ci(exact[name])
         rows[name] = {"n": len(xs), "starts_with_line_break": sum(g.startswith("\n") for g in gens),
-                      "exact": sum(p.rstrip() == ex.completion.rstrip() for p, ex in zip(preds, xs, strict=True)),
+                      "exact": int(sum(exact[name])), "exact_rate_ci": [round(ci.lo, 4), round(ci.hi, 4)],
                       "examples": [{"reference": ex.completion, "generated": g[:80]} for ex, g in zip(xs[:6], gens[:6], strict=True)]}
+    d = paired(exact["candidate"], exact["base"]).diff  # the same middles for both: paired
+    rows["exact_delta"] = {"value": round(d.value, 4), "ci": [round(d.lo, 4), round(d.hi, 4)], "n": d.n}
     print(json.dumps(rows, indent=1))
     return 0
 

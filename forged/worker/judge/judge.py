@@ -45,7 +45,7 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -196,6 +196,30 @@ def dataset_fim_format(dataset_dir: Path) -> FimFormat | None:
     except (OSError, ValueError):
         return None
     return from_manifest(manifest)
+
+
+def adapter_fim_format(adapter_dir: Path) -> FimFormat | None:
+    """The FIM format an adapter was trained in (its ``forged_meta.json``), if recorded."""
+    try:
+        meta = json.loads((Path(adapter_dir) / "forged_meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return from_manifest(meta)
+
+
+def served_as(data: Heldout, fmt: FimFormat | None) -> Heldout:
+    """The held-out split with its FIM prompts rendered in ``fmt``: a live model trained in
+    another format (an older order) is judged in the one its published template serves it
+    in, as the editor meets it. The middles, and so the pairing, stay the same."""
+    if fmt is None or data.fim_format is None or fmt == data.fim_format:
+        return data
+
+    def again(ex: FimExample) -> FimExample:
+        return replace(ex, prompt=fmt.render(ex.prefix, ex.suffix))
+
+    fim_all = [again(ex) for ex in data.fim_all]
+    rag = retrieval.rendered(data.rag, fim_all, fmt) if data.rag else None
+    return replace(data, fim=[again(ex) for ex in data.fim], fim_all=fim_all, fim_format=fmt, rag=rag)
 
 
 def _fim_example(rec: dict[str, Any], meta: dict[str, Any], fmt: FimFormat | None, where: str) -> FimExample:
@@ -546,7 +570,7 @@ def judge(
     if live_adapter is not None:
         lb = load_model(cfg_train, Path(live_adapter))
         lb.set_adapter_enabled(True)  # scored exactly as the candidate is (merged, on the torch back end)
-        live = score_model(lb, data, "live", progress)
+        live = score_model(lb, served_as(data, adapter_fim_format(Path(live_adapter))), "live", progress)
         del lb
         gc.collect()
 

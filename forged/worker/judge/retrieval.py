@@ -27,11 +27,12 @@ import math
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from forged.common.fim import FimFormat
     from forged.worker.judge.judge import FimExample, Heldout, ModelScores
 
 RAG_K = 2  # chunks per example (editors' snippet providers give a handful; the cost grows with them)
@@ -54,6 +55,7 @@ class RagExample:
     index: int  # into Heldout.fim_all (its per-example fim_bpb is the no-context value)
     prompt: str  # the FIM prompt with the retrieved chunks before the prefix
     paths: list[str] = field(default_factory=list)  # where the chunks came from
+    context: str = ""  # the retrieved chunks as the prompt carries them
 
 
 @dataclass
@@ -135,8 +137,16 @@ def build(dataset_dir: Path, data: Heldout, max_examples: int, seed: int = 0) ->
     out = []
     for i, row in zip(usable, hits, strict=True):
         ex, got = data.fim_all[i], [chunks[j] for j in row]
-        out.append(RagExample(i, fmt.render(context(got) + ex.prefix, ex.suffix), [c.path for c in got]))
+        ctx = context(got)
+        out.append(RagExample(i, fmt.render(ctx + ex.prefix, ex.suffix), [c.path for c in got], ctx))
     return RagSet(out, len(chunks), excluded)
+
+
+def rendered(rag: RagSet, fim_all: list[FimExample], fmt: FimFormat) -> RagSet:
+    """The same retrieved contexts, their prompts rendered in ``fmt``."""
+    return replace(rag, examples=[
+        replace(r, prompt=fmt.render(r.context + fim_all[r.index].prefix, fim_all[r.index].suffix))
+        for r in rag.examples])
 
 
 def score(backend: Any, data: Heldout, s: ModelScores, name: str, report: Callable[[dict], None]) -> None:
