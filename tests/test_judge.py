@@ -229,6 +229,26 @@ def delta(diff: float, lo: float, hi: float, n: int = 40) -> dict:
     return {"diff": diff, "lo": lo, "hi": hi, "n": n}
 
 
+def test_clustered_interval_is_wider_when_a_files_examples_agree() -> None:
+    from forged.worker.judge import stats
+
+    # 10 files of 20 examples each; every example of a file shares the file's value, so
+    # there are 10 independent draws, not 200.
+    rng = random.Random(0)
+    per_file = [rng.choice([0.0, 1.0]) for _ in range(10)]
+    values = [v for v in per_file for _ in range(20)]
+    files = [f"f{i}.py" for i in range(10) for _ in range(20)]
+    flat = stats.mean_ci(values)
+    clustered = stats.clustered_mean_ci(values, files)
+    assert clustered.value == pytest.approx(flat.value) and clustered.n == flat.n == 200
+    assert clustered.hi - clustered.lo > 2 * (flat.hi - flat.lo)
+    # Independent examples, one per group: the same interval as resampling examples.
+    one_each = stats.clustered_mean_ci(values, [str(i) for i in range(200)])
+    assert (one_each.lo, one_each.hi) == pytest.approx((flat.lo, flat.hi), abs=0.02)
+    with pytest.raises(ValueError, match="one group per value"):
+        stats.clustered_mean_ci(values, files[:-1])
+
+
 def test_sample_size_for_a_target_interval_width() -> None:
     """A quarter of the half-width takes 16x the examples; no width says nothing."""
     from forged.worker.judge import stats

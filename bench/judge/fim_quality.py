@@ -15,8 +15,9 @@ earlier run left in OUT, on ``--n-tf`` teacher-forced and ``--n-gen`` generated 
 strings) with the base and the adapter in OUT, and count those that begin with a line
 break: an editor's single-line completion of such a middle is empty. Unlike the judge,
 generation runs on past a leading line break, to show what the model meant to write.
-Also prints single-line exact match with 95% intervals, per model and paired; with
-``--max-fim`` above the held-out count that is every held-out single-line middle.
+Also prints single-line exact match with 95% intervals, per model and paired (by example,
+and by held-out file: a file's middles are not independent); with ``--max-fim`` above the
+held-out count that is every held-out single-line middle.
 """
 
 from __future__ import annotations
@@ -118,7 +119,7 @@ def fim_only(out: Path, n_tf: int, n_gen: int) -> int:
 def starts(out: Path, max_fim: int) -> int:
     from forged.common.config import TrainConfig
     from forged.worker.judge.judge import cut_at_stop, fim_budget, fim_prediction, load_heldout
-    from forged.worker.judge.stats import mean_ci, paired
+    from forged.worker.judge.stats import clustered_mean_ci, mean_ci, paired
     from forged.worker.train import load_model
 
     h = load_heldout(out / "dataset", max_fim=max_fim)
@@ -138,7 +139,11 @@ def starts(out: Path, max_fim: int) -> int:
                       "exact": int(sum(exact[name])), "exact_rate_ci": [round(ci.lo, 4), round(ci.hi, 4)],
                       "examples": [{"reference": ex.completion, "generated": g[:80]} for ex, g in zip(xs[:6], gens[:6], strict=True)]}
     d = paired(exact["candidate"], exact["base"]).diff  # the same middles for both: paired
-    rows["exact_delta"] = {"value": round(d.value, 4), "ci": [round(d.lo, 4), round(d.hi, 4)], "n": d.n}
+    diffs = [c - b for c, b in zip(exact["candidate"], exact["base"], strict=True)]
+    by_file = clustered_mean_ci(diffs, [ex.path for ex in xs])  # a file's middles are not independent
+    rows["exact_delta"] = {"value": round(d.value, 4), "ci": [round(d.lo, 4), round(d.hi, 4)], "n": d.n,
+                           "ci_by_file": [round(by_file.lo, 4), round(by_file.hi, 4)],
+                           "files": len({ex.path for ex in xs})}
     print(json.dumps(rows, indent=1))
     return 0
 

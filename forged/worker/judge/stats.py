@@ -96,6 +96,31 @@ def mean_ci(values: Sequence[float], weights: Sequence[float] | None = None, *, 
     return Estimate(value, lo, hi, int(x.size))
 
 
+def clustered_mean_ci(values: Sequence[float], groups: Sequence[str], *, n_boot: int = N_BOOT, seed: int = 0,
+                      level: float = LEVEL) -> Estimate:
+    """Mean of ``values`` with an interval that resamples whole groups (e.g. held-out files).
+
+    Several examples cut from one file are not independent draws: resampling examples
+    treats them as if they were and gives too narrow an interval. Resampling the files
+    keeps each file's examples together. ``n`` is still the number of examples.
+    """
+    x, _ = _arrays(values, None)
+    if x.size == 0:
+        return Estimate(math.nan, math.nan, math.nan, 0)
+    if len(groups) != x.size:
+        raise ValueError(f"one group per value ({len(groups)} groups, {x.size} values)")
+    names = sorted(set(groups))
+    of = {g: i for i, g in enumerate(names)}
+    sums = np.zeros(len(names))
+    counts = np.zeros(len(names))
+    np.add.at(sums, [of[g] for g in groups], x)
+    np.add.at(counts, [of[g] for g in groups], 1.0)
+    idx = resample_index(len(names), n_boot, seed)
+    boot = sums[idx].sum(1) / np.maximum(counts[idx].sum(1), 1.0)
+    lo, hi = _interval(boot, level)
+    return Estimate(float(x.mean()), lo, hi, int(x.size))
+
+
 def paired(candidate: Sequence[float], reference: Sequence[float], weights: Sequence[float] | None = None, *,
            n_boot: int = N_BOOT, seed: int = 0, level: float = LEVEL) -> Paired:
     """Mean(candidate) − mean(reference) over the same examples, with its bootstrap interval.
