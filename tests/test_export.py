@@ -364,6 +364,46 @@ def test_fidelity_passes_for_a_correct_export(base: Path, hf: Path, tmp_path: Pa
     assert fid.correlation_qk is not None and fid.correlation_qk >= 0.95  # F32 base: no 4-bit noise
 
 
+def test_moments_merge_pieces_into_the_whole_arrays_correlation() -> None:
+    from forged.worker.judge.fidelity import Moments, mean_nll, pearson
+
+    rng = np.random.default_rng(0)
+    # Pieces with different means and sizes, as per-text logit deltas are.
+    xs = [rng.normal(loc=m, size=(n, 50)).astype(np.float32) for m, n in ((5.0, 7), (-3.0, 20), (0.5, 1))]
+    ys = [(0.6 * x + rng.normal(size=x.shape)).astype(np.float32) for x in xs]
+    m = Moments()
+    for x, y in zip(xs, ys, strict=True):
+        m.add(x, y)
+    whole = np.corrcoef(np.concatenate([x.ravel() for x in xs]), np.concatenate([y.ravel() for y in ys]))[0, 1]
+    assert m.correlation() == pytest.approx(whole, abs=1e-6) and m.n == 28 * 50
+    assert pearson(xs[1], ys[1]) == pytest.approx(np.corrcoef(xs[1].ravel(), ys[1].ravel())[0, 1], abs=1e-6)
+    assert np.isnan(pearson(np.ones(5, np.float32), np.arange(5, dtype=np.float32)))
+    # mean_nll in float32 agrees with a float64 log-softmax
+    z = rng.normal(scale=8.0, size=(6, 1000)).astype(np.float32)
+    ids = [0, 3, 999, 10, 500, 7]
+    z64 = z[:-1].astype(np.float64)
+    ref = (np.log(np.exp(z64 - z64.max(1, keepdims=True)).sum(1)) + z64.max(1) - z64[np.arange(5), ids[1:]]).sum()
+    assert mean_nll(z, ids) == (pytest.approx(ref, rel=1e-6), 5)
+
+
+def test_fidelity_reuses_the_base_side_across_checks(base: Path, hf: Path, tmp_path: Path, llama_cpp) -> None:
+    """The q/k comparison and every quantization tried share one base side; a shared memo
+    is what they read (poisoning it changes the next check's numbers)."""
+    from forged.worker.judge.fidelity import BaseMemo, check_fidelity
+
+    ad = make_peft_adapter(hf, tmp_path / "ad", rank=4, alpha=8.0, rslora=True, std=0.05)
+    fused = export_fused(ad, base, tmp_path / "f.gguf").path
+    memo = BaseMemo()
+    first = check_fidelity(ad, fused, base, _cfg(hf), HELDOUT, memo=memo)
+    assert first.passed and memo.side is not None and len(memo.side.ids) == first.n_texts
+    again = check_fidelity(ad, fused, base, _cfg(hf), HELDOUT, memo=memo)
+    assert again.correlation == pytest.approx(first.correlation, abs=1e-9)
+    assert again.loss_base_llama == pytest.approx(first.loss_base_llama, abs=1e-9)
+    memo.side.llama = [z + np.float32(1.0) * np.arange(z.shape[1], dtype=np.float32) / z.shape[1] for z in memo.side.llama]
+    poisoned = check_fidelity(ad, fused, base, _cfg(hf), HELDOUT, memo=memo)
+    assert poisoned.correlation < first.correlation - 0.01
+
+
 def test_fidelity_passes_for_pissa(base: Path, hf: Path, tmp_path: Path, llama_cpp) -> None:
     from forged.worker.judge.fidelity import check_fidelity
 

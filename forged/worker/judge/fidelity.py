@@ -144,27 +144,109 @@ def llama_logits(llm: Any, ids: list[int]) -> np.ndarray:
 
 
 def mean_nll(logits: np.ndarray, ids: list[int]) -> tuple[float, int]:
-    """(summed NLL in nats, tokens) of ids[1:] given logits rows [:-1]."""
+    """(summed NLL in nats, tokens) of ids[1:] given logits rows [:-1].
+
+    Works in the logits' float32 (a vocabulary-wide float64 copy per position costs more
+    than the engines' forward passes); sums are float64.
+    """
     import numpy as np
 
-    z = logits[:-1].astype(np.float64)
-    z = z - z.max(axis=1, keepdims=True)
-    lse = np.log(np.exp(z).sum(axis=1))
+    z = logits[:-1]
+    top = z.max(axis=1)
+    e = z - top[:, None]
+    np.exp(e, out=e)
+    lse = np.log(e.sum(axis=1, dtype=np.float64)) + top
     tgt = np.asarray(ids[1:])
     nll = lse - z[np.arange(len(tgt)), tgt]
-    return float(nll.sum()), len(tgt)
+    return float(nll.sum(dtype=np.float64)), len(tgt)
+
+
+@dataclass
+class Moments:
+    """Count, means and centred co-moments of two series, fed a piece at a time: a
+    correlation over every position × vocabulary entry without concatenating them."""
+
+    n: int = 0
+    mx: float = 0.0
+    my: float = 0.0
+    sxx: float = 0.0
+    syy: float = 0.0
+    sxy: float = 0.0
+
+    def add(self, x: np.ndarray, y: np.ndarray) -> None:
+        """Merge a piece (Chan et al.'s pairwise update: each piece centred on its own mean)."""
+        import numpy as np
+
+        x, y = x.ravel(), y.ravel()
+        k = x.size
+        if k == 0:
+            return
+        ax, ay = float(x.mean(dtype=np.float64)), float(y.mean(dtype=np.float64))
+        cx, cy = x - np.float32(ax), y - np.float32(ay)
+        n = self.n + k
+        dx, dy = ax - self.mx, ay - self.my
+        self.sxx += float(cx @ cx) + dx * dx * self.n * k / n
+        self.syy += float(cy @ cy) + dy * dy * self.n * k / n
+        self.sxy += float(cx @ cy) + dx * dy * self.n * k / n
+        self.mx += dx * k / n
+        self.my += dy * k / n
+        self.n = n
+
+    def correlation(self) -> float:
+        """Pearson correlation; nan when either series is constant."""
+        den = math.sqrt(self.sxx * self.syy)
+        return self.sxy / den if den > 0 else float("nan")
 
 
 def pearson(x: np.ndarray, y: np.ndarray) -> float:
     """Pearson correlation of two flattened arrays; nan when either is constant."""
+    m = Moments()
+    m.add(x, y)
+    return m.correlation()
+
+
+@dataclass
+class BaseSide:
+    """The base model on the check's texts in both engines: the same for every export of
+    one adapter (the whole adapter, its q/k part, each quantization tried), so it is
+    computed once per check and reused."""
+
+    texts: list[str]
+    ids: list[list[int]]
+    llama: list[np.ndarray]
+    trainer: list[np.ndarray]
+    nll_llama: float
+    nll_trainer: float
+
+
+def base_side(backend: Any, base_gguf: Path, texts: list[str]) -> BaseSide:
+    """Tokenize ``texts`` with the trainer and run the base in both engines (adapter off)."""
     import numpy as np
 
-    x = x.ravel().astype(np.float64)
-    y = y.ravel().astype(np.float64)
-    x = x - x.mean()
-    y = y - y.mean()
-    den = math.sqrt(float(x @ x) * float(y @ y))
-    return float(x @ y) / den if den > 0 else float("nan")
+    texts = [t[:MAX_CHARS] for t in texts if t and t.strip()]
+    if not texts:
+        raise FidelityError("fidelity check needs at least one non-empty held-out text")
+    pairs = [(t, ids) for t in texts if len(ids := list(backend.input_ids(t))) >= 2]
+    texts, ids_list = [t for t, _ in pairs], [ids for _, ids in pairs]  # kept aligned
+    if not ids_list:
+        raise FidelityError("held-out texts are too short to score (need 2+ tokens)")
+    llm = _llama(base_gguf, None, max(len(ids) for ids in ids_list) + 8)
+    try:
+        backend.set_adapter_enabled(False)
+        trainer = [np.asarray(backend.logits(text), dtype=np.float32) for text in texts]
+        llama = [llama_logits(llm, ids) for ids in ids_list]
+    finally:
+        backend.set_adapter_enabled(True)
+        del llm
+    for ids, bt, bl in zip(ids_list, trainer, llama, strict=True):
+        if bt.shape != bl.shape:
+            raise FidelityError(
+                f"trainer returned logits {bt.shape} for {len(ids)} tokens, llama.cpp {bl.shape} "
+                "(vocabulary or tokenization mismatch between the trainer's model and the GGUF base)"
+            )
+    return BaseSide(texts, ids_list, llama, trainer,
+                    sum(mean_nll(z, ids)[0] for z, ids in zip(llama, ids_list, strict=True)),
+                    sum(mean_nll(z, ids)[0] for z, ids in zip(trainer, ids_list, strict=True)))
 
 
 def compare_engines(
@@ -175,10 +257,13 @@ def compare_engines(
     min_corr: float = 0.95,
     loss_tolerance: float = 0.25,
     min_gain: float | None = None,
+    base: BaseSide | None = None,
 ) -> FidelityResult:
     """Fidelity check given a trainer back end that already has the adapter loaded.
 
     ``exported`` is a GGUF LoRA adapter for ``base_gguf`` or a fused model made from it.
+    ``base``: the base side from an earlier check of the same adapter on the same texts
+    (computed here when None).
 
     ``backend`` follows ``forged.worker.train``'s Backend protocol (``input_ids``,
     ``logits``, ``set_adapter_enabled``); it decides the token ids, and llama.cpp is
@@ -189,48 +274,32 @@ def compare_engines(
     import numpy as np
 
     t0 = time.monotonic()
-    texts = [t[:MAX_CHARS] for t in texts if t and t.strip()]
-    if not texts:
-        raise FidelityError("fidelity check needs at least one non-empty held-out text")
-    pairs = [(t, ids) for t in texts if len(ids := list(backend.input_ids(t))) >= 2]
-    texts, ids_list = [t for t, _ in pairs], [ids for _, ids in pairs]  # kept aligned
-    if not ids_list:
-        raise FidelityError("held-out texts are too short to score (need 2+ tokens)")
-    n_ctx = max(len(ids) for ids in ids_list) + 8
-
-    base_llm = _llama(base_gguf, None, n_ctx)
-    ada_llm = _adapted_llama(exported, base_gguf, n_ctx)
-    d_llama, d_train = [], []
-    sums = dict.fromkeys(("bl", "al", "bt", "at"), 0.0)
+    if base is None:
+        base = base_side(backend, base_gguf, texts)
+    ada_llm = _adapted_llama(exported, base_gguf, max(len(ids) for ids in base.ids) + 8)
+    moments = Moments()
+    sums = {"bl": base.nll_llama, "bt": base.nll_trainer, "al": 0.0, "at": 0.0}
     n_tok = agree = 0
+    sq_llama = sq_train = 0.0
     try:
-        # Base logits of every text first, then the adapter's: toggling the adapter
-        # merges/unmerges it on the torch back end (~1 s each for SmolLM2-135M).
-        backend.set_adapter_enabled(False)
-        base_train = [np.asarray(backend.logits(text), dtype=np.float32) for text in texts]
         backend.set_adapter_enabled(True)
-        for text, ids, bt in zip(texts, ids_list, base_train, strict=True):
-            bl, al = llama_logits(base_llm, ids), llama_logits(ada_llm, ids)
+        for text, ids, bl, bt in zip(base.texts, base.ids, base.llama, base.trainer, strict=True):
+            al = llama_logits(ada_llm, ids)
             at = np.asarray(backend.logits(text), dtype=np.float32)
-            if bt.shape != bl.shape:
-                raise FidelityError(
-                    f"trainer returned logits {bt.shape} for {len(ids)} tokens, llama.cpp {bl.shape} "
-                    "(vocabulary or tokenization mismatch between the trainer's model and the GGUF base)"
-                )
-            d_llama.append(al - bl)
-            d_train.append(at - bt)
-            for key, z in (("bl", bl), ("al", al), ("bt", bt), ("at", at)):
-                sums[key] += mean_nll(z, ids)[0]
+            dl, dt = al - bl, at - bt
+            moments.add(dl, dt)
+            sq_llama += float(dl.ravel() @ dl.ravel())
+            sq_train += float(dt.ravel() @ dt.ravel())
+            sums["al"] += mean_nll(al, ids)[0]
+            sums["at"] += mean_nll(at, ids)[0]
             n_tok += len(ids) - 1
             agree += int((al.argmax(1) == at.argmax(1)).sum())
     finally:
-        backend.set_adapter_enabled(True)
-        del base_llm, ada_llm
+        del ada_llm
 
-    dl, dt = np.concatenate(d_llama), np.concatenate(d_train)
-    corr = pearson(dl, dt)
-    norm_t = float(np.linalg.norm(dt))
-    ratio = float(np.linalg.norm(dl)) / norm_t if norm_t > 0 else float("nan")
+    corr = moments.correlation()
+    norm_t = math.sqrt(sq_train)
+    ratio = math.sqrt(sq_llama) / norm_t if norm_t > 0 else float("nan")
     loss = {k: v / max(n_tok, 1) for k, v in sums.items()}
     gain_llama = loss["bl"] - loss["al"]
     gain_train = loss["bt"] - loss["at"]
@@ -275,9 +344,9 @@ def compare_engines(
         loss_adapter_trainer=loss["at"],
         passed=passed,
         reason=reason,
-        n_texts=len(ids_list),
+        n_texts=len(base.ids),
         n_tokens=n_tok,
-        top1_agree_adapter=agree / max(n_tok + len(ids_list), 1),
+        top1_agree_adapter=agree / max(n_tok + len(base.ids), 1),
         delta_norm_ratio=ratio,
         seconds=time.monotonic() - t0,
         gain_kept=kept,
@@ -340,18 +409,29 @@ def _qk_only_export(exported: Path, base_gguf: Path, qk_adapter: Path, dst: Path
     return True
 
 
+@dataclass
+class BaseMemo:
+    """The first check's base side, kept for the next checks of the same adapter and texts."""
+
+    side: BaseSide | None = None
+
+
 def _load_and_compare(
     cfg_train: TrainConfig, adapter_dir: Path, exported: Path, base_gguf: Path, texts: list[str],
-    min_corr: float, loss_tolerance: float, min_gain: float | None = None,
+    min_corr: float, loss_tolerance: float, min_gain: float | None = None, memo: BaseMemo | None = None,
 ) -> FidelityResult:
     """Load ``adapter_dir`` in the trainer's back end, compare it with ``exported``, free it."""
     import gc
 
     from forged.worker.train import load_model
 
+    memo = memo or BaseMemo()
     backend = load_model(cfg_train, adapter_dir)
     try:
-        return compare_engines(backend, exported, base_gguf, texts, min_corr, loss_tolerance, min_gain)
+        if memo.side is None:
+            memo.side = base_side(backend, base_gguf, texts)
+        return compare_engines(backend, exported, base_gguf, texts, min_corr, loss_tolerance, min_gain,
+                               base=memo.side)
     finally:
         del backend
         gc.collect()
@@ -367,6 +447,7 @@ def check_fidelity(
     loss_tolerance: float = 0.25,
     min_corr_qk: float = QK_MIN_CORR,
     min_gain: float | None = None,
+    memo: BaseMemo | None = None,
 ) -> FidelityResult:
     """Load the trained adapter in the trainer's back end and compare it with llama.cpp.
 
@@ -389,15 +470,16 @@ def check_fidelity(
     for p, what in ((exported, "export"), (base_gguf, "base GGUF")):
         if not p.is_file():
             raise FidelityError(f"{what} not found: {p}")
+    memo = memo or BaseMemo()  # the base side, shared by the whole-adapter and q/k comparisons
     result = _load_and_compare(cfg_train, adapter_dir, exported, base_gguf, texts, min_corr, loss_tolerance,
-                               min_gain)
+                               min_gain, memo)
     if not result.passed:
         return result
     with tempfile.TemporaryDirectory(prefix="forged-fid-") as tmp:
         sub, qk_export = Path(tmp) / "qk", Path(tmp) / "qk.gguf"
         if not _qk_only_peft(adapter_dir, sub) or not _qk_only_export(exported, base_gguf, sub, qk_export):
             return result
-        qk = _load_and_compare(cfg_train, sub, qk_export, base_gguf, texts, min_corr, loss_tolerance)
+        qk = _load_and_compare(cfg_train, sub, qk_export, base_gguf, texts, min_corr, loss_tolerance, memo=memo)
     result.correlation_qk = qk.correlation
     result.seconds += qk.seconds
     if not (math.isfinite(qk.correlation) and qk.correlation >= min_corr_qk):
@@ -428,12 +510,13 @@ def check_served(
     steps: list[dict[str, Any]] = []
     result: FidelityResult | None = None
     ladder = steps_from(start)
+    memo = BaseMemo()  # every precision is compared against the same base side
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     for i, quant in enumerate(ladder):
         served = Path(out_dir) / f"model-{quant}.gguf"
         quantize_gguf(fused, served, quant)
         result = check_fidelity(adapter_dir, served, base_gguf, cfg_train, texts, min_corr, loss_tolerance,
-                                min_gain=min_gain)
+                                min_gain=min_gain, memo=memo)
         result.quantization = quant
         steps.append({"quantization": quant, "passed": result.passed, "gain_kept": result.gain_kept,
                       "correlation": result.correlation, "reason": result.reason})
