@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import json
+import re
+import statistics
 from pathlib import Path
 
 import pytest
 
-from forged.daemon.report import write_report
+from forged.common.judged import MetricLine
+from forged.daemon.report import (
+    CHAR_PX,
+    TICK_ROOM,
+    moving_average,
+    svg_deltas,
+    svg_loss,
+    write_report,
+)
 
 EVIL = "<script>alert(1)</script>"
 
@@ -126,3 +136,32 @@ def test_bad_stored_values_still_render(tmp_path: Path, breakage) -> None:
     breakage(m)
     text = write_report(tmp_path, "r", {"id": 1, "metrics": json.dumps(m)}).read_text()
     assert "could not be drawn" not in text and text.startswith("<!doctype html>")
+
+
+def _texts(svg: str) -> list[tuple[float, str, str]]:
+    """(x, text-anchor, text) of every text element in an SVG chart."""
+    return [(float(x), a, t) for x, a, t in re.findall(r'<text x="([\d.]+)" y="[\d.]+" text-anchor="(\w+)"[^>]*>([^<]*)<', svg)]
+
+
+def test_delta_chart_labels_fit_and_axis_numbers_do_not_overprint() -> None:
+    long = "fine-tuning alone (candidate − base)"  # the retrieval chart's, clipped once
+    lines = [MetricLine("a", long, "ratio", 1.6, 1.4, -0.16, -0.25, -0.12, 24),
+             MetricLine("b", "bpb", "ratio", 1.3, 1.1, -0.17, -0.2, -0.15, 24)]
+    texts = _texts(svg_deltas(lines))
+    label = next((x, t) for x, a, t in texts if t.startswith(long))
+    assert label[0] - CHAR_PX * len(label[1]) >= 0  # right-aligned at x: it starts inside the chart
+    axis = sorted(x for x, _, t in texts if t == "0" or re.fullmatch(r"[+-]\d+\.\d", t))
+    # every interval is below zero, so the right end is only padding: 0 and the left end are drawn, apart
+    assert len(axis) == 2 and axis[1] - axis[0] >= TICK_ROOM
+
+
+def test_the_loss_chart_draws_a_moving_average_under_the_noise() -> None:
+    noisy = [(float(i), 2.0 + (0.8 if i % 2 else -0.8) - i / 100) for i in range(1, 41)]
+    trend = moving_average(noisy)
+    assert [x for x, _ in trend] == [x for x, _ in noisy]
+    def jumps(pts: list[tuple[float, float]]) -> float:
+        return max(abs(b[1] - a[1]) for a, b in zip(pts[5:], pts[6:], strict=False))
+
+    assert jumps(trend) < 0.25 * jumps(noisy)  # the step-to-step swing of ±0.8 is averaged out
+    assert abs(trend[-1][1] - statistics.mean(y for _, y in noisy[-5:])) < 1e-9  # window: 40 // 8 steps
+    assert "moving average</title>" in svg_loss(noisy, [(40.0, 1.5)])

@@ -23,6 +23,9 @@ from typing import Any
 from forged.common.judged import MetricLine, finite_number, judge_text, metric_lines, paired_line
 
 BLUE, ORANGE, GREEN, RED, GREY = "#2563eb", "#ea580c", "#16a34a", "#dc2626", "#6b7280"
+# Wide fonts (DejaVu Sans, the Linux fallback for system-ui) average about 0.6 em a character.
+CHAR_PX = 6.6
+TICK_ROOM = 36  # px between two axis numbers so that they do not overprint
 SPLITS = (("train", BLUE), ("valid", ORANGE))  # dataset composition: training side, held-out side
 
 
@@ -102,13 +105,19 @@ def _t(x: float, y: float, s: str, anchor: str = "start", fill: str = "#111") ->
     return f'<text x="{x:.1f}" y="{y:.1f}" text-anchor="{anchor}" fill="{fill}">{html.escape(s)}</text>'
 
 
+def _text_width(labels: list[str], most: int) -> int:
+    """Room for the longest label, right-aligned, at the charts' 11px font (at most ``most``)."""
+    return min(max(120, round(CHAR_PX * max(map(len, labels), default=0)) + 16), most)
+
+
 def svg_deltas(lines: list[MetricLine], width: int = 760) -> str:
     """Each metric's paired change, candidate − reference, as a dot on its 95% interval bar
     (ratios in % of the reference, rates in percentage points), n in the label."""
     rows = [(m, c) for m in lines if (c := m.change()) is not None and all(map(math.isfinite, c[:3]))]
     if not rows:
         return "<p>No paired differences recorded.</p>"
-    left, right, row_h = 250, 170, 24
+    labels = [f"{m.label} (n={m.n if m.n is not None else '?'})" for m, _ in rows]
+    left, right, row_h = _text_width(labels, width // 2), 170, 24
     lo = min(0.0, *(c[1] for _, c in rows))
     hi = max(0.0, *(c[2] for _, c in rows))
     pad = (hi - lo) * 0.05 or 1.0
@@ -120,12 +129,14 @@ def svg_deltas(lines: list[MetricLine], width: int = 760) -> str:
 
     height = 30 + row_h * len(rows)
     body = [f'<line x1="{x(0):.1f}" y1="8" x2="{x(0):.1f}" y2="{height - 14}" stroke="#9ca3af"/>',
-            _t(x(0), height - 2, "0", "middle", GREY),
-            _t(x(lo), height - 2, f"{lo:+.1f}", "start", GREY), _t(x(hi), height - 2, f"{hi:+.1f}", "end", GREY)]
+            _t(x(0), height - 2, "0", "middle", GREY)]
+    # An end of the axis that is only the padding beside 0 gets no number: it would print over the 0.
+    body += [_t(x(v), height - 2, f"{v:+.1f}", anchor, GREY)
+             for v, anchor in ((lo, "start"), (hi, "end")) if abs(x(v) - x(0)) >= TICK_ROOM]
     for i, (m, (d, a, b, unit)) in enumerate(rows):
         y = 20 + i * row_h
         color = {1: GREEN, -1: RED, 0: GREY}[m.verdict()]
-        body += [_t(left - 8, y + 4, f"{m.label} (n={m.n if m.n is not None else '?'})", "end"),
+        body += [_t(left - 8, y + 4, labels[i], "end"),
                  f'<line x1="{x(a):.1f}" y1="{y}" x2="{x(b):.1f}" y2="{y}" stroke="{color}" stroke-width="3"/>',
                  f'<circle cx="{x(d):.1f}" cy="{y}" r="4.5" fill="{color}"/>',
                  _t(width - right + 8, y + 4, f"{d:+.1f}{unit} [{a:+.1f}, {b:+.1f}]")]
@@ -153,6 +164,23 @@ def _points(raw: Any, bare_is_step: bool = True) -> list[tuple[float, float]]:
             and (bare_is_step or isinstance(p, list | tuple | dict))]
 
 
+TRAIN_LEGEND = "training loss per step, and its moving average (bold)"
+HELD_X = 76 + round(CHAR_PX * len(TRAIN_LEGEND)) + 24
+
+
+def moving_average(points: list[tuple[float, float]], window: int = 0) -> list[tuple[float, float]]:
+    """Trailing mean of the loss over ``window`` steps (default: an eighth of the run, at least 3).
+
+    One step's loss is one packed batch's, so it swings with what the batch holds; the trend is
+    what a reader compares with the held-out points."""
+    k = window or max(3, len(points) // 8)
+    out, total = [], 0.0
+    for i, (x, y) in enumerate(points):
+        total += y - (points[i - k][1] if i >= k else 0.0)
+        out.append((x, total / min(i + 1, k)))
+    return out
+
+
 def svg_loss(train: list[tuple[float, float]], heldout: list[tuple[float, float]],
              width: int = 640, height: int = 260) -> str:
     """Training loss per step (line) and held-out loss where it was measured (dots), one scale."""
@@ -169,12 +197,15 @@ def svg_loss(train: list[tuple[float, float]], heldout: list[tuple[float, float]
 
     body = [_t(4, 34, f"{y1:.3f}"), _t(4, height - 25, f"{y0:.3f}"),
             _t(55, height - 6, f"step {x0:g}"), _t(width - 10, height - 6, f"step {x1:g}", "end"),
-            f'<rect x="60" y="6" width="12" height="3" fill="{BLUE}"/>', _t(76, 12, "training loss"),
-            f'<circle cx="186" cy="8" r="4" fill="{ORANGE}"/>',
-            _t(194, 12, f"held-out loss ({len(heldout)} evaluation{'s' if len(heldout) != 1 else ''})")]
+            f'<rect x="60" y="6" width="12" height="3" fill="{BLUE}"/>', _t(76, 12, TRAIN_LEGEND),
+            f'<circle cx="{HELD_X - 8}" cy="8" r="4" fill="{ORANGE}"/>',
+            _t(HELD_X, 12, f"held-out loss ({len(heldout)} evaluation{'s' if len(heldout) != 1 else ''})")]
     if len(train) >= 2:
-        path = " ".join(("M" if i == 0 else "L") + xy(p) for i, p in enumerate(train))
-        body.append(f'<path d="{path}" fill="none" stroke="{BLUE}" stroke-width="2"/>')
+        raw = " ".join(("M" if i == 0 else "L") + xy(p) for i, p in enumerate(train))
+        trend = " ".join(("M" if i == 0 else "L") + xy(p) for i, p in enumerate(moving_average(train)))
+        body += [f'<path d="{raw}" fill="none" stroke="{BLUE}" stroke-width="1" stroke-opacity="0.35"/>',
+                 f'<path d="{trend}" fill="none" stroke="{BLUE}" stroke-width="2.5"><title>training loss, '
+                 f'moving average</title></path>']
     if len(heldout) >= 2:
         path = " ".join(("M" if i == 0 else "L") + xy(p) for i, p in enumerate(sorted(heldout)))
         body.append(f'<path d="{path}" fill="none" stroke="{ORANGE}" stroke-width="1.5" stroke-dasharray="4 3"/>')
