@@ -8,6 +8,7 @@ the report.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -71,7 +72,9 @@ def test_the_next_cycle_records_the_live_models_forward_gain(short_tmp: Path, ti
             d.wait_for(lambda st: _trained(st, first), timeout=600)
 
             _, detail = d.request("GET", "/v1/repos/proj")
-            fwd = detail["cycles"][0]["metrics"]["forward"]
+            newest = detail["cycles"][0]
+            assert "forward" in newest["metrics"], json.dumps({k: v for k, v in newest.items() if k != "metrics"})
+            fwd = newest["metrics"]["forward"]
             assert fwd["version"] == 1 and fwd["since"] == live_commit and fwd["head"] == head
             assert fwd["n_files"] == 4 and fwd["n_bytes"] > 1000 and fwd["changed"] == 4
             assert fwd["lo"] <= fwd["gain"] <= fwd["hi"] and fwd["base_bpb"] > 0 and fwd["live_bpb"] > 0
@@ -89,4 +92,4 @@ def test_the_next_cycle_records_the_live_models_forward_gain(short_tmp: Path, ti
             page = Path(rep.stdout.strip().split()[-1]).read_text()
             assert "<h2>Forward gain</h2>" in page and f"{100 * fwd['gain']:+.2f}%" in page
         finally:
-            d.stop()
+            print(d.stop()[-20000:])  # the daemon's log, shown when the test fails
