@@ -192,6 +192,10 @@ class Moments:
         self.my += dy * k / n
         self.n = n
 
+    def sums_of_squares(self) -> tuple[float, float]:
+        """Σx² and Σy² (uncentred), from the centred moments and the means."""
+        return self.sxx + self.n * self.mx * self.mx, self.syy + self.n * self.my * self.my
+
     def correlation(self) -> float:
         """Pearson correlation; nan when either series is constant."""
         den = math.sqrt(self.sxx * self.syy)
@@ -280,16 +284,12 @@ def compare_engines(
     moments = Moments()
     sums = {"bl": base.nll_llama, "bt": base.nll_trainer, "al": 0.0, "at": 0.0}
     n_tok = agree = 0
-    sq_llama = sq_train = 0.0
     try:
         backend.set_adapter_enabled(True)
         for text, ids, bl, bt in zip(base.texts, base.ids, base.llama, base.trainer, strict=True):
             al = llama_logits(ada_llm, ids)
             at = np.asarray(backend.logits(text), dtype=np.float32)
-            dl, dt = al - bl, at - bt
-            moments.add(dl, dt)
-            sq_llama += float(dl.ravel() @ dl.ravel())
-            sq_train += float(dt.ravel() @ dt.ravel())
+            moments.add(al - bl, at - bt)
             sums["al"] += mean_nll(al, ids)[0]
             sums["at"] += mean_nll(at, ids)[0]
             n_tok += len(ids) - 1
@@ -298,6 +298,7 @@ def compare_engines(
         del ada_llm
 
     corr = moments.correlation()
+    sq_llama, sq_train = moments.sums_of_squares()
     norm_t = math.sqrt(sq_train)
     ratio = math.sqrt(sq_llama) / norm_t if norm_t > 0 else float("nan")
     loss = {k: v / max(n_tok, 1) for k, v in sums.items()}
@@ -418,14 +419,13 @@ class BaseMemo:
 
 def _load_and_compare(
     cfg_train: TrainConfig, adapter_dir: Path, exported: Path, base_gguf: Path, texts: list[str],
-    min_corr: float, loss_tolerance: float, min_gain: float | None = None, memo: BaseMemo | None = None,
+    min_corr: float, loss_tolerance: float, min_gain: float | None, memo: BaseMemo,
 ) -> FidelityResult:
     """Load ``adapter_dir`` in the trainer's back end, compare it with ``exported``, free it."""
     import gc
 
     from forged.worker.train import load_model
 
-    memo = memo or BaseMemo()
     backend = load_model(cfg_train, adapter_dir)
     try:
         if memo.side is None:
@@ -479,7 +479,7 @@ def check_fidelity(
         sub, qk_export = Path(tmp) / "qk", Path(tmp) / "qk.gguf"
         if not _qk_only_peft(adapter_dir, sub) or not _qk_only_export(exported, base_gguf, sub, qk_export):
             return result
-        qk = _load_and_compare(cfg_train, sub, qk_export, base_gguf, texts, min_corr, loss_tolerance, memo=memo)
+        qk = _load_and_compare(cfg_train, sub, qk_export, base_gguf, texts, min_corr, loss_tolerance, None, memo)
     result.correlation_qk = qk.correlation
     result.seconds += qk.seconds
     if not (math.isfinite(qk.correlation) and qk.correlation >= min_corr_qk):

@@ -109,12 +109,9 @@ def clustered_mean_ci(values: Sequence[float], groups: Sequence[str], *, n_boot:
         return Estimate(math.nan, math.nan, math.nan, 0)
     if len(groups) != x.size:
         raise ValueError(f"one group per value ({len(groups)} groups, {x.size} values)")
-    names = sorted(set(groups))
-    of = {g: i for i, g in enumerate(names)}
-    sums = np.zeros(len(names))
-    counts = np.zeros(len(names))
-    np.add.at(sums, [of[g] for g in groups], x)
-    np.add.at(counts, [of[g] for g in groups], 1.0)
+    names, of = np.unique(np.asarray(groups, dtype=str), return_inverse=True)
+    sums = np.bincount(of, weights=x, minlength=len(names))
+    counts = np.bincount(of, minlength=len(names)).astype(float)
     idx = resample_index(len(names), n_boot, seed)
     boot = sums[idx].sum(1) / np.maximum(counts[idx].sum(1), 1.0)
     lo, hi = _interval(boot, level)
