@@ -181,6 +181,11 @@ def moving_average(points: list[tuple[float, float]], window: int = 0) -> list[t
     return out
 
 
+def _polyline(points: list[tuple[float, float]], xy: Callable[[tuple[float, float]], str]) -> str:
+    """An SVG path's ``d`` through ``points``, each placed by ``xy``."""
+    return " ".join(("M" if i == 0 else "L") + xy(p) for i, p in enumerate(points))
+
+
 def svg_loss(train: list[tuple[float, float]], heldout: list[tuple[float, float]],
              width: int = 640, height: int = 260) -> str:
     """Training loss per step (line) and held-out loss where it was measured (dots), one scale."""
@@ -201,14 +206,11 @@ def svg_loss(train: list[tuple[float, float]], heldout: list[tuple[float, float]
             f'<circle cx="{HELD_X - 8}" cy="8" r="4" fill="{ORANGE}"/>',
             _t(HELD_X, 12, f"held-out loss ({len(heldout)} evaluation{'s' if len(heldout) != 1 else ''})")]
     if len(train) >= 2:
-        raw = " ".join(("M" if i == 0 else "L") + xy(p) for i, p in enumerate(train))
-        trend = " ".join(("M" if i == 0 else "L") + xy(p) for i, p in enumerate(moving_average(train)))
-        body += [f'<path d="{raw}" fill="none" stroke="{BLUE}" stroke-width="1" stroke-opacity="0.35"/>',
-                 f'<path d="{trend}" fill="none" stroke="{BLUE}" stroke-width="2.5"><title>training loss, '
+        body += [f'<path d="{_polyline(train, xy)}" fill="none" stroke="{BLUE}" stroke-width="1" stroke-opacity="0.35"/>',
+                 f'<path d="{_polyline(moving_average(train), xy)}" fill="none" stroke="{BLUE}" stroke-width="2.5"><title>training loss, '
                  f'moving average</title></path>']
     if len(heldout) >= 2:
-        path = " ".join(("M" if i == 0 else "L") + xy(p) for i, p in enumerate(sorted(heldout)))
-        body.append(f'<path d="{path}" fill="none" stroke="{ORANGE}" stroke-width="1.5" stroke-dasharray="4 3"/>')
+        body.append(f'<path d="{_polyline(sorted(heldout), xy)}" fill="none" stroke="{ORANGE}" stroke-width="1.5" stroke-dasharray="4 3"/>')
     for p in heldout:
         cx, cy = xy(p).split(",")
         body.append(f'<circle cx="{cx}" cy="{cy}" r="4" fill="{ORANGE}"><title>step {p[0]:g}: {p[1]:.4f}'

@@ -138,15 +138,18 @@ def build(dataset_dir: Path, data: Heldout, max_examples: int, seed: int = 0) ->
     for i, row in zip(usable, hits, strict=True):
         ex, got = data.fim_all[i], [chunks[j] for j in row]
         ctx = context(got)
-        out.append(RagExample(i, fmt.render(ctx + ex.prefix, ex.suffix), [c.path for c in got], ctx))
+        out.append(RagExample(i, _prompt(fmt, ctx, ex), [c.path for c in got], ctx))
     return RagSet(out, len(chunks), excluded)
 
 
 def rendered(rag: RagSet, fim_all: list[FimExample], fmt: FimFormat) -> RagSet:
     """The same retrieved contexts, their prompts rendered in ``fmt``."""
-    return replace(rag, examples=[
-        replace(r, prompt=fmt.render(r.context + fim_all[r.index].prefix, fim_all[r.index].suffix))
-        for r in rag.examples])
+    return replace(rag, examples=[replace(r, prompt=_prompt(fmt, r.context, fim_all[r.index])) for r in rag.examples])
+
+
+def _prompt(fmt: FimFormat, ctx: str, ex: FimExample) -> str:
+    """A FIM prompt with the retrieved chunks before the prefix, as an editor's context provider puts them."""
+    return fmt.render(ctx + ex.prefix, ex.suffix)
 
 
 def score(backend: Any, data: Heldout, s: ModelScores, name: str, report: Callable[[dict], None]) -> None:
