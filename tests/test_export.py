@@ -239,7 +239,8 @@ def test_fused_model_in_llama_cpp_equals_base_plus_adapter(
     base: Path, q4_base: Path, hf: Path, tmp_path: Path, llama_cpp, which: str
 ) -> None:
     """llama.cpp's logits from the fused GGUF equal its own base + GGUF adapter."""
-    from forged.worker.judge.fidelity import _llama, llama_logits, pearson
+    from forged.worker.judge.agreement import pearson
+    from forged.worker.judge.llama_engine import llama_logits, open_llama
 
     b = base if which == "f32" else q4_base
     ad = make_peft_adapter(hf, tmp_path / "ad", rank=4, alpha=8.0, rslora=True, std=0.2)
@@ -249,9 +250,9 @@ def test_fused_model_in_llama_cpp_equals_base_plus_adapter(
     assert types["blk.0.attn_q.weight"] == (0 if which == "f32" else 1)
     lora = export_adapter(ad, b, tmp_path / "a.gguf").path
     ids = [1, 504, 2734, 3013, 1012, 30, 2367, 28, 258, 4165, 7, 198, 330, 2]
-    z_base = llama_logits(_llama(b, None, 32), ids)
-    z_lora = llama_logits(_llama(b, lora, 32), ids)
-    z_fused = llama_logits(_llama(fused, None, 32), ids)
+    z_base = llama_logits(open_llama(b, None, 32), ids)
+    z_lora = llama_logits(open_llama(b, lora, 32), ids)
+    z_fused = llama_logits(open_llama(fused, None, 32), ids)
     effect = np.abs(z_lora - z_base).max()
     assert effect > 0.5  # the adapter matters
     if which == "f32":
@@ -365,7 +366,7 @@ def test_fidelity_passes_for_a_correct_export(base: Path, hf: Path, tmp_path: Pa
 
 
 def test_moments_merge_pieces_into_the_whole_arrays_correlation() -> None:
-    from forged.worker.judge.fidelity import Moments, mean_nll, pearson
+    from forged.worker.judge.agreement import Moments, mean_nll, pearson
 
     rng = np.random.default_rng(0)
     # Pieces with different means and sizes, as per-text logit deltas are.

@@ -28,7 +28,8 @@ def main() -> int:
     from forged.common.config import TrainConfig
     from forged.common.models import resolve_base
     from forged.worker.judge.export import export_adapter, export_fused
-    from forged.worker.judge.fidelity import _adapted_llama, check_fidelity, llama_logits
+    from forged.worker.judge.fidelity import check_fidelity
+    from forged.worker.judge.llama_engine import adapted_llama, llama_logits
     from forged.worker.train import load_model
 
     cfg = TrainConfig(backend="torch", method=args.method)
@@ -47,8 +48,8 @@ def main() -> int:
     lora = export_adapter(adapter, base, args.run / "adapter.gguf")
     ids = list(load_model(cfg, adapter).input_ids(held[0][:1500]))
     n_ctx = len(ids) + 8
-    z_lora = llama_logits(_adapted_llama(lora.path, base, n_ctx), ids)
-    z_fused = llama_logits(_adapted_llama(fused.path, base, n_ctx), ids)
+    z_lora = llama_logits(adapted_llama(lora.path, base, n_ctx), ids)
+    z_fused = llama_logits(adapted_llama(fused.path, base, n_ctx), ids)
     print(json.dumps({
         "base_mb": round(base.stat().st_size / 2**20, 1),
         "fused_mb": round(fused.path.stat().st_size / 2**20, 1),

@@ -111,12 +111,13 @@ def llama_gains(files: dict[str, Path], merged: Path, texts: list[str]) -> dict:
     """``--llama-only``: held-out loss gain over the Q4_1 base in llama.cpp alone (no
     trainer), for the adapter and each quantization, and its share of the unquantized
     fused model's gain (the merge before any quantization)."""
-    from forged.worker.judge.fidelity import _llama, llama_logits, mean_nll
+    from forged.worker.judge.agreement import mean_nll
+    from forged.worker.judge.llama_engine import llama_logits, open_llama
 
     base = bundled_base()
 
     def loss(model: Path, lora: Path | None = None) -> float:
-        llm = _llama(model, lora, 1024)
+        llm = open_llama(model, lora, 1024)
         tot = n = 0.0
         for t in texts:
             ids = llm.tokenize(t[:1500].encode(), add_bos=False)[:1000]

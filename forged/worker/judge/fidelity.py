@@ -24,28 +24,32 @@ trainer's, and a quantization that loses more is replaced by the next precision 
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from forged.worker.judge.agreement import Moments, mean_nll
+from forged.worker.judge.llama_engine import (
+    FidelityError,
+    adapted_llama,
+    is_adapter,
+    llama_logits,
+    open_llama,
+)
 
 if TYPE_CHECKING:
     import numpy as np
 
     from forged.common.config import TrainConfig
+    from forged.worker.train.backend import Backend
 
 # Fidelity runs on a handful of held-out texts; longer ones are cut (by characters,
 # before tokenizing) so the check stays a few seconds even on the real base.
 MAX_CHARS = 1500
 QK_MIN_CORR = 0.5  # q/k-only effect: correct 0.87, un-permuted 0.07 on SmolLM2 Q4_1
 ABS_LOSS_FLOOR = 0.01  # nats/token: below this a gain difference is noise, not a bug
-
-
-class FidelityError(RuntimeError):
-    """The check could not run (llama.cpp missing, artifact unloadable); one line."""
 
 
 @dataclass
@@ -73,142 +77,6 @@ class FidelityResult:
         return asdict(self)
 
 
-@contextlib.contextmanager
-def quiet_stderr() -> Iterator[None]:
-    """llama.cpp prints its load log (and its quantizer every tensor) on fd 2 even with
-    verbose=False; keep worker logs clean."""
-    try:
-        fd = os.dup(2)
-    except OSError:
-        yield
-        return
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
-            yield
-    finally:
-        os.dup2(fd, 2)
-        os.close(fd)
-
-
-def _llama(base_gguf: Path, lora: Path | None, n_ctx: int) -> Any:
-    try:
-        from llama_cpp import Llama
-    except ImportError:
-        raise FidelityError(
-            "llama-cpp-python is not installed (needed to verify the export): pip install 'forged[verify]'"
-        ) from None
-    threads = max(1, min(4, os.cpu_count() or 1))
-    try:
-        with quiet_stderr():
-            return Llama(
-                model_path=str(base_gguf),
-                lora_path=str(lora) if lora else None,
-                n_ctx=n_ctx,
-                n_batch=n_ctx,
-                n_ubatch=n_ctx,
-                n_threads=threads,
-                n_threads_batch=threads,
-                logits_all=True,
-                n_gpu_layers=0,
-                seed=0,
-                verbose=False,
-            )
-    except (ValueError, RuntimeError) as e:
-        what = f"adapter {lora}" if lora else f"model {base_gguf}"
-        raise FidelityError(f"llama.cpp could not load {what}: {e}") from None
-
-
-def is_adapter(exported: Path) -> bool:
-    """Whether an export is a GGUF LoRA adapter (else a fused full model)."""
-    from forged.worker.judge.export import ExportError, read_gguf_header
-
-    try:
-        return read_gguf_header(exported).kv.get("general.type") == "adapter"
-    except (OSError, ExportError) as e:
-        raise FidelityError(f"cannot read the export {exported}: {e}") from None
-
-
-def _adapted_llama(exported: Path, base_gguf: Path, n_ctx: int) -> Any:
-    """llama.cpp with the trained weights: base + GGUF adapter, or the fused model alone."""
-    return _llama(base_gguf, exported, n_ctx) if is_adapter(exported) else _llama(exported, None, n_ctx)
-
-
-def llama_logits(llm: Any, ids: list[int]) -> np.ndarray:
-    """float32 [len(ids), vocab] logits of llama.cpp for exactly these token ids."""
-    import numpy as np
-
-    llm.reset()
-    llm.eval(ids)
-    return np.array(llm.scores[: len(ids)], dtype=np.float32)
-
-
-def mean_nll(logits: np.ndarray, ids: list[int]) -> tuple[float, int]:
-    """(summed NLL in nats, tokens) of ids[1:] given logits rows [:-1].
-
-    Works in the logits' float32 (a vocabulary-wide float64 copy per position costs more
-    than the engines' forward passes); sums are float64.
-    """
-    import numpy as np
-
-    z = logits[:-1]
-    top = z.max(axis=1)
-    e = z - top[:, None]
-    np.exp(e, out=e)
-    lse = np.log(e.sum(axis=1, dtype=np.float64)) + top
-    tgt = np.asarray(ids[1:])
-    nll = lse - z[np.arange(len(tgt)), tgt]
-    return float(nll.sum(dtype=np.float64)), len(tgt)
-
-
-@dataclass
-class Moments:
-    """Count, means and centred co-moments of two series, fed a piece at a time: a
-    correlation over every position × vocabulary entry without concatenating them."""
-
-    n: int = 0
-    mx: float = 0.0
-    my: float = 0.0
-    sxx: float = 0.0
-    syy: float = 0.0
-    sxy: float = 0.0
-
-    def add(self, x: np.ndarray, y: np.ndarray) -> None:
-        """Merge a piece (Chan et al.'s pairwise update: each piece centred on its own mean)."""
-        import numpy as np
-
-        x, y = x.ravel(), y.ravel()
-        k = x.size
-        if k == 0:
-            return
-        ax, ay = float(x.mean(dtype=np.float64)), float(y.mean(dtype=np.float64))
-        cx, cy = x - np.float32(ax), y - np.float32(ay)
-        n = self.n + k
-        dx, dy = ax - self.mx, ay - self.my
-        self.sxx += float(cx @ cx) + dx * dx * self.n * k / n
-        self.syy += float(cy @ cy) + dy * dy * self.n * k / n
-        self.sxy += float(cx @ cy) + dx * dy * self.n * k / n
-        self.mx += dx * k / n
-        self.my += dy * k / n
-        self.n = n
-
-    def sums_of_squares(self) -> tuple[float, float]:
-        """Σx² and Σy² (uncentred), from the centred moments and the means."""
-        return self.sxx + self.n * self.mx * self.mx, self.syy + self.n * self.my * self.my
-
-    def correlation(self) -> float:
-        """Pearson correlation; nan when either series is constant."""
-        den = math.sqrt(self.sxx * self.syy)
-        return self.sxy / den if den > 0 else float("nan")
-
-
-def pearson(x: np.ndarray, y: np.ndarray) -> float:
-    """Pearson correlation of two flattened arrays; nan when either is constant."""
-    m = Moments()
-    m.add(x, y)
-    return m.correlation()
-
-
 @dataclass
 class BaseSide:
     """The base model on the check's texts in both engines: the same for every export of
@@ -223,7 +91,7 @@ class BaseSide:
     nll_trainer: float
 
 
-def base_side(backend: Any, base_gguf: Path, texts: list[str]) -> BaseSide:
+def base_side(backend: Backend, base_gguf: Path, texts: list[str]) -> BaseSide:
     """Tokenize ``texts`` with the trainer and run the base in both engines (adapter off)."""
     import numpy as np
 
@@ -234,7 +102,7 @@ def base_side(backend: Any, base_gguf: Path, texts: list[str]) -> BaseSide:
     texts, ids_list = [t for t, _ in pairs], [ids for _, ids in pairs]  # kept aligned
     if not ids_list:
         raise FidelityError("held-out texts are too short to score (need 2+ tokens)")
-    llm = _llama(base_gguf, None, max(len(ids) for ids in ids_list) + 8)
+    llm = open_llama(base_gguf, None, max(len(ids) for ids in ids_list) + 8)
     try:
         backend.set_adapter_enabled(False)
         trainer = [np.asarray(backend.logits(text), dtype=np.float32) for text in texts]
@@ -254,35 +122,30 @@ def base_side(backend: Any, base_gguf: Path, texts: list[str]) -> BaseSide:
 
 
 def compare_engines(
-    backend: Any,
+    backend: Backend,
     exported: Path,
     base_gguf: Path,
-    texts: list[str],
+    base: BaseSide,
     min_corr: float = 0.95,
     loss_tolerance: float = 0.25,
     min_gain: float | None = None,
-    base: BaseSide | None = None,
 ) -> FidelityResult:
     """Fidelity check given a trainer back end that already has the adapter loaded.
 
-    ``exported`` is a GGUF LoRA adapter for ``base_gguf`` or a fused model made from it.
-    ``base``: the base side from an earlier check of the same adapter on the same texts
-    (computed here when None).
+    ``exported`` is a GGUF LoRA adapter for ``base_gguf`` or a fused model made from it;
+    ``base`` is the base model's side on the check's texts (:func:`base_side`).
 
-    ``backend`` follows ``forged.worker.train``'s Backend protocol (``input_ids``,
-    ``logits``, ``set_adapter_enabled``); it decides the token ids, and llama.cpp is
-    fed exactly those, so tokenizer differences cannot blur the comparison.
+    ``backend`` decides the token ids, and llama.cpp is fed exactly those, so tokenizer
+    differences cannot blur the comparison.
     """
     import time
 
     import numpy as np
 
     t0 = time.monotonic()
-    if base is None:
-        base = base_side(backend, base_gguf, texts)
-    ada_llm = _adapted_llama(exported, base_gguf, max(len(ids) for ids in base.ids) + 8)
+    ada_llm = adapted_llama(exported, base_gguf, max(len(ids) for ids in base.ids) + 8)
     moments = Moments()
-    sums = {"bl": base.nll_llama, "bt": base.nll_trainer, "al": 0.0, "at": 0.0}
+    nll_llama = nll_trainer = 0.0
     n_tok = agree = 0
     try:
         backend.set_adapter_enabled(True)
@@ -290,59 +153,25 @@ def compare_engines(
             al = llama_logits(ada_llm, ids)
             at = np.asarray(backend.logits(text), dtype=np.float32)
             moments.add(al - bl, at - bt)
-            sums["al"] += mean_nll(al, ids)[0]
-            sums["at"] += mean_nll(at, ids)[0]
+            nll_llama += mean_nll(al, ids)[0]
+            nll_trainer += mean_nll(at, ids)[0]
             n_tok += len(ids) - 1
             agree += int((al.argmax(1) == at.argmax(1)).sum())
     finally:
         del ada_llm
 
-    corr = moments.correlation()
+    per_tok = 1 / max(n_tok, 1)
     sq_llama, sq_train = moments.sums_of_squares()
     norm_t = math.sqrt(sq_train)
-    ratio = math.sqrt(sq_llama) / norm_t if norm_t > 0 else float("nan")
-    loss = {k: v / max(n_tok, 1) for k, v in sums.items()}
-    gain_llama = loss["bl"] - loss["al"]
-    gain_train = loss["bt"] - loss["at"]
-    allowed = max(loss_tolerance * abs(gain_train), ABS_LOSS_FLOOR)
-    kept = gain_llama / gain_train if gain_train > 0 else None
-    # The share kept is only meaningful for a gain above the noise floor; where it is
-    # checked it replaces the lower side of the tolerance.
-    by_share = min_gain is not None and gain_train > ABS_LOSS_FLOOR
-    short = by_share and kept is not None and kept < (min_gain or 0.0)
-
-    if norm_t == 0:
-        passed, reason = False, "the adapter changes nothing in the trainer (all-zero delta): nothing to verify"
-    elif not math.isfinite(corr) or corr < min_corr:
-        passed = False
-        reason = (
-            f"adapter effect differs between llama.cpp and the trainer: correlation {corr:.3f} < {min_corr} "
-            f"(delta size ratio {ratio:.2f}) — wrong tensor layout or scale in the export"
-        )
-    elif short:
-        passed = False
-        reason = (
-            f"llama.cpp keeps {kept:.0%} of the trainer's held-out loss gain ({gain_llama:+.4f} vs "
-            f"{gain_train:+.4f} nats/token), below fidelity_min_gain {min_gain:.0%}"
-        )
-    elif gain_llama - gain_train > allowed or (not by_share and gain_train - gain_llama > allowed):
-        passed = False
-        reason = (
-            f"held-out loss gain in llama.cpp {gain_llama:+.4f} nats/token vs trainer {gain_train:+.4f} "
-            f"(allowed difference {allowed:.4f})"
-        )
-    else:
-        passed = True
-        reason = (
-            f"ok: correlation {corr:.3f}, loss gain llama.cpp {gain_llama:+.4f} vs trainer {gain_train:+.4f} "
-            "nats/token"
-        )
+    gains = _Gains(llama=(base.nll_llama - nll_llama) * per_tok, trainer=(base.nll_trainer - nll_trainer) * per_tok)
+    corr, ratio = moments.correlation(), (math.sqrt(sq_llama) / norm_t if norm_t > 0 else float("nan"))
+    passed, reason = _verdict(corr, ratio, norm_t == 0, gains, min_corr, loss_tolerance, min_gain)
     return FidelityResult(
         correlation=corr,
-        loss_base_llama=loss["bl"],
-        loss_adapter_llama=loss["al"],
-        loss_base_trainer=loss["bt"],
-        loss_adapter_trainer=loss["at"],
+        loss_base_llama=base.nll_llama * per_tok,
+        loss_adapter_llama=nll_llama * per_tok,
+        loss_base_trainer=base.nll_trainer * per_tok,
+        loss_adapter_trainer=nll_trainer * per_tok,
         passed=passed,
         reason=reason,
         n_texts=len(base.ids),
@@ -350,8 +179,42 @@ def compare_engines(
         top1_agree_adapter=agree / max(n_tok + len(base.ids), 1),
         delta_norm_ratio=ratio,
         seconds=time.monotonic() - t0,
-        gain_kept=kept,
+        gain_kept=gains.kept,
     )
+
+
+@dataclass(frozen=True)
+class _Gains:
+    """The adapter's held-out loss gain (nats/token, base − adapter) in each engine."""
+
+    llama: float
+    trainer: float
+
+    @property
+    def kept(self) -> float | None:
+        return self.llama / self.trainer if self.trainer > 0 else None
+
+
+def _verdict(corr: float, ratio: float, no_delta: bool, gains: _Gains, min_corr: float,
+             loss_tolerance: float, min_gain: float | None) -> tuple[bool, str]:
+    """Whether the two engines agree on the adapter's effect, and the one-line reason."""
+    g_l, g_t, kept = gains.llama, gains.trainer, gains.kept
+    allowed = max(loss_tolerance * abs(g_t), ABS_LOSS_FLOOR)
+    # The share kept is only meaningful for a gain above the noise floor; where it is
+    # checked it replaces the lower side of the tolerance.
+    by_share = min_gain is not None and g_t > ABS_LOSS_FLOOR
+    if no_delta:
+        return False, "the adapter changes nothing in the trainer (all-zero delta): nothing to verify"
+    if not math.isfinite(corr) or corr < min_corr:
+        return False, (f"adapter effect differs between llama.cpp and the trainer: correlation {corr:.3f} < "
+                       f"{min_corr} (delta size ratio {ratio:.2f}) — wrong tensor layout or scale in the export")
+    if by_share and kept is not None and kept < (min_gain or 0.0):
+        return False, (f"llama.cpp keeps {kept:.0%} of the trainer's held-out loss gain ({g_l:+.4f} vs "
+                       f"{g_t:+.4f} nats/token), below fidelity_min_gain {min_gain:.0%}")
+    if g_l - g_t > allowed or (not by_share and g_t - g_l > allowed):
+        return False, (f"held-out loss gain in llama.cpp {g_l:+.4f} nats/token vs trainer {g_t:+.4f} "
+                       f"(allowed difference {allowed:.4f})")
+    return True, f"ok: correlation {corr:.3f}, loss gain llama.cpp {g_l:+.4f} vs trainer {g_t:+.4f} nats/token"
 
 
 def _qk_only_gguf(src: Path, dst: Path) -> int:
@@ -430,8 +293,7 @@ def _load_and_compare(
     try:
         if memo.side is None:
             memo.side = base_side(backend, base_gguf, texts)
-        return compare_engines(backend, exported, base_gguf, texts, min_corr, loss_tolerance, min_gain,
-                               base=memo.side)
+        return compare_engines(backend, exported, base_gguf, memo.side, min_corr, loss_tolerance, min_gain)
     finally:
         del backend
         gc.collect()

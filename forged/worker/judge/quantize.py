@@ -20,7 +20,7 @@ from pathlib import Path
 
 from forged.common.gguf import GGUFHeader
 from forged.worker.judge.export import ExportError, read_gguf_header
-from forged.worker.judge.fidelity import quiet_stderr
+from forged.worker.judge.llama_engine import quiet_stderr
 
 LADDER = ("q4_K_M", "q8_0", "f16")  # the fidelity check steps up this list
 BITS = {"q4_K_M": 4.89, "q8_0": 8.5, "f16": 16.0}  # bits per weight, llama.cpp's quantize README
