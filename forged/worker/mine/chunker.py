@@ -516,63 +516,67 @@ class _Chunker:
     def plan(self, atoms: list[tuple]) -> list[_Piece]:
         """Cut the flat atoms into chunks within the budget: fewest chunks that are not a
         run of complete units of one container, then fewest chunks (a dynamic program)."""
-        fits = self.budget
-        n = len(atoms)
-        if not n:
+        if not atoms:
             return []
-        gi = self.glued
-        if gi:
-            # Glue each run of glued atoms onto the atom after it, packed from that atom
-            # backwards while it fits: a header goes with its `{`, a doc comment with what
-            # it documents. A run of atoms in file order has the common scope of its first
-            # and last (scopes are paths in the syntax tree).
-            out: list[tuple] = []
-            prev = 0
-            ng = len(gi)
-            x = 0
-            while x < ng:
-                p = q = gi[x]
+        if self.glued:
+            atoms = self._glue(atoms)
+        return self._pieces(atoms, self._cuts(atoms))
+
+    def _glue(self, atoms: list[tuple]) -> list[tuple]:
+        """Glue each run of glued atoms onto the atom after it, packed from that atom
+        backwards while it fits: a header goes with its `{`, a doc comment with what it
+        documents. A run of atoms in file order has the common scope of its first and
+        last (scopes are paths in the syntax tree)."""
+        fits, n, gi = self.budget, len(atoms), self.glued
+        out: list[tuple] = []
+        prev = 0
+        ng = len(gi)
+        x = 0
+        while x < ng:
+            p = q = gi[x]
+            x += 1
+            while x < ng and gi[x] == q + 1:
+                q += 1
                 x += 1
-                while x < ng and gi[x] == q + 1:
-                    q += 1
-                    x += 1
-                t = q + 1 if q + 1 < n else q
-                out.extend(atoms[prev:p])
-                if p == q and t > q:  # one atom, the common case: a doc comment
-                    a, b = atoms[p], atoms[t]
-                    if b[5] - a[4] <= fits:
-                        out.append((a[0], b[1], a[2] if a[2] is b[2] else _common(a[2], b[2]),
-                                    a[3] if a[3] == b[3] else -1, a[4], b[5]))
-                    else:
-                        out.append(a)
-                        out.append(b)
-                    prev = t + 1
-                    continue
-                groups = []
-                last = atoms[t]
-                ge, key = t, last[3]
-                for m in range(t - 1, p - 1, -1):
-                    a = atoms[m]
-                    if last[5] - a[4] > fits:
-                        groups.append((m + 1, ge, key))
-                        last, ge, key = a, m, a[3]
-                    elif a[3] != key:
-                        key = -1
-                groups.append((p, ge, key))
-                for gs, ge, key in reversed(groups):
-                    if gs == ge:
-                        out.append(atoms[gs])
-                    else:
-                        a, b = atoms[gs], atoms[ge]
-                        out.append((a[0], b[1], a[2] if a[2] is b[2] else _common(a[2], b[2]),
-                                    key, a[4], b[5]))
+            t = q + 1 if q + 1 < n else q
+            out.extend(atoms[prev:p])
+            if p == q and t > q:  # one atom, the common case: a doc comment
+                a, b = atoms[p], atoms[t]
+                if b[5] - a[4] <= fits:
+                    out.append((a[0], b[1], a[2] if a[2] is b[2] else _common(a[2], b[2]),
+                                a[3] if a[3] == b[3] else -1, a[4], b[5]))
+                else:
+                    out.append(a)
+                    out.append(b)
                 prev = t + 1
-            out.extend(atoms[prev:])
-            atoms = out
-            n = len(atoms)
-        # best[i]: cost of atoms i.. (a chunk is 1, a chunk that cannot parse 1 + FAIL_WEIGHT);
-        # nxt[i]: the last atom of the chunk starting at i. best only grows towards the
-        # start, so of the chunks starting at i only two can be best: the longest that fits,
+                continue
+            groups = []
+            last = atoms[t]
+            ge, key = t, last[3]
+            for m in range(t - 1, p - 1, -1):
+                a = atoms[m]
+                if last[5] - a[4] > fits:
+                    groups.append((m + 1, ge, key))
+                    last, ge, key = a, m, a[3]
+                elif a[3] != key:
+                    key = -1
+            groups.append((p, ge, key))
+            for gs, ge, key in reversed(groups):
+                if gs == ge:
+                    out.append(atoms[gs])
+                else:
+                    a, b = atoms[gs], atoms[ge]
+                    out.append((a[0], b[1], a[2] if a[2] is b[2] else _common(a[2], b[2]),
+                                key, a[4], b[5]))
+            prev = t + 1
+        out.extend(atoms[prev:])
+        return out
+
+    def _cuts(self, atoms: list[tuple]) -> list[int]:
+        """nxt[i]: the last atom of the best chunk that starts at atom i."""
+        fits, n = self.budget, len(atoms)
+        # best[i]: cost of atoms i.. (a chunk is 1, a chunk that cannot parse 1 + FAIL_WEIGHT).
+        # best only grows towards the start, so of the chunks starting at i only two can be best: the longest that fits,
         # and the longest run of complete units of i's container that fits.
         fail = 1 + FAIL_WEIGHT
         best = [0] * (n + 1)
@@ -607,6 +611,11 @@ class _Chunker:
                     best[i] = best[j + 1] + 1
                     nxt[i] = j
             rkey = k
+        return nxt
+
+    def _pieces(self, atoms: list[tuple], nxt: list[int]) -> list[_Piece]:
+        """The chunks from atom i to nxt[i], each with the names it defines."""
+        n = len(atoms)
         pieces: list[_Piece] = []
         add = pieces.append
         named = self.named
