@@ -213,7 +213,7 @@ class _Ctx:
     def akey(self, lang: str, blob: str) -> str:
         return f"{self.rep.chunker_version}:{self.budget}:{lang}:{blob}"
 
-    def facts(self, path: str) -> tuple[str | None, str, float, int]:
+    def facts(self, path: str) -> remine.Facts:
         """A path's name checks: skip reason, language, split and shard hashes. Remembered
         in the index: with 10,000 files they cost more than the rest of a full re-mine."""
         paths = self.store.index.paths
@@ -223,11 +223,11 @@ class _Ctx:
             pi = paths[path] = (reason, filters.language_of(path) or "" if reason is None
                                 else "", _split_hash(path), _shard_hash(path))
             self.store.dirty = True
-        return pi
+        return remine.Facts(*pi)
 
-    def reason(self, e: gitio.Entry, pi: tuple) -> str | None:
+    def reason(self, e: gitio.Entry, pi: remine.Facts) -> str | None:
         """Why an entry is not read at all (its name, or its size), else None."""
-        return pi[0] or ("too_large" if e.size > self.cfg.max_file_bytes else None)
+        return pi.reason or ("too_large" if e.size > self.cfg.max_file_bytes else None)
 
     def analyses(self, want: dict[str, tuple[gitio.Entry, str]]) -> None:
         """Load, or parse, the analyses in ``want`` not loaded yet; note their facts."""
@@ -451,14 +451,14 @@ def _mine(ctx: _Ctx, out_dir: Path, sha: str, changes: dict[str, str | None] | N
     rep.files_total = len(entries) + sum(specials.values())
     idx = store.index
     tot = _Totals(skipped=Counter(specials))
-    todo: list[tuple[gitio.Entry, str, str, tuple]] = []  # entry, lang, analysis key, path facts
+    todo: list[tuple[gitio.Entry, str, str, remine.Facts]] = []  # entry, lang, analysis key, path facts
     for e in entries:
         pi = ctx.facts(e.path)
         reason = ctx.reason(e, pi)
         if reason:
             tot.entry(reason, None)
             continue
-        todo.append((e, pi[1], ctx.akey(pi[1], e.blob), pi))
+        todo.append((e, pi.lang, ctx.akey(pi.lang, e.blob), pi))
     ctx.total = len(todo)
     stage("enumerate")
 
@@ -481,13 +481,13 @@ def _mine(ctx: _Ctx, out_dir: Path, sha: str, changes: dict[str, str | None] | N
     for e, lang, akey, pi in todo:
         if not tot.entry(None, info[akey]):
             continue
-        valid = frac > 0 and (pi[2] < frac or e.path in heldout)
+        valid = frac > 0 and (pi.split_hash < frac or e.path in heldout)
         files.append(_File(e, lang, akey, "valid" if valid else "train",
-                           changed is None or e.path in changed, pi[3]))
+                           changed is None or e.path in changed, pi.shard))
     # mlx-lm refuses an empty validation set: hold out at least one file, and remember
     # it, so the split never moves (held-out code must never become training data).
     if frac > 0 and len(files) >= 2 and all(f.split == "train" for f in files):
-        pick = min(files, key=lambda f: idx.paths[f.path][2])
+        pick = min(files, key=lambda f: ctx.facts(f.path).split_hash)
         pick.split = "valid"
         cache.add_heldout(rep.repo, [pick.path])
         heldout.add(pick.path)

@@ -190,7 +190,7 @@ def _take_out(p: _Patch, order: list[str]) -> dict[str, str]:
         i = saved.find(path)
         if i == len(saved.paths) or saved.paths[i] != path:
             continue
-        facts = Facts(*ctx.facts(path))
+        facts = ctx.facts(path)
         reason = ctx.reason(gitio.Entry(path, saved.blobs[i], saved.sizes[i]), facts)
         akey = "" if reason else ctx.akey(facts.lang, saved.blobs[i])
         if akey and akey not in info:
@@ -227,7 +227,7 @@ def _put_back(p: _Patch, order: list[str], heldout: set[str]) -> list[tuple[int,
         if blob is None:
             continue
         e = gitio.Entry(path, blob, sizes_of[blob])
-        facts = Facts(*ctx.facts(path))
+        facts = ctx.facts(path)
         reason = ctx.reason(e, facts)
         akey = "" if reason else ctx.akey(facts.lang, blob)
         inf = info.get(akey) if akey else None
@@ -310,7 +310,7 @@ def _raft(p: _Patch, files: list[tuple[int, ds._File]], old_akeys: dict[str, str
     every = []
     for i, path in enumerate(saved.paths):
         if saved.rows[i].split >= 0:
-            facts = Facts(*ctx.facts(path))
+            facts = ctx.facts(path)
             every.append(ds._File(gitio.Entry(path, saved.blobs[i], saved.sizes[i]), facts.lang,
                                   ctx.akey(facts.lang, saved.blobs[i]), "valid" if saved.rows[i].split else "train",
                                   path in p.changes, facts.shard))
