@@ -470,6 +470,23 @@ class _Doc:
         return head + "\n".join(code[a:b]) + "\n", budget - left
 
 
+def _distractors(q: _Question, hits: list[int], oracle_n: int, files: list[MinedFile], rendered: list[str],
+                 want: int, rng: random.Random) -> list[int]:
+    """Up to ``want`` distractor documents for ``q``: its BM25 hits first (hard negatives);
+    when they run out (tiny or repetitive repos), random chunks. Held-out code never
+    enters a training example, and no distractor holds the answer."""
+    out: list[int] = []
+    for n in _then_random(hits, len(files), rng):
+        if n in out or n == oracle_n or (q.file.split == "train" and files[n].split != "train"):
+            continue
+        if q.quote in rendered[n]:
+            continue
+        out.append(n)
+        if len(out) == want:
+            break
+    return out
+
+
 def raft(files: list[MinedFile], weight: float, k: int, p_oracle: float, seed: int,
          questions: list[_Question] | None = None, context_tokens: int = 0) -> list[Example]:
     """Symbol questions in RAFT form, with BM25 hard-negative distractors from ``files``.
@@ -488,6 +505,7 @@ def raft(files: list[MinedFile], weight: float, k: int, p_oracle: float, seed: i
         (f, i) for f in files for i in range(len(f.analysis.chunks))]
     index = {(id(f), i): n for n, (f, i) in enumerate(corpus)}
     docs_of = [_Doc(f.analysis.chunks[i]) for f, i in corpus]
+    doc_files = [f for f, _ in corpus]
     system_tokens = _est_tokens(RAFT_SYSTEM)
     rendered = [d.full for d in docs_of]
     retriever = CodeIndex(rendered)
@@ -503,21 +521,7 @@ def raft(files: list[MinedFile], weight: float, k: int, p_oracle: float, seed: i
     for (q, j), row in zip(jobs, hits, strict=True):
         rng = rng_for(seed, "raft-doc", q.file.blob, q.key, j)
         oracle_n = index[(id(q.file), q.chunk_index)]
-        distractors: list[int] = []
-        # Hard negatives first; when they run out (tiny or repetitive repos), random chunks.
-        order = row
-        for n in _then_random(order, len(corpus), rng):
-            if n in distractors:
-                continue
-            f, _i = corpus[n]
-            # Held-out code never enters a training example; no distractor holds the answer.
-            if n == oracle_n or (q.file.split == "train" and f.split != "train"):
-                continue
-            if q.quote in rendered[n]:
-                continue
-            distractors.append(n)
-            if len(distractors) == k + 1:
-                break
+        distractors = _distractors(q, row, oracle_n, doc_files, rendered, k + 1, rng)
         keep = rng.random() < p_oracle
         answer = (f"{q.reason}: {BEGIN_QUOTE}{q.quote}{END_QUOTE}\n"
                   f"{ANSWER} {q.answer}")
