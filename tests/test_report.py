@@ -155,6 +155,23 @@ def test_delta_chart_labels_fit_and_axis_numbers_do_not_overprint() -> None:
     assert len(axis) == 2 and axis[1] - axis[0] >= TICK_ROOM
 
 
+def test_delta_chart_gives_each_unit_its_own_axis() -> None:
+    # The demo's shape: QA 0/3 → 3/3 (+100 points) beside bits/byte −14%: on one shared axis
+    # the bits/byte interval would shrink to a few pixels.
+    lines = [MetricLine("bpb", "bpb", "ratio", 1.30, 1.12, -0.18, -0.20, -0.16, 24),
+             MetricLine("raft_acc_oracle", "QA", "share", 0.0, 1.0, 1.0, 1.0, 1.0, 3)]
+    svg = svg_deltas(lines, width=760)
+    bars = [(float(a), float(b)) for a, b in re.findall(
+        r'<line x1="([\d.]+)" y1="[\d.]+" x2="([\d.]+)" y2="[\d.]+" stroke="#\w+" stroke-width="3"/>', svg)]
+    assert len(bars) == 2
+    bpb_bar, qa_bar = bars
+    assert bpb_bar[1] - bpb_bar[0] > 40  # its own scale: the interval is drawn wide enough to read
+    zeros = [x for x, _, t in _texts(svg) if t == "0"]
+    assert len(zeros) == 2  # one zero line per axis
+    captions = [t for _, _, t in _texts(svg) if "percentage points" in t or "% of the reference" in t]
+    assert len(captions) == 2
+
+
 def test_the_loss_chart_draws_a_moving_average_under_the_noise() -> None:
     noisy = [(float(i), 2.0 + (0.8 if i % 2 else -0.8) - i / 100) for i in range(1, 41)]
     trend = moving_average(noisy)

@@ -32,6 +32,20 @@ MINUS = "−"
 
 
 @dataclass(frozen=True)
+class Change:
+    """A paired change as shown: the point value and its 95% interval, in ``unit``."""
+
+    value: float
+    lo: float
+    hi: float
+    unit: str  # "%" of the reference, or " pts"
+
+    @property
+    def finite(self) -> bool:
+        return all(map(math.isfinite, (self.value, self.lo, self.hi)))
+
+
+@dataclass(frozen=True)
 class MetricLine:
     """One metric of a judged cycle: reference → candidate, the paired difference's interval."""
 
@@ -50,10 +64,10 @@ class MetricLine:
     def lower_is_better(self) -> bool:
         return self.unit == "ratio"
 
-    def change(self) -> tuple[float, float, float, str] | None:
-        """(diff, lo, hi, unit) for display: a rate's change in percentage points, a ratio's
-        relative to the reference's mean (the difference's interval over a fixed denominator:
-        the reference's own noise is in the paired difference already); None without an interval."""
+    def change(self) -> Change | None:
+        """The change for display: a rate's in percentage points, a ratio's relative to the
+        reference's mean (the difference's interval over a fixed denominator: the reference's
+        own noise is in the paired difference already); None without an interval."""
         if self.diff is None or self.lo is None or self.hi is None:
             return None
         if self.unit == "share":
@@ -61,15 +75,14 @@ class MetricLine:
         else:
             denominator = self.paired_reference or self.reference
             scale, suffix = (100.0 / denominator if denominator else math.nan), "%"
-        return self.diff * scale, self.lo * scale, self.hi * scale, suffix
+        return Change(self.diff * scale, self.lo * scale, self.hi * scale, suffix)
 
     def verdict(self) -> int:
         """+1 better, −1 worse (the whole interval on one side of zero), 0 within noise or unknown."""
         c = self.change()
-        if c is None or not (c[1] > 0 or c[2] < 0):
+        if c is None or not (c.lo > 0 or c.hi < 0):
             return 0
-        up = c[1] > 0
-        return 1 if up != self.lower_is_better else -1
+        return 1 if (c.lo > 0) != self.lower_is_better else -1
 
     def text(self) -> str:
         """E.g. ``FIM-middle bpb 1.80→1.54 (−14.5%, 95% CI −15.7…−13.4%, n=276)``."""
@@ -81,8 +94,7 @@ class MetricLine:
         c = self.change()
         if c is None:
             return f"{head} ({n}, no interval stored)"
-        diff, lo, hi, suffix = c
-        return f"{head} ({_signed(diff)}{suffix}, 95% CI {_signed(lo)}…{_signed(hi)}{suffix}, {n})"
+        return f"{head} ({_signed(c.value)}{c.unit}, 95% CI {_signed(c.lo)}…{_signed(c.hi)}{c.unit}, {n})"
 
 
 def paired_line(key: str, label: str, unit: str, d: Any, reference: Any = None, candidate: Any = None,

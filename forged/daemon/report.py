@@ -20,7 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from forged.common.judged import MetricLine, finite_number, judge_text, metric_lines, paired_line
+from forged.common.judged import (
+    Change,
+    MetricLine,
+    finite_number,
+    judge_text,
+    metric_lines,
+    paired_line,
+)
 
 BLUE, ORANGE, GREEN, RED, GREY = "#2563eb", "#ea580c", "#16a34a", "#dc2626", "#6b7280"
 # Wide fonts (DejaVu Sans, the Linux fallback for system-ui) average about 0.6 em a character.
@@ -110,37 +117,55 @@ def _text_width(labels: list[str], most: int) -> int:
     return min(max(120, round(CHAR_PX * max(map(len, labels), default=0)) + 16), most)
 
 
+UNIT_AXES = {"%": "bits per byte: change in % of the reference", " pts": "rates: change in percentage points"}
+
+
 def svg_deltas(lines: list[MetricLine], width: int = 760) -> str:
-    """Each metric's paired change, candidate − reference, as a dot on its 95% interval bar
-    (ratios in % of the reference, rates in percentage points), n in the label."""
-    rows = [(m, c) for m in lines if (c := m.change()) is not None and all(map(math.isfinite, c[:3]))]
+    """Each metric's paired change, candidate − reference, as a dot on its 95% interval bar,
+    n in the label. One axis per unit (ratios in % of the reference, rates in percentage
+    points): a +100-point accuracy change must not squash a −14% bits/byte one to a dot."""
+    rows = [(m, c) for m in lines if (c := m.change()) is not None and c.finite]
     if not rows:
         return "<p>No paired differences recorded.</p>"
-    labels = [f"{m.label} (n={m.n if m.n is not None else '?'})" for m, _ in rows]
-    left, right, row_h = _text_width(labels, width // 2), 170, 24
-    lo = min(0.0, *(c[1] for _, c in rows))
-    hi = max(0.0, *(c[2] for _, c in rows))
+    labels = {m.key: f"{m.label} (n={m.n if m.n is not None else '?'})" for m, _ in rows}
+    left, right = _text_width(list(labels.values()), width // 2), 170
+    body: list[str] = []
+    y = 0
+    for unit in dict.fromkeys(c.unit for _, c in rows):
+        group = [(m, c) for m, c in rows if c.unit == unit]
+        part, y = _delta_axis(group, labels, UNIT_AXES.get(unit, unit.strip()), y, left, width - right)
+        body += part
+    return _svg(width, y, "metric changes with 95% intervals", body)
+
+
+def _delta_axis(rows: list[tuple[MetricLine, Change]], labels: dict[str, str], caption: str, top: int,
+                left: int, right: int) -> tuple[list[str], int]:
+    """One unit's rows on their own axis, from ``top``; returns the SVG parts and the next top."""
+    row_h = 24
+    lo = min(0.0, *(c.lo for _, c in rows))
+    hi = max(0.0, *(c.hi for _, c in rows))
     pad = (hi - lo) * 0.05 or 1.0
     lo, hi = lo - pad, hi + pad
-    span = width - left - right
 
     def x(v: float) -> float:
-        return left + (v - lo) / (hi - lo) * span
+        return left + (v - lo) / (hi - lo) * (right - left)
 
-    height = 30 + row_h * len(rows)
-    body = [f'<line x1="{x(0):.1f}" y1="8" x2="{x(0):.1f}" y2="{height - 14}" stroke="#9ca3af"/>',
-            _t(x(0), height - 2, "0", "middle", GREY)]
+    first = top + 34
+    bottom = first + row_h * (len(rows) - 1) + 12
+    body = [_t(left, top + 14, caption, fill=GREY),
+            f'<line x1="{x(0):.1f}" y1="{first - 12}" x2="{x(0):.1f}" y2="{bottom}" stroke="#9ca3af"/>',
+            _t(x(0), bottom + 12, "0", "middle", GREY)]
     # An end of the axis that is only the padding beside 0 gets no number: it would print over the 0.
-    body += [_t(x(v), height - 2, f"{v:+.1f}", anchor, GREY)
+    body += [_t(x(v), bottom + 12, f"{v:+.1f}", anchor, GREY)
              for v, anchor in ((lo, "start"), (hi, "end")) if abs(x(v) - x(0)) >= TICK_ROOM]
-    for i, (m, (d, a, b, unit)) in enumerate(rows):
-        y = 20 + i * row_h
+    for i, (m, c) in enumerate(rows):
+        y = first + i * row_h
         color = {1: GREEN, -1: RED, 0: GREY}[m.verdict()]
-        body += [_t(left - 8, y + 4, labels[i], "end"),
-                 f'<line x1="{x(a):.1f}" y1="{y}" x2="{x(b):.1f}" y2="{y}" stroke="{color}" stroke-width="3"/>',
-                 f'<circle cx="{x(d):.1f}" cy="{y}" r="4.5" fill="{color}"/>',
-                 _t(width - right + 8, y + 4, f"{d:+.1f}{unit} [{a:+.1f}, {b:+.1f}]")]
-    return _svg(width, height, "metric changes with 95% intervals", body)
+        body += [_t(left - 8, y + 4, labels[m.key], "end"),
+                 f'<line x1="{x(c.lo):.1f}" y1="{y}" x2="{x(c.hi):.1f}" y2="{y}" stroke="{color}" stroke-width="3"/>',
+                 f'<circle cx="{x(c.value):.1f}" cy="{y}" r="4.5" fill="{color}"/>',
+                 _t(right + 8, y + 4, f"{c.value:+.1f}{c.unit} [{c.lo:+.1f}, {c.hi:+.1f}]")]
+    return body, bottom + 22
 
 
 def _point(i: int, p: Any) -> tuple[float, float] | None:
@@ -276,7 +301,7 @@ def _changes(d: ReportData) -> list[str]:
     return [f"<h2>What changed (candidate − {ref})</h2>",
             "<p>Each dot is the paired difference over the same held-out examples, its bar the 95% "
             "bootstrap interval; green: better beyond noise, red: worse beyond noise, grey: within noise. "
-            "Bits per byte in % of the reference, rates in percentage points.</p>",
+            "Bits per byte change in % of the reference, rates in percentage points, each on its own axis.</p>",
             svg_deltas(lines), "<ul>" + "".join(f"<li>{_text(t)}</li>" for t in judge_text(d.judge)) + "</ul>"]
 
 
