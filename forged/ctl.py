@@ -12,7 +12,7 @@ import shutil
 import socket
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -372,77 +372,107 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def run(args: argparse.Namespace, p: paths.Paths) -> int:
-    client = Client(p.socket)
-    if args.cmd == "config":
-        if args.config_cmd == "path":
-            print(p.config_file)
-            return EXIT_OK
-        try:
-            cfg = config.load(p.config_file)
-        except config.ConfigError as e:
-            print(f"forgectl: config error: {e}", file=sys.stderr)
-            return EXIT_ERROR
-        if args.config_cmd == "show":
-            print(json.dumps(config.to_dict(cfg), indent=2))
-        else:
-            print(f"config ok: {p.config_file if p.config_file.exists() else 'no file, all defaults'}")
+def _config(args: argparse.Namespace, p: paths.Paths, client: Client) -> int:
+    if args.config_cmd == "path":
+        print(p.config_file)
         return EXIT_OK
-    if args.cmd == "doctor":
-        return cmd_doctor(p, client)
-    if args.cmd == "logs":
-        return cmd_logs(p, args.follow, args.lines)
-    if args.cmd in ("install", "uninstall"):
-        from forged.daemon import service
+    try:
+        cfg = config.load(p.config_file)
+    except config.ConfigError as e:
+        print(f"forgectl: config error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    if args.config_cmd == "show":
+        print(json.dumps(config.to_dict(cfg), indent=2))
+    else:
+        print(f"config ok: {p.config_file if p.config_file.exists() else 'no file, all defaults'}")
+    return EXIT_OK
 
-        return service.main(args.cmd, dry_run=args.dry_run, p=p)
-    if args.cmd == "watch":
-        return cmd_watch(client)
-    if args.cmd == "status":
-        if args.repo:
-            r = client.call("GET", f"/repos/{args.repo}")
-            print(json.dumps(r, indent=2) if args.json else render_repo(r))
+
+def _service(args: argparse.Namespace, p: paths.Paths, client: Client) -> int:
+    from forged.daemon import service
+
+    return service.main(args.cmd, dry_run=args.dry_run, p=p)
+
+
+def _status(args: argparse.Namespace, p: paths.Paths, client: Client) -> int:
+    if args.repo:
+        r = client.call("GET", f"/repos/{args.repo}")
+        print(json.dumps(r, indent=2) if args.json else render_repo(r))
+    else:
+        st = client.call("GET", "/status")
+        print(json.dumps(st, indent=2) if args.json else render_status(st))
+    return EXIT_OK
+
+
+def _repos(args: argparse.Namespace, p: paths.Paths, client: Client) -> int:
+    if args.repos_cmd == "add":
+        body = {"path": str(Path(args.path).expanduser().resolve()), "name": args.name, "branch": args.branch}
+        res = client.call("POST", "/repos", {k: v for k, v in body.items() if v})
+        print(f"added {res['added']} ({res['path']})")
+    elif args.repos_cmd == "remove":
+        client.call("DELETE", f"/repos/{args.name}")
+        print(f"removed {args.name} (its data and models are kept)")
+    else:
+        res = client.call("GET", "/repos")
+        if args.json:
+            print(json.dumps(res, indent=2))
         else:
-            st = client.call("GET", "/status")
-            print(json.dumps(st, indent=2) if args.json else render_status(st))
-        return EXIT_OK
-    if args.cmd == "repos":
-        if args.repos_cmd == "add":
-            body = {"path": str(Path(args.path).expanduser().resolve()), "name": args.name, "branch": args.branch}
-            res = client.call("POST", "/repos", {k: v for k, v in body.items() if v})
-            print(f"added {res['added']} ({res['path']})")
-        elif args.repos_cmd == "remove":
-            client.call("DELETE", f"/repos/{args.name}")
-            print(f"removed {args.name} (its data and models are kept)")
-        else:
-            res = client.call("GET", "/repos")
-            if args.json:
-                print(json.dumps(res, indent=2))
             for r in res["repos"]:
                 print(f"{r['name']:<20} {r['stage']:<18} {r['path']}")
-        return EXIT_OK
-    if args.cmd == "forge":
-        res = client.call("POST", f"/repos/{args.repo}/forge", {"force": args.force})
-        print(f"{args.repo}: cycle {res['cycle_id']} is {res['stage']}" + (" (gates ignored)" if args.force else ""))
-        return EXIT_OK
-    if args.cmd in ("approve", "reject"):
-        res = client.call("POST", f"/repos/{args.repo}/{args.cmd}")
-        print(json.dumps(res))
-        return EXIT_OK
-    if args.cmd == "rollback":
-        res = client.call("POST", f"/repos/{args.repo}/rollback",
-                          {"version": args.version} if args.version else {})
-        print(f"{args.repo}: :latest is now v{res['live_version']} (was v{res['previous']})")
-        return EXIT_OK
-    if args.cmd in ("pause", "resume"):
-        res = client.call("POST", f"/{args.cmd}")
-        print("paused" if res["paused"] else "resumed")
-        return EXIT_OK
-    if args.cmd == "report":
-        res = client.call("GET", f"/repos/{args.repo}/report")
-        print(res["path"])
-        return EXIT_OK
-    return EXIT_USAGE
+    return EXIT_OK
+
+
+def _forge(args: argparse.Namespace, p: paths.Paths, client: Client) -> int:
+    res = client.call("POST", f"/repos/{args.repo}/forge", {"force": args.force})
+    print(f"{args.repo}: cycle {res['cycle_id']} is {res['stage']}" + (" (gates ignored)" if args.force else ""))
+    return EXIT_OK
+
+
+def _decide(args: argparse.Namespace, p: paths.Paths, client: Client) -> int:
+    print(json.dumps(client.call("POST", f"/repos/{args.repo}/{args.cmd}")))
+    return EXIT_OK
+
+
+def _rollback(args: argparse.Namespace, p: paths.Paths, client: Client) -> int:
+    res = client.call("POST", f"/repos/{args.repo}/rollback", {"version": args.version} if args.version else {})
+    print(f"{args.repo}: :latest is now v{res['live_version']} (was v{res['previous']})")
+    return EXIT_OK
+
+
+def _pause(args: argparse.Namespace, p: paths.Paths, client: Client) -> int:
+    res = client.call("POST", f"/{args.cmd}")
+    print("paused" if res["paused"] else "resumed")
+    return EXIT_OK
+
+
+def _report(args: argparse.Namespace, p: paths.Paths, client: Client) -> int:
+    print(client.call("GET", f"/repos/{args.repo}/report")["path"])
+    return EXIT_OK
+
+
+Command = Callable[[argparse.Namespace, paths.Paths, Client], int]
+COMMANDS: dict[str, Command] = {
+    "config": _config,
+    "doctor": lambda args, p, client: cmd_doctor(p, client),
+    "logs": lambda args, p, client: cmd_logs(p, args.follow, args.lines),
+    "install": _service,
+    "uninstall": _service,
+    "watch": lambda args, p, client: cmd_watch(client),
+    "status": _status,
+    "repos": _repos,
+    "forge": _forge,
+    "approve": _decide,
+    "reject": _decide,
+    "rollback": _rollback,
+    "pause": _pause,
+    "resume": _pause,
+    "report": _report,
+}
+
+
+def run(args: argparse.Namespace, p: paths.Paths) -> int:
+    command = COMMANDS.get(args.cmd)
+    return command(args, p, Client(p.socket)) if command else EXIT_USAGE
 
 
 def main(argv: list[str] | None = None) -> int:

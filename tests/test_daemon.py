@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import plistlib
 import shutil
@@ -39,6 +40,8 @@ def test_status_shape_and_permissions(daemon: DaemonProc, short_tmp: Path) -> No
     # forgectl's table shows it too
     out = daemon.ctl("status")
     assert out.returncode == 0 and "my-repo" in out.stdout
+    listed = daemon.ctl("repos", "list", "--json")  # JSON alone: a script parses it
+    assert listed.returncode == 0 and [r["name"] for r in json.loads(listed.stdout)["repos"]] == ["my-repo"]
 
 
 def test_bad_repo_paths_are_refused_with_clear_errors(daemon: DaemonProc, short_tmp: Path) -> None:
