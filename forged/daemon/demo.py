@@ -50,6 +50,29 @@ name = "{name}"
 RESTING = ("ready_to_publish", "awaiting_approval", "live", "rejected", "failed", "paused")
 
 
+def cycle_summary(status: dict, name: str, elapsed: float) -> str | None:
+    """What the demo prints once ``name``'s first cycle rests (None while it runs): where
+    it ended, the judge's metrics with n and intervals, and what to do next."""
+    (r,) = [x for x in status["repos"] if x["name"] == name]
+    last = r.get("last_cycle") or {}
+    cyc = r.get("cycle") or {}
+    stage = cyc.get("stage") or last.get("stage")
+    if stage not in RESTING:
+        return None
+    lines = [f"forged demo: first cycle ended at '{stage}' after {elapsed:.0f}s"
+             f" ({cyc.get('reason') or last.get('reason') or ''})"]
+    judged = (r.get("pending_approval") or {}).get("judge") or last.get("judge") or []
+    if judged:  # each metric with its n and the paired 95% interval, as status shows it
+        lines += ["what the judge measured on held-out code (candidate vs the live model, or the base on a first cycle):",
+                  *[f"  {line}" for line in judged]]
+    if cyc.get("manual_command"):
+        lines.append("Ollama did not answer; to publish by hand:\n" + cyc["manual_command"])
+    if stage == "awaiting_approval":
+        lines.append(f"approve it with: forgectl approve {name}")
+    lines.append(f"report: forgectl report {name}  ·  the daemon keeps running (Ctrl-C stops it)")
+    return "\n".join(lines)
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="forged demo", description=__doc__.splitlines()[0])
     ap.add_argument("--repo", type=Path, default=paths.checkout_root(), help="repo to forge (default: this checkout)")
@@ -84,30 +107,9 @@ def main(argv: list[str]) -> int:
     print(f"forged demo: cycle {res['cycle_id']} for {name} started; follow it with "
           f"`FORGED_HOME={p.state_dir.parent} .venv/bin/forgectl watch`")
 
-    def summary() -> str | None:
-        st = d.status()
-        (r,) = [x for x in st["repos"] if x["name"] == name]
-        last = r.get("last_cycle") or {}
-        cyc = r.get("cycle") or {}
-        stage = cyc.get("stage") or last.get("stage")
-        if stage not in RESTING:
-            return None
-        lines = [f"forged demo: first cycle ended at '{stage}' after {time.time() - started:.0f}s"
-                 f" ({cyc.get('reason') or last.get('reason') or ''})"]
-        judged = (r.get("pending_approval") or {}).get("judge") or last.get("judge") or []
-        if judged:  # each metric with its n and the paired 95% interval, as status shows it
-            lines += ["what the judge measured on held-out code (candidate vs the live model, or the base on a first cycle):",
-                      *[f"  {line}" for line in judged]]
-        if cyc.get("manual_command"):
-            lines.append("Ollama did not answer; to publish by hand:\n" + cyc["manual_command"])
-        if stage == "awaiting_approval":
-            lines.append(f"approve it with: forgectl approve {name}")
-        lines.append(f"report: forgectl report {name}  ·  the daemon keeps running (Ctrl-C stops it)")
-        return "\n".join(lines)
-
     def follow() -> None:
         while not d.stopping.is_set():
-            text = summary()
+            text = cycle_summary(d.status(), name, time.time() - started)
             if text:
                 print(text, flush=True)
                 if args.exit_after_cycle:
