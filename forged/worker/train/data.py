@@ -187,21 +187,24 @@ def completion_ids(tok: Any, prompt: str, completion: str, specials: set[int] | 
     """(prompt ids, completion ids) of a prompt/completion record: tokenized apart, and
     EOS appended to the completion unless it already ends in a special token (a FIM
     middle ends in its format's stop)."""
-    p = encode(tok, prompt)
-    c = encode(tok, completion)
+    return encode(tok, prompt), _ended(tok, encode(tok, completion), specials)
+
+
+def _ended(tok: Any, c: list[int], specials: set[int] | None) -> list[int]:
+    """Completion ids with EOS appended, unless they already end in a special token."""
     if not c or c[-1] not in (specials if specials is not None else special_ids(tok)):
         c.append(int(tok.eos_token_id))
-    return p, c
+    return c
 
 
-def code_mask(tok: Any, prompt: str, markers: tuple[str, ...]) -> list[bool]:
-    """Loss mask over a FIM prompt's tokens (as :func:`encode` splits it): its prefix and
+def code_mask(tok: Any, prompt: str, markers: tuple[str, ...]) -> tuple[list[int], list[bool]]:
+    """A FIM prompt's ids (as :func:`encode` splits it) and its loss mask: its prefix and
     suffix code, not the format's markers. A model taught to predict the markers writes
     them back as its middle, most of all where they are plain text (the bundled base's
     ``forged-text`` format)."""
     enc = tok(prompt, add_special_tokens=False, return_offsets_mapping=True)
     spans = [(i, i + len(m)) for m in markers if m for i in _find_all(prompt, m)]
-    return [not any(s < b and e > a for a, b in spans) for s, e in enc["offset_mapping"]]
+    return list(enc["input_ids"]), [not any(s < b and e > a for a, b in spans) for s, e in enc["offset_mapping"]]
 
 
 def _find_all(text: str, sub: str) -> Iterator[int]:
@@ -227,11 +230,13 @@ def tokenize_record(tok: Any, rec: Record, start: int, specials: set[int] | None
         ids = encode(tok, rec.data["text"])
         return Example([start, *ids], [False] + [True] * len(ids))
     if rec.kind == "prompt":
-        p, c = completion_ids(tok, rec.data["prompt"], rec.data["completion"], specials)
-        if rec.meta.get("kind") == "fim":
-            on_p = code_mask(tok, rec.data["prompt"], loss.fim_markers) if loss.fim == "all" else [False] * len(p)
+        prompt, fim = rec.data["prompt"], rec.meta.get("kind") == "fim"
+        if fim and loss.fim == "all":
+            p, on_p = code_mask(tok, prompt, loss.fim_markers)
         else:
-            on_p = [loss.prompts == "all"] * len(p)
+            p = encode(tok, prompt)
+            on_p = [not fim and loss.prompts == "all"] * len(p)
+        c = _ended(tok, encode(tok, rec.data["completion"]), specials)
         return Example([start, *p, *c], [False, *on_p, *[True] * len(c)])
     msgs = rec.data["messages"]
     full = tok.apply_chat_template(msgs, tokenize=False)
