@@ -279,6 +279,42 @@ def _commit_exists(repo: Path, sha: str) -> bool:
     return _git(repo, "cat-file", "-e", f"{sha}^{{commit}}", ok=(0, 1, 128))[0] == 0
 
 
+def _count_from(repo: Path, cursor: str | None, head: str, acc: Accounting) -> str | None:
+    """The commit to count from: the cursor, or where the branch left it (``acc`` says why)."""
+    if cursor is None:
+        return None
+    if not _commit_exists(repo, cursor):
+        # The cursor was rewritten away and garbage-collected: nothing to diff against.
+        acc.diverged = True
+        acc.note = f"cursor {cursor[:10]} no longer exists; counting the whole history"
+        return None
+    if _git(repo, "merge-base", "--is-ancestor", cursor, head, ok=(0, 1))[0] != 1:
+        return cursor
+    acc.diverged = True
+    code, out = _git(repo, "merge-base", cursor, head, ok=(0, 1))
+    base = out.decode().strip() if code == 0 else None
+    acc.note = (
+        f"cursor {cursor[:10]} is not an ancestor of {acc.branch or 'HEAD'}; "
+        + (f"counting from merge base {base[:10]}" if base else "no common history, counting all of it")
+    )
+    return base
+
+
+def _due_reasons(acc: Accounting, cfg: ThresholdConfig, cursor_at: float | None, now: float) -> list[str]:
+    """Each threshold the counted changes cross."""
+    reasons = []
+    lines = acc.lines_changed + (acc.uncommitted_lines if cfg.count_uncommitted else 0)
+    if lines >= cfg.min_changed_lines:
+        reasons.append(f"{lines} changed lines >= {cfg.min_changed_lines}")
+    if acc.commits >= cfg.min_commits:
+        reasons.append(f"{acc.commits} commits >= {cfg.min_commits}")
+    if cursor_at is not None and (acc.commits > 0 or lines > 0):
+        age_days = (now - cursor_at) / 86400
+        if age_days >= cfg.max_age_days:
+            reasons.append(f"live model {age_days:.1f} days old >= {cfg.max_age_days:g}")
+    return reasons
+
+
 def account(
     repo: Path,
     cursor: str | None,
@@ -315,20 +351,7 @@ def account(
         acc.note = "no commits yet"
         return acc
 
-    base = cursor
-    if cursor is not None:
-        if not _commit_exists(repo, cursor):
-            # The cursor was rewritten away and garbage-collected: nothing to diff against.
-            base, acc.diverged = None, True
-            acc.note = f"cursor {cursor[:10]} no longer exists; counting the whole history"
-        elif _git(repo, "merge-base", "--is-ancestor", cursor, head, ok=(0, 1))[0] == 1:
-            acc.diverged = True
-            code, out = _git(repo, "merge-base", cursor, head, ok=(0, 1))
-            base = out.decode().strip() if code == 0 else None
-            acc.note = (
-                f"cursor {cursor[:10]} is not an ancestor of {acc.branch or 'HEAD'}; "
-                + (f"counting from merge base {base[:10]}" if base else "no common history, counting all of it")
-            )
+    base = _count_from(repo, cursor, head, acc)
     acc.base = base
 
     c = _committed(repo, base, head)
@@ -338,16 +361,7 @@ def account(
     if not branch or branch == st.branch:
         acc.uncommitted_files, acc.uncommitted_lines = _uncommitted(repo)
 
-    lines = acc.lines_changed + (acc.uncommitted_lines if cfg.count_uncommitted else 0)
-    changed = acc.commits > 0 or lines > 0
-    if lines >= cfg.min_changed_lines:
-        acc.due_reasons.append(f"{lines} changed lines >= {cfg.min_changed_lines}")
-    if acc.commits >= cfg.min_commits:
-        acc.due_reasons.append(f"{acc.commits} commits >= {cfg.min_commits}")
-    if cursor_at is not None and changed:
-        age_days = (now - cursor_at) / 86400
-        if age_days >= cfg.max_age_days:
-            acc.due_reasons.append(f"live model {age_days:.1f} days old >= {cfg.max_age_days:g}")
+    acc.due_reasons = _due_reasons(acc, cfg, cursor_at, now)
     acc.due = bool(acc.due_reasons)
     acc.progress = _progress(acc, cfg, cursor_at, now)
     return acc
