@@ -9,7 +9,19 @@ import sys
 from pathlib import Path
 
 
-def main(argv: list[str]) -> int:
+def _progress(d: dict) -> None:
+    """One overwritten line on stderr: files mined, then teacher questions asked."""
+    if d.get("stage") == "mine":
+        print(f"\rmining {d['files_done']}/{d['files_total']} files", end="", file=sys.stderr)
+    elif d.get("stage") == "teacher":
+        print(f"\rteacher {d['questions_done']}/{d['questions_total']} questions", end="", file=sys.stderr)
+
+
+def _quiet(d: dict) -> None:
+    pass
+
+
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="forged mine",
                                  description="Mine a git repo at a commit into a JSONL dataset.")
     ap.add_argument("repo", type=Path, help="a git repository (its committed state is mined)")
@@ -22,7 +34,11 @@ def main(argv: list[str]) -> int:
                     help="keep the training split as links into the line store (fast re-mines; "
                          "`python -m forged.worker.mine.linked DIR` writes it out for mlx-lm)")
     ap.add_argument("--quiet", action="store_true", help="no progress on stderr")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
 
     from forged.common import config, paths
     from forged.worker.mine import mine_repo
@@ -51,16 +67,8 @@ def main(argv: list[str]) -> int:
     try:
         sha = resolve(args.repo, args.commit)
         out = args.out or p.state_dir / "datasets" / f"{config.default_repo_name(args.repo)}-{sha[:12]}"
-
-        def progress(d: dict) -> None:
-            if not args.quiet and d.get("stage") == "mine":
-                print(f"\rmining {d['files_done']}/{d['files_total']} files", end="", file=sys.stderr)
-            elif not args.quiet and d.get("stage") == "teacher":
-                print(f"\rteacher {d['questions_done']}/{d['questions_total']} questions", end="",
-                      file=sys.stderr)
-
         rep = mine_repo(args.repo, out, cfg, cache, commit=sha, changed_since=args.since,
-                        progress=progress, linked=args.linked,
+                        progress=_quiet if args.quiet else _progress, linked=args.linked,
                         ollama_host=full.publish.ollama_host, context_tokens=full.train.seq_len,
                         fim_format=fmt)
     except GitError as e:
