@@ -243,6 +243,27 @@ def _fim_example(rec: dict[str, Any], meta: dict[str, Any], fmt: FimFormat | Non
     return FimExample(prompt, completion, stop, str(info.get("mode") or ""), path=str(meta.get("path") or ""))
 
 
+def _add_record(h: Heldout, rec: dict, fmt: FimFormat | None, where: str) -> None:
+    """File one held-out record under its task family (RAFT question, FIM, plain text)."""
+    meta = rec.get("meta") or {}
+    kind = meta.get("kind")
+    if "messages" in rec and ("answer" in meta or kind == "raft"):
+        msgs = rec["messages"]
+        if not isinstance(msgs, list) or "answer" not in meta:
+            raise JudgeError(f"{where}: RAFT record needs a messages list and meta.answer")
+        reference = ""
+        if msgs and msgs[-1].get("role") == "assistant":
+            reference, msgs = msgs[-1].get("content", ""), msgs[:-1]
+        h.raft.append(RaftExample(msgs, str(meta["answer"]), bool(meta.get("oracle", True)), reference))
+    elif kind == "fim":
+        h.fim_all.append(_fim_example(rec, meta, fmt, where))
+    elif isinstance(rec.get("text"), str):
+        if rec["text"].strip():
+            h.texts.append(rec["text"])
+    else:
+        h.skipped += 1
+
+
 def load_heldout(dataset_dir: Path, max_examples: int = 200, max_generate: int = 64, seed: int = 0,
                  max_raft: int = 0, max_fim: int = 0, fim_format: FimFormat | None = None,
                  max_fim_bpb: int = 0) -> Heldout:
@@ -267,23 +288,7 @@ def load_heldout(dataset_dir: Path, max_examples: int = 200, max_generate: int =
                 raise JudgeError(f"{path}:{lineno}: not JSON: {e}") from None
             if not isinstance(rec, dict):
                 raise JudgeError(f"{path}:{lineno}: expected a JSON object")
-            meta = rec.get("meta") or {}
-            kind = meta.get("kind")
-            if "messages" in rec and ("answer" in meta or kind == "raft"):
-                msgs = rec["messages"]
-                if not isinstance(msgs, list) or "answer" not in meta:
-                    raise JudgeError(f"{path}:{lineno}: RAFT record needs a messages list and meta.answer")
-                reference = ""
-                if msgs and msgs[-1].get("role") == "assistant":
-                    reference, msgs = msgs[-1].get("content", ""), msgs[:-1]
-                h.raft.append(RaftExample(msgs, str(meta["answer"]), bool(meta.get("oracle", True)), reference))
-            elif kind == "fim":
-                h.fim_all.append(_fim_example(rec, meta, fmt, f"{path}:{lineno}"))
-            elif isinstance(rec.get("text"), str):
-                if rec["text"].strip():
-                    h.texts.append(rec["text"])
-            else:
-                h.skipped += 1
+            _add_record(h, rec, fmt, f"{path}:{lineno}")
     rng = random.Random(seed)
 
     def pick(xs: list, k: int) -> list:
