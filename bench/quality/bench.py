@@ -43,7 +43,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-STEPS, BATCH, SEQ = 24, 4, 256
+STEPS, BATCH, BENCH_SEQ = 24, 4, 256
+SEQ = BENCH_SEQ
 HELDOUT = 0.2
 TEXT_BYTES, MAX_TEXTS, MAX_FIM, MAX_QA = 2000, 16, 16, 8
 SRC_ZIP = Path("/usr/lib/jvm/temurin-25-jdk-amd64/lib/src.zip")
@@ -104,7 +105,10 @@ def _config(overrides: list[str]):
 
 
 def _mine_key(overrides: list[str]) -> str:
+    """The mined dataset's cache key: its ``mine.*`` overrides, and the context it is sized to."""
     m = sorted(o for o in overrides if o.startswith("mine."))
+    if SEQ != BENCH_SEQ:  # RAFT documents are cut to fit the training context
+        m.append(f"context_tokens={SEQ}")
     return hashlib.sha256("\n".join(m).encode()).hexdigest()[:8] if m else "default"
 
 
@@ -388,7 +392,7 @@ def markdown(repo: str, summ: dict, ratios: dict) -> str:
 
 
 def main() -> None:
-    global STEPS, MAX_TEXTS, MAX_FIM, MAX_QA
+    global STEPS, SEQ, MAX_TEXTS, MAX_FIM, MAX_QA
     ap = argparse.ArgumentParser()
     ap.add_argument("mode", choices=["prepare", "base", "run", "rescore-texts", "table"])
     ap.add_argument("out", type=Path)
@@ -399,10 +403,12 @@ def main() -> None:
     ap.add_argument("--variant", default="default")
     ap.add_argument("--set", action="append", default=[], help="sec.key=value config override (this variant)")
     ap.add_argument("--steps", type=int, default=STEPS, help="training steps per run (the budget; same for all arms)")
+    ap.add_argument("--seq", type=int, default=BENCH_SEQ,
+                    help="training sequence length (the budget's third factor; the mine is sized to it)")
     ap.add_argument("--eval", default=f"{MAX_TEXTS},{MAX_FIM},{MAX_QA}",
                     help="prepare: held-out files, FIM middles, QA questions in the eval set")
     a = ap.parse_args()
-    STEPS = a.steps
+    STEPS, SEQ = a.steps, a.seq
     MAX_TEXTS, MAX_FIM, MAX_QA = (int(x) for x in a.eval.split(","))
     a.out.mkdir(parents=True, exist_ok=True)
     if a.mode == "prepare":
