@@ -211,12 +211,17 @@ def _spread(xs: list, k: int) -> list:
 
 # ---------------------------------------------------------------- scoring
 
+def _text_scores(backend, texts: list[str]) -> dict:
+    """Bits and bytes of each held-out text."""
+    return {"text_bits": [n / math.log(2) for n in backend.nll(texts)],
+            "text_bytes": [len(t.encode()) for t in texts]}
+
+
 def score(backend, ev: dict) -> dict:
     """Per-example values: bits and bytes of each held-out file and FIM middle, QA hits."""
     from forged.worker.judge.judge import _answered, answer_matches
 
     ln2 = math.log(2)
-    text_bits = [n / ln2 for n in backend.nll(ev["texts"])]
     fim_bits = []
     for ex in ev["fim"]:
         whole, prompt = backend.nll([ex["prompt"] + ex["completion"], ex["prompt"]])
@@ -228,9 +233,8 @@ def score(backend, ev: dict) -> dict:
                                      [min(len(backend.encode(q["reference"])) + 16, 128) for q in part],
                                      [_answered] * len(part))
         hits += [float(answer_matches(g, q["answer"])) for g, q in zip(gens, part, strict=True)]
-    return {"text_bits": text_bits, "text_bytes": [len(t.encode()) for t in ev["texts"]],
-            "fim_bits": fim_bits, "fim_bytes": [max(len(ex["completion"].encode()), 1) for ex in ev["fim"]],
-            "qa_hits": hits}
+    return {**_text_scores(backend, ev["texts"]), "fim_bits": fim_bits,
+            "fim_bytes": [max(len(ex["completion"].encode()), 1) for ex in ev["fim"]], "qa_hits": hits}
 
 
 def cmd_prepare(out: Path, repos: list[str]) -> None:
@@ -287,17 +291,15 @@ def cmd_rescore_texts(out: Path, repo: str) -> None:
 
     ev_path = out / repo / "eval.json"
     ev = json.loads(ev_path.read_text())
-    files, texts = heldout_texts(out / "repos" / repo, out / repo / "ds-default")
+    files, texts = heldout_texts(out / "repos" / repo, mine(out, repo, []))
     ev["files"], ev["texts"] = files[:MAX_TEXTS], texts[:MAX_TEXTS]
     ev_path.write_text(json.dumps(ev))
-    ln2 = math.log(2)
     targets = [(out / repo / "base.json", None)]
     targets += [(f, f.parent / "adapter" / "adapter") for f in sorted((out / repo / "runs").glob("*/result.json"))]
     for path, adapter in targets:
         rec = json.loads(path.read_text())
         backend = load_model(_config(rec.get("overrides", [])).train, adapter)
-        rec["text_bits"] = [n / ln2 for n in backend.nll(ev["texts"])]
-        rec["text_bytes"] = [len(t.encode()) for t in ev["texts"]]
+        rec.update(_text_scores(backend, ev["texts"]))
         path.write_text(json.dumps(rec))
         print(json.dumps({"rescored": str(path.relative_to(out)), "bits": round(sum(rec["text_bits"]))}), flush=True)
 
